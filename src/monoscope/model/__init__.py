@@ -1,0 +1,22 @@
+"""Stage 1: load a causal LM and address its activations by named hook points."""
+
+from .hooks import HOOK_KINDS, HookPoint, StopForward, capture, edit, find_blocks, parse_points, resolve, run_to
+from .loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_checkpoint, load_model, resolve_device, resolve_dtype
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "HOOK_KINDS",
+    "HookPoint",
+    "LoadedModel",
+    "StopForward",
+    "capture",
+    "edit",
+    "ensure_embedded_checkpoint",
+    "find_blocks",
+    "load_model",
+    "parse_points",
+    "resolve",
+    "resolve_device",
+    "resolve_dtype",
+    "run_to",
+]

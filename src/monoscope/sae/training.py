@@ -1,0 +1,121 @@
+"""What every training-form SAE shares: initialisation, the decoder unit-norm constraint, step I/O types.
+
+A training class subclasses its inference class (so `encode`/`decode` work mid-training) and adds
+`training_forward` (losses and metrics for one batch), optional auxiliary state (buffers, saved in
+checkpoints) and `to_inference()`, the form that is saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import SAE, SAEConfig
+from .config import TrainConfig
+
+
+@dataclass
+class StepContext:
+    """What a training forward pass may need besides the batch."""
+
+    step: int
+    total_steps: int
+    dead_mask: Tensor | None = None  # [d_sae] bool, latents that have not fired for `dead_tokens` tokens
+
+
+@dataclass
+class StepOutput:
+    """Loss to minimise, scalar metrics to log (detached tensors), and which latents fired in the batch."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    fired: Tensor | None = None  # latent indices or a [d_sae] bool mask
+
+
+def geometric_median(points: Tensor, iters: int = 10, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to `points` [n, d].
+
+    Used for b_dec's initial value (Gao et al. 2024): robust to the few very large activations that pull
+    the mean away from where most tokens are.
+    """
+    points = points.to(torch.float64)
+    median = points.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+def sae_config_for(cfg: TrainConfig, architecture: str, device: str | torch.device) -> SAEConfig:
+    """The inference config of the SAE that `cfg` trains, with `architecture` the inference form."""
+    return SAEConfig(
+        d_in=cfg.d_in,
+        d_sae=cfg.width,
+        architecture=architecture,
+        k=cfg.k if architecture == "topk" else None,
+        device=str(device),
+        apply_b_dec_to_input=cfg.architecture != "relu",
+        metadata={"hook_name": cfg.hook_name or None},
+    )
+
+
+class TrainingMixin:
+    """Mixed into an inference SAE class to make its training form."""
+
+    training_architecture: ClassVar[str] = ""
+    #: Keep decoder rows at unit norm (project the gradient, renormalise after each step).
+    unit_norm_decoder: ClassVar[bool] = True
+
+    train_cfg: TrainConfig
+    W_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_enc: torch.nn.Parameter
+    b_dec: torch.nn.Parameter
+
+    @torch.no_grad()
+    def initialize(self, sample: Tensor, generator: torch.Generator) -> None:
+        """Random decoder directions, encoder = decoder transpose, b_dec = geometric median of `sample`."""
+        d_sae, d_in = self.W_dec.shape
+        directions = torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32)
+        directions /= directions.norm(dim=1, keepdim=True)
+        assert self.train_cfg.decoder_init_norm is not None
+        self.W_dec.copy_(directions * self.train_cfg.decoder_init_norm)
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        sample = sample.to(torch.float32)
+        if self.train_cfg.geometric_median_iters > 0:
+            median = geometric_median(sample, self.train_cfg.geometric_median_iters)
+        else:
+            median = sample.mean(0)
+        self.b_dec.copy_(median)
+
+    def training_forward(self, x: Tensor, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def to_inference(self) -> SAE:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove each decoder row's gradient component along the row, so the step keeps its norm to first order."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            grad = self.W_dec.grad
+            parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
+            grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Put decoder rows back at unit norm (Adam's step is not exactly tangent)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def copy_weights(source: SAE, target: SAE) -> SAE:
+    """Copy the four shared parameters from `source` into `target` (same shapes) and return `target`."""
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(target, name).copy_(getattr(source, name))
+    return target
