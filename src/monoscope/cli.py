@@ -56,12 +56,12 @@ def _middle_resid(loaded) -> str:
 # ---------------------------------------------------------------- harvest
 
 
-def cmd_harvest(args: argparse.Namespace) -> int:
+def cmd_harvest(args: argparse.Namespace, loaded=None) -> int:
     from .data import HarvestConfig, harvest_to_cache
     from .data.cache import describe_size
     from .model import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    loaded = loaded or load_model(args.model, device=args.device, dtype=args.model_dtype)
     cfg = HarvestConfig(
         model=args.model,
         hook_points=args.hook or [_middle_resid(loaded)],
@@ -123,33 +123,219 @@ def _add_harvest(sub) -> None:
     p.set_defaults(func=cmd_harvest)
 
 
+# ---------------------------------------------------------------- train
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(float(v)) if "e" in v.lower() else int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or a comma-separated list, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _sae_info(*, model, context_size, corpus, harvest_contexts, source) -> dict:
+    """monoscope.json facts shared by every SAE of a run (the trainer adds each SAE's own hook point)."""
+    return {"model": model, "model_name": model, "context_size": context_size, "corpus": corpus,
+            "harvest_contexts": harvest_contexts, "activations": source}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .sae import TrainConfig, train_saes
+
+    streaming = args.model is not None or args.corpus is not None
+    if bool(args.activations) == streaming:
+        raise MonoscopeError("train needs either --activations (a harvest cache folder or a .safetensors file) or --model/--hook/--corpus to stream from the model, not both")
+    sweep = [(d, k) for d in args.d_sae for k in args.k]
+    if args.activations:
+        from .data import ActivationCache
+
+        cache = ActivationCache(args.activations)
+        hook = cache.hook(args.hook[0] if args.hook else None)
+        batches = cache.batches(args.batch_size, hook, seed=args.seed)
+        harvest = cache.manifest["harvest"]
+        corpus = {"spec": harvest.get("corpus"), **{key: harvest.get(key) for key in ("seed", "text_column", "split", "dataset_config")}}
+        info = _sae_info(model=cache.model_name, context_size=harvest.get("context_size"), corpus=corpus,
+                         harvest_contexts=cache.manifest.get("contexts_done"), source=str(cache.path))
+        hooks, scales, d_in = [hook], {hook: cache.scale_factor(hook)}, cache.d_model
+        stream = _KeyedBatches(batches, hook) if len(sweep) > 1 else batches
+        print(f"training on {cache.path} ({cache.n_tokens:,} tokens at {hook}, d_model {d_in}; {args.tokens / cache.n_tokens:.1f} epochs)")
+    else:
+        from .data import ActivationStream, Harvester, open_corpus
+        from .model import EMBEDDED_MODEL, load_model
+
+        model_name = args.model or EMBEDDED_MODEL
+        loaded = load_model(model_name, device=args.device, dtype=args.model_dtype)
+        hooks = args.hook or [_middle_resid(loaded)]
+        corpus_obj = open_corpus(args.corpus or "starter", seed=args.seed, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config)
+        harvester = Harvester(loaded, corpus_obj, hooks, args.context_size, 16)
+        stream = ActivationStream(harvester, args.batch_size, seed=args.seed, max_tokens=args.tokens)
+        scales, d_in = stream.scale_factors, loaded.d_model
+        # The stream reads at most the training tokens plus its shuffle buffer: held-out text starts after that.
+        read_at_most = -(-(args.tokens + stream.shuffle_tokens) // (args.context_size - 1)) + 16
+        info = _sae_info(model=model_name, context_size=args.context_size, corpus=corpus_obj.describe(), harvest_contexts=read_at_most, source="stream")
+        print(f"training straight from {model_name} at {', '.join(hooks)} on corpus {corpus_obj.spec}")
+    configs = {}
+    for hook in hooks:
+        for d_sae, k in sweep:
+            cfg = TrainConfig(d_in=d_in, total_tokens=args.tokens, d_sae=d_sae, architecture=args.arch, k=k,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook_name=hook, activation_scale=scales[hook])
+            name = "." if len(hooks) * len(sweep) == 1 else f"{hook}-{args.arch}-{d_sae}-k{k}"
+            configs[name] = cfg
+    if list(configs) == ["."]:
+        from .sae import train_sae
+
+        results = {".": train_sae(configs["."], stream, args.out, info=info)}
+    else:
+        results = train_saes(configs, stream, args.out, info=info)
+    for name, result in results.items():
+        folder = result.folder
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items() if isinstance(v, (int, float)))
+        status = "" if result.complete else " (stopped early: the activation stream ended)"
+        print(f"saved {folder}: {result.tokens:,} tokens, {result.steps} steps{status}; {metrics}")
+    first = next(iter(results.values())).folder
+    print(f"next: monoscope eval --sae {first}")
+    return 0
+
+
+class _KeyedBatches:
+    """A single-hook batch source as the {hook: tensor} stream a sweep trains from; keeps iter_from."""
+
+    def __init__(self, batches, hook: str):
+        self.batches, self.hook = batches, hook
+
+    def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, index: int):
+        return ({self.hook: b} for b in self.batches.iter_from(index))
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train sparse autoencoders on activations", description="Train SAEs from a harvest cache (many epochs, cheap resume) or straight from the model. Comma-separated --d-sae/--k values train a sweep from one pass. Re-running an interrupted command resumes from its last checkpoint.")
+    p.add_argument("--activations", help="harvest cache folder, or a .safetensors file with an 'activations' tensor [N, d_in]")
+    p.add_argument("--d-sae", type=_int_list, required=True, help="latents (comma-separated for a sweep)")
+    p.add_argument("--k", type=_int_list, default=[32], help="active latents per token for topk/batchtopk (comma-separated for a sweep; default 32)")
+    p.add_argument("--tokens", type=_positive_int, required=True, help="training tokens (epochs over a cache are taken as needed)")
+    p.add_argument("--out", required=True, help="output folder (SAELens format: cfg.json + sae_weights.safetensors)")
+    p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"], help="architecture (default: topk)")
+    p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per step (default: 4096)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
+    _add_model_args(p, default_model=None)
+    _add_corpus_args(p, default=None)
+    p.add_argument("--context-size", type=_positive_int, default=128, help="when streaming: tokens per context (default: 128)")
+    p.set_defaults(func=cmd_train)
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _sae_hook(sae) -> str:
+    from .model import HookPoint
+
+    name = sae.info.get("hook_point") or sae.cfg.metadata.get("hook_name")
+    if not name:
+        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
+    return str(HookPoint.parse(name))
+
+
+def cmd_eval(args: argparse.Namespace, loaded=None) -> int:
+    from ._io import atomic_write_json
+    from .data import open_corpus
+    from .model import load_model
+    from .sae import load_sae
+    from .sae.lm_eval import evaluate_sae, held_out_skip
+
+    sae = load_sae(args.sae)
+    model_name = args.model or sae.info.get("model") or sae.cfg.metadata.get("model_name")
+    if not model_name:
+        raise MonoscopeError("the SAE does not name its model; pass --model")
+    hook = args.hook or _sae_hook(sae)
+    trained_corpus = sae.info.get("corpus") or {}
+    spec = args.corpus or trained_corpus.get("spec") or "starter"
+    seed = trained_corpus.get("seed", 0) if args.seed is None else args.seed
+    corpus = open_corpus(spec, seed=seed, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config)
+    context_size = args.context_size or sae.info.get("context_size") or sae.cfg.metadata.get("context_size") or 128
+    loaded = loaded if loaded is not None and loaded.name == model_name else load_model(model_name, device=args.device, dtype=args.model_dtype)
+    skip = held_out_skip(sae.info, corpus)
+    result = evaluate_sae(sae, loaded, corpus, hook_point=hook, tokens=args.tokens, context_size=int(context_size), skip_contexts=skip)
+    atomic_write_json(Path(args.sae) / "eval.json", result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.sae}: {hook} of {model_name}, {result['tokens']:,} held-out tokens" + (f" (after the {skip:,} training contexts)" if skip else ""))
+    rows = [
+        ("L0", "l0"), ("explained variance", "explained_variance"), ("FVU", "fvu"), ("MSE", "mse"), ("cosine(x, x_hat)", "cosine_similarity"),
+        ("shrinkage", "shrinkage"), ("alive latents", "frac_alive"), ("denser than 1%", "frac_dense_1pct"), ("denser than 10%", "frac_dense_10pct"),
+        ("CE clean", "ce_clean"), ("CE with SAE", "ce_sae"), ("CE zero-ablated", "ce_zero_ablation"), ("CE mean-ablated", "ce_mean_ablation"),
+        ("ce_loss_score", "ce_loss_score"), ("ce_loss_score (mean abl.)", "ce_loss_score_mean_ablation"), ("KL div score", "kl_div_score"), ("delta loss", "delta_loss"),
+    ]
+    for label, key in rows:
+        print(f"  {label:<27}{result[key]:.4f}")
+    print(f"written to {Path(args.sae) / 'eval.json'}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an SAE: reconstruction and LM loss with the SAE spliced in", description="SAEBench-style metrics on held-out text; writes eval.json next to the SAE.")
+    p.add_argument("--sae", required=True, help="SAE folder")
+    _add_model_args(p, default_model=None)
+    _add_corpus_args(p, default=None)
+    p.add_argument("--tokens", type=_positive_int, default=8192, help="held-out tokens (default: 8192)")
+    p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
+    p.add_argument("--context-size", type=_positive_int, default=None, help="default: the SAE's training context size")
+    p.add_argument("--seed", type=int, default=None, help="corpus seed (default: the training corpus seed, so held-out text follows the training text)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
 # ---------------------------------------------------------------- quickstart
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .data import HarvestConfig, harvest_to_cache
+    """Harvest -> train -> evaluate on the embedded default, each step resumable, then say what to run next."""
     from .model import EMBEDDED_MODEL, load_model
 
     out = Path(args.out)
-    print(f"monoscope quickstart: {EMBEDDED_MODEL}, starter corpus, {args.tokens:,} tokens -> {out}")
+    acts, sae_dir = out / "activations", out / "sae"
+    print(f"monoscope quickstart: {EMBEDDED_MODEL} + starter corpus -> {out}")
     loaded = load_model(EMBEDDED_MODEL)
-    cfg = HarvestConfig(model=EMBEDDED_MODEL, hook_points=[_middle_resid(loaded)], corpus="starter", tokens=args.tokens)
-    report = harvest_to_cache(cfg, out / "activations", loaded=loaded)
-    print(f"harvested {report.n_tokens:,} tokens at {cfg.hook_points[0]} into {report.folder}")
-    print(f"  scale factor {report.scale_factors[cfg.hook_points[0]]:.4g}; throughput {report.tokens_per_second:,.0f} tok/s" if report.new_tokens else "  (already complete)")
+    hook = _middle_resid(loaded)
+    print(f"\n[1/3] harvest {args.tokens:,} tokens of {hook} activations")
+    harvest_args = build_parser().parse_args(["harvest", "--hook", hook, "--tokens", str(args.tokens), "--out", str(acts)])
+    cmd_harvest(harvest_args, loaded=loaded)
+    print(f"\n[2/3] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) on {args.train_tokens:,} tokens")
+    if (sae_dir / "sae_weights.safetensors").is_file():
+        print(f"{sae_dir} already holds a trained SAE; delete it to train again")
+    else:
+        cmd_train(build_parser().parse_args(["train", "--activations", str(acts), "--d-sae", str(args.d_sae), "--k", str(args.k),
+                                              "--tokens", str(args.train_tokens), "--out", str(sae_dir)]))
+    print(f"\n[3/3] evaluate on {args.eval_tokens:,} held-out tokens")
+    cmd_eval(build_parser().parse_args(["eval", "--sae", str(sae_dir), "--tokens", str(args.eval_tokens)]), loaded=loaded)
+    print("\nnext:")
+    print(f"  monoscope eval --sae {sae_dir} --tokens 50000     # a larger held-out evaluation")
+    print(f"  monoscope train --activations {acts} --d-sae 4608,9216 --k 16,32 --tokens 2000000 --out runs/sweep   # a sweep from the same cache")
     return 0
 
 
 def _add_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus.")
+    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus, train a TopK SAE and evaluate it. Every step resumes if interrupted.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     p.add_argument("--tokens", type=_positive_int, default=200_000, help="tokens to harvest (default: 200000)")
+    p.add_argument("--train-tokens", type=_positive_int, default=1_000_000, help="training tokens, epochs over the harvest (default: 1000000)")
+    p.add_argument("--d-sae", type=_positive_int, default=4608, help="latents (default: 4608 = 8 x 576)")
+    p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
+    p.add_argument("--eval-tokens", type=_positive_int, default=8192, help="held-out evaluation tokens (default: 8192)")
     p.set_defaults(func=cmd_quickstart)
 
 
 # ---------------------------------------------------------------- entry point
 
-_COMMANDS: list[Callable] = [_add_quickstart, _add_harvest]
+_COMMANDS: list[Callable] = [_add_quickstart, _add_harvest, _add_train, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

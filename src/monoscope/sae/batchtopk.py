@@ -3,7 +3,7 @@
 Training keeps the k * batch largest ReLU pre-activations over the whole batch, so busy tokens can use
 more latents than quiet ones while the mean stays k. Selecting over the batch makes a token's code depend
 on its batch-mates, so inference uses a single threshold instead: a running average (EMA with weight
-`threshold_ema`, started at the first step's value) of the smallest activation the batch selection kept.
+`threshold_ema`, started at the first step's value; see config.py) of the smallest activation the batch selection kept.
 At inference a latent fires when its pre-activation exceeds that threshold, which is a JumpReLU SAE with
 the same threshold for every latent: the form it is saved in (as SAELens does).
 

@@ -12,6 +12,8 @@ Default rules (each field's comment says why):
   but at most a twentieth of the run (and at least one batch), so short runs also revive dead latents.
 - aux_k: d_in / 2 (Gao et al., appendix B.1), at most d_sae - k.
 - max_grad_norm: 1.0 for ReLU (Anthropic's recipe clips), 0 (no clipping) for the others.
+- threshold_ema (BatchTopK): 0.01 per step as in SAELens, raised to 20 / steps (at most 0.1) for runs
+  under 2000 steps: the threshold drifts down while training, and the average must follow its end.
 """
 
 from __future__ import annotations
@@ -66,15 +68,15 @@ class TrainConfig(JsonConfig):
     aux_coefficient: float = 1 / 32
     multi_topk: bool = False  # add the Multi-TopK term: FVU with 4k latents, weighted 1/8
     multi_topk_coefficient: float = 1 / 8
-    threshold_ema: float = 0.01  # BatchTopK: weight of each step's minimum selected activation
+    threshold_ema: float | None = None  # BatchTopK: weight of each step's minimum selected activation
 
     # ReLU + L1 (Anthropic April 2024)
     l1_coefficient: float = 5.0
     l1_warmup_fraction: float = 0.05
 
     # JumpReLU (Rajamanoharan et al. 2024)
-    l0_coefficient: float = 0.1
-    jumprelu_bandwidth: float = 0.1
+    l0_coefficient: float = 1.0
+    jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.5
 
     # speed
@@ -136,6 +138,8 @@ class TrainConfig(JsonConfig):
         require(self.aux_k >= 1, f"aux_k must be at least 1, got {self.aux_k}")
         require(self.aux_coefficient >= 0, "aux_coefficient must be >= 0")
         require(self.multi_topk_coefficient >= 0, "multi_topk_coefficient must be >= 0")
+        if self.threshold_ema is None:
+            self.threshold_ema = max(0.01, min(0.1, 20 / self.total_steps))
         require(0 < self.threshold_ema <= 1, f"threshold_ema must be in (0, 1], got {self.threshold_ema}")
         require(self.l1_coefficient >= 0, "l1_coefficient must be >= 0")
         require(0 <= self.l1_warmup_fraction <= 1, "l1_warmup_fraction must be in [0, 1]")

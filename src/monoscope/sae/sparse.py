@@ -26,8 +26,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# PyTorch warns once per process that sparse CSR support is "beta"; the kernels used here are stable.
-warnings.filterwarnings("ignore", message=r"Sparse CSR tensor support is in beta", category=UserWarning)
+# PyTorch warns once per process that sparse CSR support is "beta" (the kernels used here are stable):
+# use up that one warning here, silently.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), (1, 1))
 
 
 @dataclass

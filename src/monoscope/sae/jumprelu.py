@@ -1,0 +1,128 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping ahead: improving reconstruction fidelity with JumpReLU SAEs").
+
+z_i = pre_i * H(pre_i - theta_i), pre = W_enc^T (x - b_dec) + b_enc, one learned threshold per latent.
+
+Training loss: sum_d (x - x_hat)^2 averaged over tokens + l0_coefficient * L0, with L0 = sum_i H(pre_i - theta_i).
+The step function has no useful gradient, so the threshold gets a straight-through estimate with a
+rectangle kernel K(u) = 1[|u| < 1/2] of width `jumprelu_bandwidth` (eps):
+    d z_i / d theta_i  ~  -(theta_i / eps) K((pre_i - theta_i) / eps)
+    d H_i / d theta_i  ~  -(1 / eps)       K((pre_i - theta_i) / eps)
+(the pre-activation itself gets the exact gradient H for z and none through H). The threshold is trained
+as log(theta), which keeps it positive. Decoder rows are kept at unit norm.
+
+Defaults are for activations normalised to E||x|| = sqrt(d_in) (monoscope's normalisation): there
+pre-activations are O(1), hence an initial threshold of 0.5; the bandwidth (0.05) and L0 coefficient (1.0)
+are SAELens's defaults for the same normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAE, SAEConfig
+from .config import TrainConfig
+from .training import StepContext, StepOutput, TrainingMixin, sae_config_for
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE at inference: a latent fires when its pre-activation exceeds its threshold."""
+
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self._init_threshold()
+
+    def _init_threshold(self) -> None:
+        self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre.relu() * (pre > self.threshold)
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (-(threshold / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return None, grad_threshold, None
+
+
+class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
+    """JumpReLU with a log-threshold parameter and the STE losses; saved as `JumpReLUSAE`."""
+
+    training_architecture = "jumprelu"
+
+    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu", **_: Any) -> None:
+        self.train_cfg = train_cfg
+        super().__init__(sae_config_for(train_cfg, "jumprelu", device))
+
+    def _init_threshold(self) -> None:
+        # Trained through its logarithm, which keeps it positive; `threshold` is derived from it.
+        initial = math.log(self.train_cfg.jumprelu_init_threshold)
+        self.log_threshold = nn.Parameter(torch.full((self.cfg.d_sae,), initial, dtype=self.dtype, device=self.device))
+
+    @property
+    def threshold(self) -> Tensor:  # type: ignore[override]
+        return self.log_threshold.exp()
+
+    def training_forward(self, x: Tensor, ctx: StepContext) -> StepOutput:
+        cfg = self.train_cfg
+        pre = self.pre_activations(x)
+        threshold = self.log_threshold.exp()
+        codes = _JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth)
+        x_hat = codes @ self.W_dec + self.b_dec
+        squared_error = (x - x_hat).pow(2).sum()
+        reconstruction = squared_error / x.shape[0]
+        l0 = _Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+        loss = reconstruction + cfg.l0_coefficient * l0
+        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        active = codes.detach() > 0
+        metrics = {
+            "loss": loss.detach(),
+            "fvu": squared_error.detach() / total_variance,
+            "mse": squared_error.detach() / x.numel(),
+            "l0": active.sum() / x.shape[0],
+            "l0_loss": l0.detach(),
+            "mean_threshold": threshold.detach().mean(),
+        }
+        return StepOutput(loss=loss, metrics=metrics, fired=active.any(0))
+
+    def to_inference(self) -> JumpReLUSAE:
+        sae = JumpReLUSAE(SAEConfig.from_dict(self.cfg.to_dict()))
+        with torch.no_grad():
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(sae, name).copy_(getattr(self, name))
+            sae.threshold.copy_(self.threshold)
+        return sae
