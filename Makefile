@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.monoscope-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 
 setup: $(STAMP)
 
@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/monoscope quickstart
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The web UI tests drive Debian's chromium through Playwright (no browser download). Installed when
+# missing and we are root; otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
+		echo "chromium not installed: the browser tests will be skipped (apt-get install chromium)"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_harvest.py

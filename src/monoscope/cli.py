@@ -144,6 +144,10 @@ def _sae_info(*, model, context_size, corpus, harvest_contexts, source) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .sae import TrainConfig, train_saes
+    from .sae.distributed import describe_memory, setup, shard_corpus, train_distributed
+
+    dist = setup()  # rank 0 of 1 unless started by torchrun
+    say = print if dist.is_main else (lambda *a, **k: None)
 
     streaming = args.model is not None or args.corpus is not None
     if bool(args.activations) == streaming:
@@ -161,22 +165,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                          harvest_contexts=cache.manifest.get("contexts_done"), source=str(cache.path))
         hooks, scales, d_in = [hook], {hook: cache.scale_factor(hook)}, cache.d_model
         stream = _KeyedBatches(batches, hook) if len(sweep) > 1 else batches
-        print(f"training on {cache.path} ({cache.n_tokens:,} tokens at {hook}, d_model {d_in}; {args.tokens / cache.n_tokens:.1f} epochs)")
+        say(f"training on {cache.path} ({cache.n_tokens:,} tokens at {hook}, d_model {d_in}; {args.tokens / cache.n_tokens:.1f} epochs)")
     else:
         from .data import ActivationStream, Harvester, open_corpus
         from .model import EMBEDDED_MODEL, load_model
 
         model_name = args.model or EMBEDDED_MODEL
-        loaded = load_model(model_name, device=args.device, dtype=args.model_dtype)
+        loaded = load_model(model_name, device=dist.device if dist.world > 1 else args.device, dtype=args.model_dtype)
         hooks = args.hook or [_middle_resid(loaded)]
         corpus_obj = open_corpus(args.corpus or "starter", seed=args.seed, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config)
+        if args.distribute == "data":
+            corpus_obj = shard_corpus(corpus_obj)  # rank r reads every N-th document
         harvester = Harvester(loaded, corpus_obj, hooks, args.context_size, 16)
         stream = ActivationStream(harvester, args.batch_size, seed=args.seed, max_tokens=args.tokens)
         scales, d_in = stream.scale_factors, loaded.d_model
         # The stream reads at most the training tokens plus its shuffle buffer: held-out text starts after that.
         read_at_most = -(-(args.tokens + stream.shuffle_tokens) // (args.context_size - 1)) + 16
         info = _sae_info(model=model_name, context_size=args.context_size, corpus=corpus_obj.describe(), harvest_contexts=read_at_most, source="stream")
-        print(f"training straight from {model_name} at {', '.join(hooks)} on corpus {corpus_obj.spec}")
+        say(f"training straight from {model_name} at {', '.join(hooks)} on corpus {corpus_obj.spec}")
     configs = {}
     for hook in hooks:
         for d_sae, k in sweep:
@@ -184,7 +190,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook_name=hook, activation_scale=scales[hook])
             name = "." if len(hooks) * len(sweep) == 1 else f"{hook}-{args.arch}-{d_sae}-k{k}"
             configs[name] = cfg
-    if list(configs) == ["."]:
+    memory = describe_memory(configs.values(), dist.world if args.distribute == "data" else 1)
+    if memory:
+        say(memory)
+    if dist.world > 1:
+        results = train_distributed(configs, stream, args.out, info=info, single=list(configs) == ["."], mode=args.distribute,
+                                    split="rows" if args.activations else "own")
+    elif list(configs) == ["."]:
         from .sae import train_sae
 
         results = {".": train_sae(configs["."], stream, args.out, info=info)}
@@ -194,9 +206,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder = result.folder
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items() if isinstance(v, (int, float)))
         status = "" if result.complete else " (stopped early: the activation stream ended)"
-        print(f"saved {folder}: {result.tokens:,} tokens, {result.steps} steps{status}; {metrics}")
-    first = next(iter(results.values())).folder
-    print(f"next: monoscope eval --sae {first}")
+        say(f"saved {folder}: {result.tokens:,} tokens, {result.steps} steps{status}; {metrics}")
+    if results:
+        say(f"next: monoscope eval --sae {next(iter(results.values())).folder}")
     return 0
 
 
@@ -228,6 +240,7 @@ def _add_train(sub) -> None:
     _add_model_args(p, default_model=None)
     _add_corpus_args(p, default=None)
     p.add_argument("--context-size", type=_positive_int, default=128, help="when streaming: tokens per context (default: 128)")
+    p.add_argument("--distribute", choices=["data", "spread"], default="data", help="under torchrun: data = every rank trains every SAE on its share of each batch (default); spread = the SAEs of a sweep are dealt to the ranks")
     p.set_defaults(func=cmd_train)
 
 
@@ -335,7 +348,14 @@ def _add_quickstart(sub) -> None:
 
 # ---------------------------------------------------------------- entry point
 
-_COMMANDS: list[Callable] = [_add_quickstart, _add_harvest, _add_train, _add_eval]
+from .features.cli import register as register_features  # noqa: E402
+from .features.explain_cli import register_explain  # noqa: E402
+from .steer.cli import register as register_steer  # noqa: E402
+from .server.cli import register as register_server  # noqa: E402
+from .sae.cli_interop import register as register_import_sae  # noqa: E402
+from .features.export_cli import register as register_export  # noqa: E402
+
+_COMMANDS: list[Callable] = [_add_quickstart, _add_harvest, _add_train, _add_eval, register_features, register_explain, register_steer, register_server, register_import_sae, register_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

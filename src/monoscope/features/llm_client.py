@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import queue
 import random
 import socket
 import threading
@@ -29,7 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException
@@ -424,12 +425,53 @@ class LLMClient:
         return self.chat(messages, **kwargs).text
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """`[fn(x) for x in items]` on `concurrency` threads, in order; the first exception is raised."""
+        """`[fn(x) for x in items]` on `concurrency` threads, in order; the first exception is raised (and the
+        items not started yet are dropped)."""
         items = list(items)
         if len(items) <= 1 or self.concurrency == 1:
             return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix="monoscope-llm") as pool:
-            return list(pool.map(fn, items))
+        pool = DaemonPool(min(self.concurrency, len(items)))
+        futures = [pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+            pool.shutdown()
+
+
+class DaemonPool:
+    """A minimal thread pool of daemon threads: unlike `ThreadPoolExecutor`, Ctrl-C does not wait for the
+    requests in flight (up to the timeout) before the program can exit."""
+
+    def __init__(self, workers: int, name: str = "monoscope-llm"):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> "Future[R]":
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(err)
+
+    def shutdown(self) -> None:
+        """Let the threads end once the queued work is done (or cancelled); does not wait."""
+        for _ in self._threads:
+            self._queue.put(None)
 
 
 def _error_message(payload: bytes) -> str:

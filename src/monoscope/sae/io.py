@@ -77,7 +77,13 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None
 
     `device`/`dtype` override the saved ones (default: cfg.json's dtype, on the CPU). The result has
     `.cfg` (SAEConfig) and `.info` (monoscope.json's contents, empty when the folder has none).
+    Other formats (sparsify, Gemma Scope params.npz, SAELens gated/rescaled TopK, `hf://org/repo/path`)
+    are read by `monoscope.sae.interop.load_any_sae`.
     """
+    from .interop import foreign_format, load_any_sae
+
+    if foreign_format(folder) is not None:
+        return load_any_sae(folder, device=device, dtype=dtype)
     folder = Path(folder)
     if not folder.is_dir():
         raise MonoscopeError(f"{folder} is not a folder; give the folder that holds cfg.json and sae_weights.safetensors")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .base import SAE, SAEConfig
 from .config import TrainConfig
-from .training import StepContext, StepOutput, TrainingMixin, sae_config_for
+from .training import StepContext, StepOutput, TrainingMixin, total_variance_of, sae_config_for
 
 
 class JumpReLUSAE(SAE):
@@ -107,7 +107,7 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
         reconstruction = squared_error / x.shape[0]
         l0 = _Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
         loss = reconstruction + cfg.l0_coefficient * l0
-        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_variance = total_variance_of(x)
         active = codes.detach() > 0
         metrics = {
             "loss": loss.detach(),

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .base import SAE, SAEConfig
 from .config import TrainConfig
-from .training import StepContext, StepOutput, TrainingMixin, copy_weights, sae_config_for
+from .training import StepContext, StepOutput, TrainingMixin, total_variance_of, copy_weights, sae_config_for
 
 
 class ReLUSAE(SAE):
@@ -54,7 +54,7 @@ class ReLUTrainingSAE(TrainingMixin, ReLUSAE):
         sparsity = (codes * self.W_dec.norm(dim=1)).sum(-1).mean()
         coefficient = self.l1_coefficient_at(ctx.step, ctx.total_steps)
         loss = reconstruction + coefficient * sparsity
-        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_variance = total_variance_of(x)
         active = codes.detach() > 0
         metrics = {
             "loss": loss.detach(),

@@ -73,7 +73,10 @@ class SparsePattern:
     def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
         """(permutation sorting pairs by latent, col_ptr [n_cols + 1], rows in that order)."""
         if self._by_col is None:
-            order = torch.argsort(self.cols, stable=True)
+            # Stable (tokens stay in order within a latent) and on int32 keys, which torch sorts ~100x
+            # faster than int64 ones on CPU.
+            keys = self.cols.to(torch.int32) if self.n_cols < 2**31 else self.cols
+            order = torch.argsort(keys, stable=True)
             counts = torch.bincount(self.cols, minlength=self.n_cols)
             col_ptr = torch.zeros(self.n_cols + 1, dtype=torch.int64, device=self.cols.device)
             col_ptr[1:] = counts.cumsum(0)

@@ -12,7 +12,7 @@ records and what resuming restarts from:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor

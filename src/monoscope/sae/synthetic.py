@@ -37,10 +37,11 @@ class SyntheticActivations:
         self.frequencies = (ranks ** -0.7 / (ranks ** -0.7).sum()).to(torch.float32)
         self.offset = torch.randn(self.d_in, generator=g) * 0.5
         self.scale = 1.0
-        sample = self._raw_chunk(-1, 4096)
+        sample = self.sample(-1, 4096)
         self.scale = math.sqrt(self.d_in) / float(sample.norm(dim=1).mean())
 
-    def _raw_chunk(self, index: int, rows: int) -> Tensor:
+    def sample(self, index: int, rows: int) -> Tensor:
+        """`rows` tokens drawn with random stream `index` (indices outside the chunks make held-out sets)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 17)
         m = self.active_per_token
         features = torch.multinomial(self.frequencies, rows * m, replacement=True, generator=g).view(rows, m)
@@ -51,7 +52,7 @@ class SyntheticActivations:
         return (signal + self.offset * signal_norm / math.sqrt(self.d_in) + noise) * self.scale
 
     def chunk(self, index: int) -> Tensor:
-        return self._raw_chunk(index, self.chunk_size)
+        return self.sample(index, self.chunk_size)
 
     def iter_from(self, batch_index: int) -> Iterator[Tensor]:
         for index in range(batch_index, self.n_chunks):

@@ -23,7 +23,7 @@ from torch import Tensor
 from .base import SAE, SAEConfig
 from .config import TrainConfig
 from .sparse import SparsePattern, gather_preacts, sparse_decode
-from .training import StepContext, StepOutput, TrainingMixin, copy_weights, sae_config_for
+from .training import StepContext, StepOutput, TrainingMixin, copy_weights, sae_config_for, total_variance_of
 
 
 class TopKSAE(SAE):
@@ -79,8 +79,9 @@ def sparse_reconstruction_losses(
     values = gather_preacts(selected, x, x_centered, sae.W_enc, sae.b_enc, b_dec, pattern).relu()
     x_hat = sparse_decode(values, sae.W_dec, pattern) + sae.b_dec
     residual = x - x_hat
-    total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    squared_error = residual.pow(2).sum()
+    total_variance = total_variance_of(x)
+    flat_residual = residual.reshape(-1)
+    squared_error = torch.dot(flat_residual, flat_residual)
     fvu = squared_error / total_variance
     loss = fvu
     zero = x.new_zeros(())

@@ -57,7 +57,7 @@ from .config import TrainConfig
 from .io import INFO_FILENAME, load_sae, save_sae
 from .registry import training_class
 from .stream import BatchStream, DataPosition, peek_width
-from .training import StepContext
+from .training import StepContext, StepOutput
 
 CHECKPOINT_DIRNAME = "checkpoints"
 LOG_FILENAME = "train_log.jsonl"
@@ -172,7 +172,20 @@ class _InterruptGuard:
 
 
 class SAETrainer:
-    """Trains one or more SAEs on one activation stream; see the module docstring."""
+    """Trains one or more SAEs on one activation stream; see the module docstring.
+
+    configs: SAE name -> config (names become folders unless `single`); all share the batch size.
+    out_dir: where SAEs, logs and checkpoints go; `single=True` puts the one SAE in `out_dir` itself.
+    device: "cpu", "cuda", ... (default: CUDA when available).
+    checkpoint_every_tokens: default a tenth of the longest run, at most 50M tokens.
+    keep_checkpoints: how many recent checkpoints to keep while training (all go once every SAE is saved).
+    resume: continue from the newest checkpoint in `out_dir` (or return SAEs already saved there with the
+        same config); with False, an `out_dir` holding a run is an error.
+    info: facts recorded in each saved SAE's monoscope.json (model, corpus, ...).
+    log_flush_steps: how often the JSONL log and progress bar are updated (every step is logged).
+    """
+
+    world_size = 1  # processes sharing each step's batch (distributed.py); dead-latent counters count all of them
 
     def __init__(
         self,
@@ -307,13 +320,16 @@ class SAETrainer:
             run.checked_width = True
         if not x.is_floating_point():
             raise MonoscopeError(f"activations for {run.key or run.name!r} must be floating point, got {x.dtype}")
-        x = x.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        return x.to(device=self.device, dtype=torch.float32, non_blocking=True)
+
+    def _reject_non_finite(self, run: _Run, x: Tensor) -> None:
+        """Raise if the batch has NaN/inf. Checked when initialising and when a loss is not finite: a bad
+        value in the batch always reaches the loss, so a clean step costs no extra pass over the batch."""
         if not bool(torch.isfinite(x).all()):
             raise MonoscopeError(
                 f"step {self.step + 1}: the activation batch for {run.key or run.name!r} contains NaN or inf values; "
                 f"training stopped. {self._kept_checkpoint_text()}"
             )
-        return x
 
     def _kept_checkpoint_text(self) -> str:
         if self._last_checkpoint is not None:
@@ -322,9 +338,13 @@ class SAETrainer:
 
     def _initialise(self, runs: list[_Run], inputs: dict[str, Tensor]) -> None:
         for run in runs:
+            self._reject_non_finite(run, inputs[run.name])
             generator = torch.Generator().manual_seed(run.cfg.seed)
             sample = inputs[run.name][:GEOMETRIC_MEDIAN_SAMPLE].to("cpu")
             run.sae.initialize(sample, generator)
+
+    def _after_backward(self, run: _Run, output: StepOutput) -> None:
+        """Between backward and the optimiser step; `distributed.py` all-reduces gradients here."""
 
     def _train_step(self, run: _Run, x: Tensor) -> None:
         cfg = run.cfg
@@ -336,12 +356,14 @@ class SAETrainer:
         ctx = StepContext(step=run.step, total_steps=cfg.total_steps, dead_mask=dead_mask)
         output = run.sae.training_forward(x, ctx)
         if not bool(torch.isfinite(output.loss)):
+            self._reject_non_finite(run, x)
             raise MonoscopeError(
-                f"step {run.step + 1} of {run.name!r}: the loss became {float(output.loss)}; training stopped "
+                f"step {run.step + 1} of {run.name!r}: the loss became {float(output.loss.detach())}; training stopped "
                 f"(try a lower learning rate). {self._kept_checkpoint_text()}"
             )
         run.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
+        self._after_backward(run, output)
         run.sae.before_optimizer_step()
         assert cfg.max_grad_norm is not None
         if cfg.max_grad_norm > 0:
@@ -349,7 +371,7 @@ class SAETrainer:
         run.optimizer.step()
         run.sae.after_optimizer_step()
         with torch.no_grad():
-            run.tokens_since_fired.add_(x.shape[0])
+            run.tokens_since_fired.add_(x.shape[0] * self.world_size)
             if output.fired is not None:
                 run.tokens_since_fired[output.fired] = 0
         run.step += 1
@@ -527,7 +549,7 @@ class SAETrainer:
 
 def train_sae(config: TrainConfig, batches: Iterable[Any], out_dir: str | os.PathLike, **options: Any) -> TrainResult:
     """Train one SAE on a stream of [n, d_in] tensors; the SAE is saved in `out_dir`. Options: see `SAETrainer`."""
-    trainer = SAETrainer({config.default_name(): config}, out_dir, single=True, **options)
+    trainer = SAETrainer({"sae": config}, out_dir, single=True, **options)
     (result,) = trainer.fit(batches).values()
     return result
 

@@ -35,6 +35,16 @@ class StepOutput:
     fired: Tensor | None = None  # latent indices or a [d_sae] bool mask
 
 
+def total_variance_of(x: Tensor) -> Tensor:
+    """Sum over tokens and dimensions of (x - mean over tokens)^2: the batch's FVU denominator.
+
+    As sum(x^2) - n ||mean||^2: two dot products and a mean instead of several passes over the batch.
+    """
+    flat = x.reshape(-1)
+    mean = x.mean(0)
+    return (torch.dot(flat, flat) - x.shape[0] * torch.dot(mean, mean)).clamp_min(1e-12)
+
+
 def geometric_median(points: Tensor, iters: int = 10, eps: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm: the point minimising the summed distance to `points` [n, d].
 
@@ -103,8 +113,8 @@ class TrainingMixin:
         """Remove each decoder row's gradient component along the row, so the step keeps its norm to first order."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             grad = self.W_dec.grad
-            parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
-            grad.sub_(parallel * self.W_dec)
+            parallel = torch.linalg.vecdot(grad, self.W_dec).unsqueeze(1)
+            grad.addcmul_(parallel, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

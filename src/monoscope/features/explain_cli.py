@@ -1,0 +1,164 @@
+"""`monoscope explain`: label an SAE's features with any LLM behind an OpenAI-compatible endpoint.
+
+Argument parsing and printing only; the work is `monoscope.features.explain.explain_features`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from ..errors import MonoscopeError
+from .llm_client import add_llm_args, client_from_args
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {text}")
+    return value
+
+
+def select_features(store: Any, spec: str, limit: int | None) -> list[int]:
+    """Feature ids for `--features`: ids/ranges as given; `all` = live features by id; `top-density` = live
+    features, most often firing first (default limit 100)."""
+    from .explain import parse_feature_spec
+
+    chosen = parse_feature_spec(spec, store.n_features)
+    if isinstance(chosen, list):
+        return chosen[:limit] if limit else chosen
+    records = [r for r in store.features() if not r.dead]
+    if chosen == "top-density":
+        records.sort(key=lambda r: (-r.density, r.id))
+        limit = limit or 100
+    ids = [r.id for r in records]
+    return ids[:limit] if limit else ids
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def summarize(run: Any, client: Any) -> dict[str, Any]:
+    ok = [r for r in run if r.ok]
+    det = [r.detection for r in ok if r.detection is not None]
+    fuz = [r.fuzzing for r in ok if r.fuzzing is not None]
+    judged = sum(s.n for s in det + fuz)
+    return {
+        "source": f"llm:{client.model}",
+        "endpoint": client.base_url,
+        "features": len(run) + run.skipped,
+        "labelled": len(ok),
+        "failed": run.n_failed,
+        "dead": run.n_dead,
+        "skipped": run.skipped,
+        "stopped": run.stopped,
+        "detection_accuracy": _mean([s.balanced_accuracy for s in det]),
+        "detection_f1": _mean([s.f1 for s in det]),
+        "fuzzing_accuracy": _mean([s.balanced_accuracy for s in fuz]),
+        "fuzzing_f1": _mean([s.f1 for s in fuz]),
+        "embedding_score": _mean([r.embedding_score for r in ok]),
+        "parse_failure_rate": (sum(s.n_unparsed for s in det + fuz) / judged) if judged else None,
+        "non_strict_explanations": sum(1 for r in ok if not r.strict),
+        "usage": run.usage.to_dict(),
+        "seconds": round(run.seconds, 3),
+        "errors": [{"feature_id": r.feature_id, "error": r.error} for r in run if r.error and not r.dead][:50],
+    }
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .._io import atomic_write_bytes
+    from .explain import ExplainConfig, explain_features
+    from .store import FeatureStore
+
+    if args.n_top < 1:
+        raise MonoscopeError("--n-top must be at least 1")
+    client = client_from_args(args)
+    with FeatureStore.for_sae(args.sae, db=args.db) as store:
+        ids = select_features(store, args.features, args.limit)
+        if not ids:
+            raise MonoscopeError(f"--features {args.features} selects no live features in {store.path}")
+        cfg = ExplainConfig(n_top=args.n_top, n_quantile=args.n_quantile, explain_max_tokens=args.explain_max_tokens,
+                            judge_max_tokens=args.judge_max_tokens)
+        run = explain_features(store, ids, client, n_top=args.n_top, n_quantile=args.n_quantile, score=not args.no_score,
+                               progress=not args.json, overwrite=args.overwrite, config=cfg)
+        db_path = store.path
+    summary = summarize(run, client)
+    if args.report:
+        lines = "".join(json.dumps(r.to_dict()) + "\n" for r in sorted(run, key=lambda r: r.feature_id))
+        atomic_write_bytes(args.report, lines.encode())
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        u = run.usage
+        print(f"explained {summary['labelled']} of {len(ids)} features with {summary['source']} ({client.base_url})"
+              + (f"; {summary['failed']} failed" if summary["failed"] else "")
+              + (f"; {summary['dead']} dead (no firing examples)" if summary["dead"] else "")
+              + (f"; {run.skipped} already labelled by this model (--overwrite redoes them)" if run.skipped else ""))
+        if not args.no_score and summary["labelled"]:
+            print(f"  detection: balanced accuracy {_fmt(summary['detection_accuracy'])}, F1 {_fmt(summary['detection_f1'])}   "
+                  f"fuzzing: balanced accuracy {_fmt(summary['fuzzing_accuracy'])}, F1 {_fmt(summary['fuzzing_f1'])}   "
+                  f"embedding AUROC {_fmt(summary['embedding_score'])}   (means; 0.5 = chance)")
+            if summary["parse_failure_rate"]:
+                print(f"  unreadable judge answers: {summary['parse_failure_rate']:.1%} of judged excerpts (counted as wrong)")
+        cost = f", ${u.cost_usd:.4f}" if client.has_prices else ""
+        print(f"  usage: {u.requests} requests ({u.retries} retried), {u.prompt_tokens:,} in / {u.completion_tokens:,} out tokens{cost}, "
+              f"{run.seconds:.1f} s")
+        if summary["labelled"]:
+            print(f"  labels saved to {db_path} (source {summary['source']})")
+        for err in summary["errors"][:5]:
+            print(f"  feature {err['feature_id']}: {err['error']}")
+        if args.report:
+            print(f"  report: {args.report}")
+    if run.stopped:
+        print(f"monoscope: stopped early: {run.stopped}; labels so far are saved, the same command continues", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "explain",
+        help="label features with an LLM (any OpenAI-compatible endpoint) and score the labels",
+        description="Explain SAE features in words with an LLM from their top and quantile examples, score each explanation "
+                    "on held-out examples (detection, fuzzing, embedding AUROC), and save the labels in the feature database "
+                    "as source llm:MODEL. Running it again skips features this model already labelled.",
+    )
+    p.add_argument("--sae", default=None, help="SAE folder whose feature database (features.db, from `monoscope analyze`) to label")
+    p.add_argument("--db", default=None, help="feature database file (default: SAE_FOLDER/features.db)")
+    add_llm_args(p)
+    p.add_argument("--features", default="all", help="ids and ranges (0-99,120), 'all' live features, or 'top-density' (most often firing first) (default: all)")
+    p.add_argument("--limit", type=_positive, default=None, help="at most this many features (default: all selected; 100 for top-density)")
+    p.add_argument("--no-score", action="store_true", help="explain only; skip detection and fuzzing (fewer requests)")
+    p.add_argument("--overwrite", action="store_true", help="explain features again even if this model already labelled them")
+    p.add_argument("--n-top", type=_positive, default=10, help="top-activating examples shown to the explainer (default: 10)")
+    p.add_argument("--n-quantile", type=_count, default=5, help="quantile-sampled examples shown to the explainer (default: 5)")
+    p.add_argument("--explain-max-tokens", type=_positive, default=400, help="answer length limit for explanations (default: 400)")
+    p.add_argument("--judge-max-tokens", type=_positive, default=200, help="answer length limit for judge verdicts (default: 200)")
+    p.add_argument("--report", default=None, metavar="FILE", help="also write every feature's result as JSON lines")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_explain)
+    return p
+
+
+register_explain = register

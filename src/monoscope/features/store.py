@@ -1,0 +1,657 @@
+"""The feature database: one SQLite file per SAE (default `<sae folder>/features.db`).
+
+Schema version 1 (docs/feature-db.md describes every column):
+
+    meta(key, value)                        schema_version, sae_path, model, hook_point, d_sae, d_in,
+                                            tokens_analysed, contexts_analysed, created, ... (values are JSON)
+    features(id, n_active, n_contexts, density, mean_activation, max_activation, std_activation, label,
+             label_source)
+    examples(feature_id, kind, rank, bin, context, start, length, peak, activation, activations)
+        kind 'top' | 'quantile' | 'random'; the window's tokens are contexts[context][start:start+length];
+        activations: `length` little-endian floats (meta acts_dtype), NULL when all zero (random examples)
+    contexts(id, token_ids)                 every context an example uses, BOS included (meta token_dtype)
+    tokens(id, text)                        the decoded string of every token id that appears in a context
+    histograms(feature_id, first_bin, counts)   int32 counts over meta hist_edges[first_bin:]
+    logit_effects(feature_id, direction 'up'|'down', rank, token_id, value)
+    neighbours(feature_id, rank, neighbour_id, cosine)
+    map(feature_id, x, y)                   2-D layout in [0, 1] (meta map_method)
+    labels(id, feature_id, source, text, detection, fuzzing, embedding_score, created)
+    labels_fts(main, promoted)              FTS5 index (porter, unicode61) of labels.text, rowid = labels.id;
+                                            a heuristic label's promoted tokens (after ' → ') in `promoted`
+    label_embeddings(label_id, model, vector)   float32 [384] of each label (meta embedding_model)
+
+Writers build the whole file under a temporary name in the same folder and rename it into place when it is
+complete (`StoreBuilder`), so readers never see a half-written database; readers open it read-only
+(`file:...?mode=ro`). `FeatureStore.add_label` is the one write to a finished database (for `monoscope
+explain`); it opens a read-write connection on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import MonoscopeError
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "features.db"
+EXAMPLE_KINDS = ("top", "quantile", "random")
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE features (
+    id INTEGER PRIMARY KEY,
+    n_active INTEGER NOT NULL,
+    n_contexts INTEGER NOT NULL,
+    density REAL NOT NULL,
+    mean_activation REAL,
+    max_activation REAL NOT NULL,
+    std_activation REAL NOT NULL,
+    label TEXT,
+    label_source TEXT
+);
+CREATE TABLE examples (
+    feature_id INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('top', 'quantile', 'random')),
+    rank INTEGER NOT NULL,
+    bin INTEGER,
+    context INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    peak INTEGER NOT NULL,
+    activation REAL NOT NULL,
+    activations BLOB,
+    PRIMARY KEY (feature_id, kind, rank)
+) WITHOUT ROWID;
+CREATE TABLE contexts (id INTEGER PRIMARY KEY, token_ids BLOB NOT NULL);
+CREATE TABLE tokens (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE histograms (feature_id INTEGER PRIMARY KEY, first_bin INTEGER NOT NULL, counts BLOB NOT NULL);
+CREATE TABLE logit_effects (
+    feature_id INTEGER NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('up', 'down')),
+    rank INTEGER NOT NULL,
+    token_id INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (feature_id, direction, rank)
+) WITHOUT ROWID;
+CREATE TABLE neighbours (
+    feature_id INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    neighbour_id INTEGER NOT NULL,
+    cosine REAL NOT NULL,
+    PRIMARY KEY (feature_id, rank)
+) WITHOUT ROWID;
+CREATE TABLE map (feature_id INTEGER PRIMARY KEY, x REAL NOT NULL, y REAL NOT NULL);
+CREATE TABLE labels (
+    id INTEGER PRIMARY KEY,
+    feature_id INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    text TEXT NOT NULL,
+    detection REAL,
+    fuzzing REAL,
+    embedding_score REAL,
+    created TEXT NOT NULL
+);
+CREATE INDEX labels_by_feature ON labels (feature_id);
+CREATE TABLE label_embeddings (label_id INTEGER PRIMARY KEY, model TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE VIRTUAL TABLE labels_fts USING fts5(main, promoted, tokenize='porter unicode61');
+CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
+    INSERT INTO labels_fts (rowid, main, promoted) VALUES (
+        new.id,
+        CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+             THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
+        CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+             THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END);
+END;
+CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
+    DELETE FROM labels_fts WHERE rowid = old.id;
+    DELETE FROM label_embeddings WHERE label_id = old.id;
+END;
+CREATE TRIGGER labels_au AFTER UPDATE OF text ON labels BEGIN
+    UPDATE labels_fts SET
+        main = CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+                    THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
+        promoted = CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+                        THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END
+    WHERE rowid = new.id;
+    DELETE FROM label_embeddings WHERE label_id = old.id;
+END;
+"""
+
+# The label shown for a feature: any non-heuristic label before heuristic ones, scored before unscored, then
+# by the mean of its scores, then the newest.
+_BEST_LABEL = """
+SELECT text, source FROM labels WHERE feature_id = ?
+ORDER BY (source != 'heuristic') DESC,
+         (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
+         (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
+           / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
+         id DESC
+LIMIT 1
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def default_db_path(sae_dir: str | os.PathLike) -> Path:
+    return Path(sae_dir) / DB_FILENAME
+
+
+def _ro_uri(path: Path) -> str:
+    return "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class Example:
+    """One stored excerpt: a window of a context around the feature's strongest activation in it."""
+
+    feature_id: int
+    kind: str  # 'top' | 'quantile' | 'random'
+    rank: int
+    tokens: list[str]
+    activations: list[float]
+    text: str
+    token_ids: list[int]
+    context: int  # index of the context in the analysed stream
+    start: int  # position of tokens[0] in the context (position 0 is BOS)
+    peak: int  # index into tokens of the strongest activation (random examples: the window's centre)
+    max_activation: float
+    bin: int | None = None  # quantile bin, 0 = lowest
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Label:
+    id: int
+    feature_id: int
+    source: str
+    text: str
+    detection: float | None
+    fuzzing: float | None
+    embedding_score: float | None
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TokenEffect:
+    token: str
+    token_id: int
+    value: float
+
+
+@dataclass
+class Neighbour:
+    id: int
+    cosine: float
+    label: str | None
+
+
+@dataclass
+class FeatureRecord:
+    """A feature's statistics and its shown label."""
+
+    id: int
+    n_active: int
+    n_contexts: int
+    density: float
+    mean_activation: float | None  # mean over the tokens it fires on
+    max_activation: float
+    std_activation: float  # standard deviation over all analysed tokens (zeros included)
+    label: str | None
+    label_source: str | None
+    x: float | None = None
+    y: float | None = None
+
+    @property
+    def dead(self) -> bool:
+        return self.n_active == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- writing a new database
+
+
+class StoreBuilder:
+    """Builds a database under a temporary name beside `path`; `finish()` renames it into place.
+
+    Used as a context manager, an exception (or Ctrl-C) removes the temporary file and leaves whatever was
+    at `path` before untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
+        self.tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{int(time.time() * 1000) % 10**9}.tmp"
+        self.conn = sqlite3.connect(self.tmp)
+        self.conn.execute("PRAGMA journal_mode = OFF")
+        self.conn.execute("PRAGMA synchronous = OFF")
+        self.conn.executescript(SCHEMA)
+        self._done = False
+
+    def __enter__(self) -> "StoreBuilder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    def set_meta(self, values: dict[str, Any]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                              [(k, json.dumps(v)) for k, v in values.items()])
+
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        marks = ", ".join("?" for _ in columns)
+        self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def refresh_labels(self) -> None:
+        refresh_shown_labels(self.conn, None)
+
+    def finish(self) -> Path:
+        try:
+            self.conn.execute("INSERT INTO labels_fts (labels_fts) VALUES ('optimize')")
+            self.conn.commit()
+            self.conn.execute("PRAGMA journal_mode = DELETE")
+            self.conn.close()
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.tmp.unlink(missing_ok=True)
+        self._done = True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary databases of earlier runs that died (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name.split(".")
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def refresh_shown_labels(conn: sqlite3.Connection, feature_ids: Iterable[int] | None) -> None:
+    """Set features.label/label_source to the best label of each feature (all features when None)."""
+    if feature_ids is None:
+        conn.execute(
+            """UPDATE features SET (label, label_source) = (
+                   SELECT text, source FROM labels WHERE labels.feature_id = features.id
+                   ORDER BY (source != 'heuristic') DESC,
+                            (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
+                            (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
+                              / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
+                            id DESC
+                   LIMIT 1)"""
+        )
+        return
+    for fid in feature_ids:
+        row = conn.execute(_BEST_LABEL, (int(fid),)).fetchone()
+        conn.execute("UPDATE features SET label = ?, label_source = ? WHERE id = ?",
+                     (row[0] if row else None, row[1] if row else None, int(fid)))
+
+
+# ---------------------------------------------------------------- reading
+
+
+class FeatureStore:
+    """A feature database, opened read-only; `add_label` writes through a second, read-write connection."""
+
+    def __init__(self, path: str | os.PathLike, *, sae_dir: str | os.PathLike | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            where = f" --sae {sae_dir}" if sae_dir is not None else " --sae SAE_FOLDER"
+            raise MonoscopeError(f"no feature database at {self.path}: run `monoscope analyze{where}` first")
+        self._lock = threading.RLock()
+        try:
+            self.conn = sqlite3.connect(_ro_uri(self.path), uri=True, check_same_thread=False)
+            self.conn.execute("PRAGMA busy_timeout = 5000")
+            meta_rows = self.conn.execute("SELECT key, value FROM meta").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise MonoscopeError(f"{self.path} is not a monoscope feature database ({err}); re-run `monoscope analyze`") from err
+        self.meta: dict[str, Any] = {k: json.loads(v) for k, v in meta_rows}
+        version = self.meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            raise MonoscopeError(
+                f"{self.path} has feature-database schema {version}, this monoscope reads {SCHEMA_VERSION}: "
+                + ("upgrade monoscope" if newer else "re-run `monoscope analyze` to rebuild it")
+            )
+        self._rw: sqlite3.Connection | None = None
+        self._tokens: dict[int, str] | None = None
+        self._contexts: dict[int, np.ndarray] = {}
+        self._vectors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.token_dtype = np.dtype(self.meta.get("token_dtype", "<u2"))
+        self.acts_dtype = np.dtype(self.meta.get("acts_dtype", "<f2"))
+
+    @classmethod
+    def for_sae(cls, sae_dir: str | os.PathLike | None = None, db: str | os.PathLike | None = None) -> "FeatureStore":
+        """The database of an SAE folder (`<folder>/features.db`), or the one at `db` when given."""
+        if db is None and sae_dir is None:
+            raise MonoscopeError("say which features to read: pass --sae SAE_FOLDER (or --db FILE)")
+        return cls(Path(db) if db is not None else default_db_path(sae_dir), sae_dir=sae_dir)
+
+    # ---- lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+            if self._rw is not None:
+                self._rw.close()
+                self._rw = None
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self.conn.execute(sql, args).fetchall()
+
+    # ---- basics
+
+    @property
+    def n_features(self) -> int:
+        return int(self.meta["d_sae"])
+
+    @property
+    def tokens_analysed(self) -> int:
+        return int(self.meta.get("tokens_analysed", 0))
+
+    def check_id(self, feature_id: int) -> int:
+        fid = int(feature_id)
+        if not 0 <= fid < self.n_features:
+            raise MonoscopeError(f"feature {fid} does not exist: this SAE has {self.n_features} features (0-{self.n_features - 1})")
+        return fid
+
+    def token_strings(self) -> dict[int, str]:
+        if self._tokens is None:
+            self._tokens = dict(self._query("SELECT id, text FROM tokens"))
+        return self._tokens
+
+    def token_text(self, token_id: int) -> str:
+        return self.token_strings().get(int(token_id), f"<{int(token_id)}>")
+
+    def context_tokens(self, context: int) -> np.ndarray:
+        ids = self._contexts.get(context)
+        if ids is None:
+            row = self._query("SELECT token_ids FROM contexts WHERE id = ?", (int(context),))
+            if not row:
+                raise MonoscopeError(f"{self.path} lacks context {context}; the database is damaged: re-run `monoscope analyze`")
+            ids = np.frombuffer(row[0][0], dtype=self.token_dtype).astype(np.int64)
+            if len(self._contexts) > 4096:
+                self._contexts.clear()
+            self._contexts[context] = ids
+        return ids
+
+    # ---- features
+
+    def _record(self, row: tuple) -> FeatureRecord:
+        return FeatureRecord(*row)
+
+    _FEATURE_COLUMNS = ("f.id, f.n_active, f.n_contexts, f.density, f.mean_activation, f.max_activation, f.std_activation, f.label, "
+                        "f.label_source, m.x, m.y")
+
+    def feature(self, feature_id: int) -> FeatureRecord:
+        fid = self.check_id(feature_id)
+        rows = self._query(f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id WHERE f.id = ?", (fid,))
+        if not rows:
+            raise MonoscopeError(f"{self.path} has no row for feature {fid}; re-run `monoscope analyze`")
+        return self._record(rows[0])
+
+    def features(self, feature_ids: Iterable[int] | None = None) -> list[FeatureRecord]:
+        """Records of the given features (all, in id order, when None)."""
+        if feature_ids is None:
+            rows = self._query(f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id ORDER BY f.id")
+            return [self._record(r) for r in rows]
+        ids = [int(i) for i in feature_ids]
+        found: dict[int, FeatureRecord] = {}
+        for lo in range(0, len(ids), 500):
+            chunk = ids[lo : lo + 500]
+            marks = ",".join("?" for _ in chunk)
+            for r in self._query(f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id WHERE f.id IN ({marks})", chunk):
+                found[r[0]] = self._record(r)
+        return [found[i] for i in ids if i in found]
+
+    def column(self, name: str) -> np.ndarray:
+        """One statistic for every feature, in id order: density, mean_activation, max_activation, std_activation,
+        n_active, n_contexts."""
+        if name not in ("density", "mean_activation", "max_activation", "std_activation", "n_active", "n_contexts"):
+            raise ValueError(f"unknown feature column {name!r}")
+        values = self._query(f"SELECT {name} FROM features ORDER BY id")
+        return np.array([np.nan if v[0] is None else v[0] for v in values], dtype=np.float64)
+
+    def histogram(self, feature_id: int) -> tuple[list[float], list[int]]:
+        """(bin edges, counts) of the feature's non-zero activations, trimmed to its occupied bins."""
+        fid = self.check_id(feature_id)
+        rows = self._query("SELECT first_bin, counts FROM histograms WHERE feature_id = ?", (fid,))
+        if not rows:
+            return [], []
+        first, blob = rows[0]
+        counts = np.frombuffer(blob, dtype="<i4").tolist()
+        edges = self.meta["hist_edges"][first : first + len(counts) + 1]
+        return edges, counts
+
+    def logit_effects(self, feature_id: int) -> dict[str, list[TokenEffect]]:
+        fid = self.check_id(feature_id)
+        out: dict[str, list[TokenEffect]] = {"up": [], "down": []}
+        for direction, token_id, value in self._query(
+            "SELECT direction, token_id, value FROM logit_effects WHERE feature_id = ? ORDER BY direction, rank", (fid,)
+        ):
+            out[direction].append(TokenEffect(self.token_text(token_id), int(token_id), float(value)))
+        return out
+
+    def neighbours(self, feature_id: int) -> list[Neighbour]:
+        fid = self.check_id(feature_id)
+        rows = self._query(
+            "SELECT n.neighbour_id, n.cosine, f.label FROM neighbours n LEFT JOIN features f ON f.id = n.neighbour_id "
+            "WHERE n.feature_id = ? ORDER BY n.rank", (fid,)
+        )
+        return [Neighbour(int(i), float(c), label) for i, c, label in rows]
+
+    def map_coords(self) -> np.ndarray:
+        """[d_sae, 2] map coordinates (NaN where the analysis made no map)."""
+        xy = np.full((self.n_features, 2), np.nan, dtype=np.float32)
+        for fid, x, y in self._query("SELECT feature_id, x, y FROM map"):
+            xy[fid] = (x, y)
+        return xy
+
+    # ---- examples
+
+    def examples(self, feature_id: int, kind: str | None = "top", limit: int | None = None) -> list[Example]:
+        """The stored examples of a feature: kind 'top' (best first), 'quantile' (lowest bin first), 'random'
+        (non-activating), or None for all of them."""
+        fid = self.check_id(feature_id)
+        if kind is not None and kind not in EXAMPLE_KINDS:
+            raise MonoscopeError(f"unknown example kind {kind!r}; use one of {', '.join(EXAMPLE_KINDS)}")
+        sql = "SELECT kind, rank, bin, context, start, length, peak, activation, activations FROM examples WHERE feature_id = ?"
+        args: list[Any] = [fid]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY CASE kind WHEN 'top' THEN 0 WHEN 'quantile' THEN 1 ELSE 2 END, rank"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        strings = self.token_strings()
+        out = []
+        for kind_, rank, bin_, context, start, length, peak, activation, blob in self._query(sql, args):
+            ids = self.context_tokens(context)[start : start + length]
+            acts = np.zeros(length, dtype=np.float32) if blob is None else np.frombuffer(blob, dtype=self.acts_dtype).astype(np.float32)
+            tokens = [strings.get(int(t), f"<{int(t)}>") for t in ids]
+            out.append(Example(fid, kind_, rank, tokens, acts.tolist(), "".join(tokens), ids.tolist(), context, start,
+                               peak - start, float(activation), bin_))
+        return out
+
+    # ---- labels
+
+    def labels(self, feature_id: int) -> list[Label]:
+        fid = self.check_id(feature_id)
+        rows = self._query(
+            "SELECT id, feature_id, source, text, detection, fuzzing, embedding_score, created FROM labels "
+            "WHERE feature_id = ? ORDER BY id", (fid,)
+        )
+        return [Label(*r) for r in rows]
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._rw is None:
+            try:
+                self._rw = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+            except sqlite3.Error as err:  # pragma: no cover - e.g. a read-only folder
+                raise MonoscopeError(f"cannot write labels to {self.path}: {err}") from err
+        return self._rw
+
+    def add_label(
+        self,
+        feature_id: int,
+        source: str,
+        text: str,
+        *,
+        detection: float | None = None,
+        fuzzing: float | None = None,
+        embedding_score: float | None = None,
+        embed: bool = True,
+    ) -> int:
+        """Add a label (source 'heuristic', 'llm:MODEL', 'human', ...) with its scores; returns its id.
+
+        The label becomes the one shown when it ranks first (non-heuristic first, then by mean score, then
+        newest). With `embed` (default) its embedding is cached for search by meaning.
+        """
+        fid = self.check_id(feature_id)
+        text = str(text).strip()
+        if not text:
+            raise MonoscopeError("a label cannot be empty")
+        if not source:
+            raise MonoscopeError("a label needs a source, e.g. 'llm:gpt-4o-mini' or 'human'")
+        vector = None
+        if embed:
+            from .embedding import EMBEDDING_MODEL, embed_texts, embeddings_available
+
+            if embeddings_available():
+                vector = embed_texts([text])[0].astype("<f4").tobytes()
+        with self._lock:
+            conn = self._writer()
+            try:
+                with conn:
+                    cur = conn.execute(
+                        "INSERT INTO labels (feature_id, source, text, detection, fuzzing, embedding_score, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (fid, str(source), text, _finite(detection), _finite(fuzzing), _finite(embedding_score), now_iso()),
+                    )
+                    label_id = int(cur.lastrowid)
+                    if vector is not None:
+                        conn.execute("INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
+                                     (label_id, EMBEDDING_MODEL, vector))
+                    refresh_shown_labels(conn, [fid])
+            except sqlite3.Error as err:
+                raise MonoscopeError(f"could not add a label to {self.path}: {err}") from err
+            self._vectors = None
+        return label_id
+
+    def missing_label_vectors(self) -> int:
+        """How many labels have no cached embedding (e.g. after `analyze --no-embeddings`)."""
+        return int(self._query("SELECT COUNT(*) FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id "
+                               "WHERE e.label_id IS NULL")[0][0])
+
+    def label_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(label ids, feature ids, unit vectors [n, 384]) of every label. Labels stored without a vector are
+        embedded now and the vectors saved to the database (when it is writable), so this happens once.
+        Cached until a label is added through this store."""
+        with self._lock:
+            if self._vectors is not None:
+                return self._vectors
+            rows = self._query(
+                "SELECT l.id, l.feature_id, l.text, e.vector FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id ORDER BY l.id"
+            )
+        from .embedding import EMBEDDING_DIM, embed_texts
+
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        fids = np.array([r[1] for r in rows], dtype=np.int64)
+        matrix = np.zeros((len(rows), EMBEDDING_DIM), dtype=np.float32)
+        missing = []
+        for i, r in enumerate(rows):
+            if r[3] is not None and len(r[3]) == EMBEDDING_DIM * 4:
+                matrix[i] = np.frombuffer(r[3], dtype="<f4")
+            else:
+                missing.append(i)
+        if missing:
+            from .embedding import EMBEDDING_MODEL
+
+            matrix[missing] = embed_texts([rows[i][2] for i in missing])
+            try:
+                with self._lock:
+                    conn = self._writer()
+                    with conn:
+                        conn.executemany("INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
+                                         [(int(ids[i]), EMBEDDING_MODEL, matrix[i].astype("<f4").tobytes()) for i in missing])
+            except (sqlite3.Error, MonoscopeError):
+                pass  # a read-only file: keep them in memory only
+        with self._lock:
+            self._vectors = (ids, fids, matrix)
+        return self._vectors
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("model", "hook_point", "d_sae", "d_in", "tokens_analysed", "contexts_analysed", "created", "map_method")
+        out = {k: self.meta.get(k) for k in keys}
+        out["path"] = str(self.path)
+        out["dead_features"] = self._query("SELECT COUNT(*) FROM features WHERE n_active = 0")[0][0]
+        out["labels"] = self._query("SELECT COUNT(*) FROM labels")[0][0]
+        return out
+

@@ -1,0 +1,175 @@
+"""Directional ablation (Arditi et al. 2024, "Refusal in language models is mediated by a single direction").
+
+Hooked: x' = x - (x.r) r for unit r at every residual-stream site of every layer and position: each block's
+input (resid_pre.L) and what its attention and MLP write (attn_out.L, mlp_out.L), so no component along r
+ever enters the stream.
+
+Baked in (`orthogonalize_weights`): the same model with every matrix that writes into the residual stream
+replaced by W - r r^T W (its outputs lose their r component): token (and, for GPT-2, position) embeddings,
+attention output projections and MLP down projections, with their biases. A tied LM head is untied first
+and keeps the original embedding, because the unembedding reads the stream after the final norm, whose
+gain can put an r component back. The result is a plain transformers checkpoint (`save_orthogonalized`)
+that behaves like the hooked model in any tool, llama.cpp included after conversion.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MonoscopeError
+from ..model import edit, find_blocks
+
+_ATTN_OUT = ("o_proj", "out_proj", "c_proj", "dense", "wo")
+_MLP_OUT = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "fc_out")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# Architectures that normalise what attention / the MLP write before adding it to the stream: orthogonal
+# weights would not give orthogonal writes, and the hook sites would not be the writes either.
+_POST_NORM_TYPES = ("gemma2", "gemma3", "gemma3_text", "olmo2", "cohere2")
+
+
+def unit(direction: Tensor, width: int | None = None) -> Tensor:
+    r = torch.as_tensor(direction).detach().float().flatten()
+    if width is not None and r.numel() != width:
+        raise MonoscopeError(f"the direction has {r.numel()} numbers but the model's width is {width}; it was made for another model")
+    if not torch.isfinite(r).all() or r.norm() <= 1e-12:
+        raise MonoscopeError("the direction to ablate is zero or has NaN/inf entries")
+    return r / r.norm()
+
+
+def _width(model: nn.Module) -> int:
+    from .steering import model_width
+
+    width = model_width(model)
+    if width is None:
+        raise MonoscopeError(f"cannot tell the hidden size of {type(model).__name__}")
+    return width
+
+
+def _check_architecture(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", "")
+    if model_type in _POST_NORM_TYPES or any(name.endswith("post_feedforward_layernorm") for name, _ in model.named_modules()):
+        raise MonoscopeError(f"{model_type or type(model).__name__} normalises attention/MLP outputs before the residual add; directional ablation is not supported for it")
+
+
+def ablation_points(model: nn.Module) -> list[str]:
+    n = len(find_blocks(model))
+    points = []
+    for layer in range(n):
+        points += [f"resid_pre.{layer}", f"attn_out.{layer}", f"mlp_out.{layer}"]
+    return points + [f"resid_post.{n - 1}"]
+
+
+@contextmanager
+def directional_ablation(model: Any, direction: Tensor) -> Iterator[None]:
+    """Project `direction` out of the residual stream everywhere during forward passes inside the block."""
+    module = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    _check_architecture(module)
+    r = unit(direction, _width(module)).to(next(module.parameters()).device)
+
+    def project(x: Tensor) -> Tensor:
+        rr = r.to(x.dtype)
+        return x - (x @ rr).unsqueeze(-1) * rr
+
+    with edit(module, {p: project for p in ablation_points(module)}):
+        yield
+
+
+# ---------------------------------------------------------------- weight orthogonalisation
+
+
+def _writer(parent: nn.Module, names: tuple[str, ...], what: str, layer: int) -> nn.Module:
+    for name in names:
+        child = getattr(parent, name, None)
+        if isinstance(child, nn.Module) and hasattr(child, "weight"):
+            return child
+    raise MonoscopeError(f"layer {layer}: cannot find the {what} output projection among {', '.join(n for n, _ in parent.named_children())}; this architecture is not supported")
+
+
+def _child(block: nn.Module, names: tuple[str, ...], what: str, layer: int) -> nn.Module:
+    for name in names:
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    raise MonoscopeError(f"layer {layer}: cannot find the {what} module; this architecture is not supported")
+
+
+@torch.no_grad()
+def _orthogonalize_output(module: nn.Module, r: Tensor, width: int) -> None:
+    """Make the outputs of a Linear ([out, in]) or GPT-2 Conv1D ([in, out]) orthogonal to r, bias included."""
+    w = module.weight
+    rr = r.to(device=w.device, dtype=torch.float32)
+    if isinstance(module, nn.Linear) or (w.shape[0] == width and w.shape[1] != width):
+        if w.shape[0] != width:
+            raise MonoscopeError(f"{type(module).__name__} writes {w.shape[0]} features, not the model width {width}")
+        wf = w.float()
+        w.copy_((wf - torch.outer(rr, rr @ wf)).to(w.dtype))
+    elif w.shape[-1] == width:  # Conv1D: y = x @ W + b, W [in, out]
+        wf = w.float()
+        w.copy_((wf - torch.outer(wf @ rr, rr)).to(w.dtype))
+    else:
+        raise MonoscopeError(f"cannot orthogonalise a {type(module).__name__} with weight {tuple(w.shape)}")
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor) and bias is not None:
+        bf = bias.float()
+        bias.copy_((bf - (bf @ rr) * rr).to(bias.dtype))
+
+
+@torch.no_grad()
+def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
+    """Rewrite `model` in place so nothing it writes into the residual stream has a component along `direction`."""
+    _check_architecture(model)
+    width = _width(model)
+    r = unit(direction, width)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and out.weight is inp.weight:  # untie: the LM head keeps reading the original embedding
+        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+        cfg = model.config
+        cfg.tie_word_embeddings = False
+        if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
+            cfg.get_text_config().tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            try:
+                model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+            except Exception:
+                pass
+    embeds = [inp]
+    for name in ("wpe", "embed_positions", "position_embeddings"):  # learned absolute positions (GPT-2 & co)
+        for mod_name, mod in model.named_modules():
+            if mod_name.endswith(name) and isinstance(mod, nn.Embedding) and mod.weight.shape[-1] == width:
+                embeds.append(mod)
+    for emb in embeds:
+        w = emb.weight
+        wf = w.float()
+        rr = r.to(w.device)
+        w.copy_((wf - torch.outer(wf @ rr, rr)).to(w.dtype))
+    for layer, block in enumerate(find_blocks(model)):
+        attn = _child(block, _ATTN_NAMES, "attention", layer)
+        mlp = _child(block, _MLP_NAMES, "MLP", layer)
+        _orthogonalize_output(_writer(attn, _ATTN_OUT, "attention", layer), r, width)
+        _orthogonalize_output(_writer(mlp, _MLP_OUT, "MLP", layer), r, width)
+    return model
+
+
+def save_orthogonalized(lm: Any, direction: Tensor, out: str | os.PathLike, *, note: dict | None = None) -> Path:
+    """Write a copy of `lm`'s model with `direction` orthogonalised out of its weights, plus its tokenizer."""
+    import copy
+    import json
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MonoscopeError(f"{out} exists and is not empty; choose a new folder for the ablated model")
+    model = copy.deepcopy(lm.model)
+    orthogonalize_weights(model, direction)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    (out / "monoscope-ablation.json").write_text(json.dumps({"base_model": getattr(lm, "name", None), "method": "weight orthogonalisation (directional ablation)", **(note or {})}, indent=2) + "\n")
+    return out

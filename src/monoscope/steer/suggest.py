@@ -1,0 +1,177 @@
+"""Steer toward a description: from a phrase ("talk like a pirate") to the features that make the model do it.
+
+1. Candidates. With a feature database: its label search for the phrase (words and meaning,
+   all-MiniLM-L6-v2 embeddings, fused) plus the features most specific to the phrase and the reference
+   texts (`features_for_examples`, against the database's corpus baseline). Without one: the features whose
+   mean activation on the phrase and references most exceeds theirs on a few neutral sentences.
+2. Ranking by output effect: each candidate is added (x + v d_i at every position, v = `scale` x its max
+   activation) while the model reads a neutral context followed by each reference text; the score is the
+   mean gain in log-probability per reference token over the unsteered model. A feature that makes text
+   matching the phrase more likely scores high, whatever its label says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import MonoscopeError
+from ..model import edit, run_to
+from .steering import check_sae_fits, sae_hook
+
+DEFAULT_CONTEXT = "Here is what I have to say:\n"
+
+
+@dataclass
+class Suggestion:
+    feature: int
+    score: float  # mean log-prob gain per reference token when the feature is added
+    source: str  # search (label search) / examples (specific to the texts) / activation (no database)
+    label: str | None = None
+    value: float = 0.0  # the add value used for scoring
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+NEUTRAL_TEXTS = (
+    "The meeting is scheduled for Tuesday afternoon.",
+    "Please find the attached document.",
+    "It was a day like any other.",
+    "The function returns a list of values.",
+)
+
+
+@torch.inference_mode()
+def _mean_codes(lm: Any, sae: Any, hook: str, texts: Sequence[str]) -> torch.Tensor:
+    """Mean activation per token of every feature over `texts` (each text weighs the same), BOS left out."""
+    means = torch.zeros(sae.cfg.d_sae)
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
+    for text in texts:
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+        x = run_to(lm.model, [hook], ids)[hook][0]
+        if bos is not None and ids[0, 0] == bos and x.shape[0] > 1:
+            x = x[1:]
+        means += sae.encode(x.to(sae.W_dec.device)).float().mean(0).cpu()
+    return means / max(1, len(texts))
+
+
+def _activation_candidates(lm: Any, sae: Any, hook: str, texts: Sequence[str], n: int) -> list[tuple[int, float]]:
+    """Features more active on `texts` than on neutral text (mean activation per token, difference)."""
+    gap = _mean_codes(lm, sae, hook, texts) - _mean_codes(lm, sae, hook, NEUTRAL_TEXTS)
+    order = torch.argsort(gap, descending=True)[:n]
+    return [(int(i), float(gap[i])) for i in order if gap[i] > 0]
+
+
+@torch.inference_mode()
+def _reference_logprob(lm: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Sum of log p(token) over positions >= start of each row: [B]."""
+    logits = lm.model(input_ids=ids, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logp[:, start - 1 :].sum(1)
+
+
+def output_effect(lm: Any, sae: Any, hook: str, values: dict[int, float], references: Sequence[str], *, context: str = DEFAULT_CONTEXT,
+                  chunk: int = 16) -> dict[int, float]:
+    """For each feature f: mean over `references` of the log-prob gain per token of the reference (read after
+    `context`) when values[f] * W_dec[f] is added at `hook` at every position."""
+    tok = lm.tokenizer
+    ctx_ids = tok(context or "\n", return_tensors="pt").input_ids[0]
+    rows = []
+    for ref in references:
+        ref_ids = tok(ref, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        if len(ref_ids) == 0:
+            continue
+        rows.append(torch.cat([ctx_ids, ref_ids]).unsqueeze(0).to(lm.device))
+    if not rows:
+        raise MonoscopeError("no reference text to score features with")
+    start = max(1, len(ctx_ids))
+    n_tokens = torch.tensor([r.shape[1] - start for r in rows], dtype=torch.float32).clamp_min(1)
+
+    base = torch.stack([_reference_logprob(lm, r, start) for r in rows]).flatten().cpu()  # each reference on its own: no padding
+    feats = list(values)
+    out: dict[int, float] = {}
+    for lo in range(0, len(feats), chunk):  # one forward per reference for a chunk of candidates, one per row
+        group = feats[lo : lo + chunk]
+        push = torch.stack([values[f] * sae.W_dec[f].detach().float() for f in group])  # [n, d]
+
+        def add(x: torch.Tensor, push: torch.Tensor = push) -> torch.Tensor:
+            return x + push.to(device=x.device, dtype=x.dtype).unsqueeze(1)
+
+        with edit(lm.model, {hook: add}):
+            gains = torch.stack([_reference_logprob(lm, r.expand(len(group), -1), start) for r in rows], 1).cpu()  # [n, refs]
+        for f, gain in zip(group, gains):
+            out[int(f)] = float(((gain - base) / n_tokens).mean())
+    return out
+
+
+def suggest_features(
+    lm: Any,
+    sae: Any,
+    phrase: str,
+    *,
+    references: Sequence[str] = (),
+    db: Any = None,
+    top: int = 10,
+    candidates: int = 24,
+    scale: float = 4.0,
+    context: str = DEFAULT_CONTEXT,
+    hook: str | None = None,
+    max_activations: dict[int, float] | None = None,
+    search_mode: str = "hybrid",
+) -> list[Suggestion]:
+    """Features to steer with so the model moves toward `phrase`, best first (see the module docstring).
+
+    `references`: short texts that would match the phrase (the phrase itself is always one). `db`: a
+    `FeatureDB` or features.db path for search and labels. `scale`: the add value per candidate, as a
+    multiple of its max activation (estimated when there is no database).
+    """
+    from .featuredb import FeatureDB, estimate_max_activations
+
+    phrase = (phrase or "").strip()
+    if not phrase:
+        raise MonoscopeError("the description is empty; say what to steer toward, e.g. 'talk like a pirate'")
+    hook = hook or sae_hook(sae)
+    if hook is None:
+        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
+    check_sae_fits(sae, lm.model, hook, lm)
+    if db is not None and not isinstance(db, FeatureDB):
+        db = FeatureDB(db)
+    refs = [phrase, *[r for r in references if r and r.strip()]]
+
+    pool: dict[int, Suggestion] = {}
+    if db is not None:
+        db.check_fits(sae)
+        for f, _ in db.search(phrase, top=candidates, mode=search_mode):
+            pool.setdefault(f, Suggestion(f, 0.0, "search"))
+        from ..features.search import features_for_examples
+
+        for hit in features_for_examples(refs, sae=sae, loaded=lm, hook=hook, store=db.store, limit=candidates):
+            pool.setdefault(hit.feature_id, Suggestion(hit.feature_id, 0.0, "examples"))
+    else:
+        for f, _ in _activation_candidates(lm, sae, hook, refs, candidates):
+            pool.setdefault(f, Suggestion(f, 0.0, "activation"))
+    if not pool:
+        return []
+
+    feats = sorted(pool)
+    maxima = dict(max_activations or {})
+    missing = [f for f in feats if f not in maxima]
+    if missing and db is not None:
+        maxima.update(db.max_activations(missing))
+        missing = [f for f in feats if f not in maxima]
+    if missing:
+        maxima.update(estimate_max_activations(lm, sae, hook, missing))
+
+    values = {f: scale * max(maxima.get(f, 0.0), 1e-6) for f in feats}
+    for f, score in output_effect(lm, sae, hook, values, refs, context=context).items():
+        pool[f].score, pool[f].value = score, values[f]
+    if db is not None:
+        for f, label in db.labels(feats).items():
+            pool[f].label = label
+    ranked = sorted(pool.values(), key=lambda s: s.score, reverse=True)
+    return ranked[: max(1, int(top))]

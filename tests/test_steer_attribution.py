@@ -1,0 +1,80 @@
+"""Attribution (activation x gradient with the SAE spliced in) against actually ablating the features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monoscope.errors import MonoscopeError
+from monoscope.model import load_model
+from monoscope.steer import attribute
+from monoscope.steer.attribution import ablation_effect
+from tests.test_steer_core import make_sae
+
+CASES = [
+    ("Q: What is the capital of France?\nA:", " Paris", "resid_post.0"),
+    ("The quick brown fox jumps over the lazy", " dog", "resid_post.1"),
+    ("def add(a, b):\n    return", " a", "resid_pre.1"),
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().float()
+    rb = torch.tensor(b).argsort().argsort().float()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+@pytest.mark.parametrize("prompt,target,hook", CASES)
+def test_attribution_matches_ablation_in_a_near_linear_case(lm, prompt, target, hook):
+    # Small decoder rows keep each feature's share of the residual small, so the model is near-linear in it.
+    sae = make_sae(hook=hook, model=lm.name, k=8, seed=len(prompt))
+    with torch.no_grad():
+        sae.W_dec.mul_(0.03)
+    result = attribute(lm, sae, prompt, target, top=6)
+    assert len(result.features) >= 4
+    feats = [f.feature for f in result.features]
+    attr = [f.attribution for f in result.features]
+    effect = ablation_effect(lm, sae, prompt, target, feats)
+    for f, a in zip(feats, attr):
+        assert effect[f] == pytest.approx(a, rel=0.15, abs=1e-3)
+    assert spearman(attr, [effect[f] for f in feats]) > 0.8
+    top_by_ablation = max(feats, key=lambda f: abs(effect[f]))
+    assert top_by_ablation == feats[0]
+    # the splice keeps the forward pass: the logit reported is the clean one
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        clean = float(lm.model(ids).logits[0, -1, result.target_id])
+    assert result.logit == pytest.approx(clean, abs=1e-5)
+
+
+def test_attribution_bad_inputs(lm):
+    sae = make_sae(model=lm.name)
+    with pytest.raises(MonoscopeError, match="empty"):
+        attribute(lm, sae, "Hello", "")
+    with pytest.raises(MonoscopeError, match="width"):
+        attribute(lm, make_sae(d_in=48, model=lm.name), "Hello", " world")
+
+
+def test_suggestions_rank_by_output_effect(lm):
+    """A feature whose decoder row writes the reference tokens' unembedding ranks first; suggest runs end to end."""
+    from monoscope.steer import suggest_features
+    from monoscope.steer.suggest import output_effect
+
+    hook = "resid_post.1"
+    sae = make_sae(hook=hook, model=lm.name, seed=4)
+    reference = "the lazy dog"
+    ref_ids = lm.tokenizer(reference, add_special_tokens=False).input_ids
+    push = lm.model.get_output_embeddings().weight[ref_ids].sum(0)
+    with torch.no_grad():
+        sae.W_dec[9] = push / push.norm()
+    scores = output_effect(lm, sae, hook, {f: 0.3 for f in range(12)}, [reference])
+    assert max(scores, key=scores.get) == 9 and scores[9] > 0
+    found = suggest_features(lm, sae, reference, top=5, max_activations={f: 1.0 for f in range(64)})
+    assert 0 < len(found) <= 5 and all(a.score >= b.score for a, b in zip(found, found[1:]))
+    with pytest.raises(MonoscopeError, match="empty"):
+        suggest_features(lm, sae, "  ")
