@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from monoscope.errors import MonoscopeError
 from monoscope.model import EMBEDDED_MODEL, ensure_embedded_checkpoint, load_model, run_to
 
 pytestmark = pytest.mark.embedded
@@ -53,7 +52,12 @@ def test_cli_harvest_on_the_embedded_model_and_starter_corpus(tmp_path):
     assert 0 < scale < 10
 
 
-def test_unknown_hub_model_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MonoscopeError, match="could not load model 'no-such-org/no-such-model'"):
-        load_model("no-such-org/no-such-model")
+def test_unknown_hub_model_is_a_clear_error(tmp_path):
+    # HF_HUB_OFFLINE is read when huggingface_hub is imported, so the check runs in a fresh process.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "monoscope", "harvest", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could not load model 'no-such-org/no-such-model'" in result.stderr.strip().splitlines()[-1]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .argtypes import positive_int
 from .errors import MonoscopeError
 
 EXIT_USER_ERROR = 2
@@ -24,16 +25,6 @@ def _quiet_transformers() -> None:
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # pragma: no cover - logging setup must never stop a command
         pass
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m-instruct") -> None:
@@ -112,13 +103,13 @@ def _add_harvest(sub) -> None:
     _add_model_args(p)
     p.add_argument("--hook", action="append", help="hook point KIND.LAYER (resid_pre, resid_post, attn_out, mlp_out); repeat for several (default: middle resid_post)")
     _add_corpus_args(p)
-    p.add_argument("--tokens", type=_positive_int, default=200_000, help="tokens to harvest (default: 200000)")
+    p.add_argument("--tokens", type=positive_int, default=200_000, help="tokens to harvest (default: 200000)")
     p.add_argument("--out", required=True, help="cache folder to create (or continue)")
-    p.add_argument("--context-size", type=_positive_int, default=128, help="tokens per packed context, BOS included (default: 128)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="contexts per forward pass (default: 16)")
+    p.add_argument("--context-size", type=positive_int, default=128, help="tokens per packed context, BOS included (default: 128)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="contexts per forward pass (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="corpus shuffling seed (default: 0)")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype (default: float16)")
-    p.add_argument("--shard-tokens", type=_positive_int, default=32_768, help="rows per shard file (default: 32768)")
+    p.add_argument("--shard-tokens", type=positive_int, default=32_768, help="rows per shard file (default: 32768)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_harvest)
 
@@ -230,16 +221,16 @@ def _add_train(sub) -> None:
     p.add_argument("--activations", help="harvest cache folder, or a .safetensors file with an 'activations' tensor [N, d_in]")
     p.add_argument("--d-sae", type=_int_list, required=True, help="latents (comma-separated for a sweep)")
     p.add_argument("--k", type=_int_list, default=[32], help="active latents per token for topk/batchtopk (comma-separated for a sweep; default 32)")
-    p.add_argument("--tokens", type=_positive_int, required=True, help="training tokens (epochs over a cache are taken as needed)")
+    p.add_argument("--tokens", type=positive_int, required=True, help="training tokens (epochs over a cache are taken as needed)")
     p.add_argument("--out", required=True, help="output folder (SAELens format: cfg.json + sae_weights.safetensors)")
     p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"], help="architecture (default: topk)")
-    p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per step (default: 4096)")
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per step (default: 4096)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
     _add_model_args(p, default_model=None)
     _add_corpus_args(p, default=None)
-    p.add_argument("--context-size", type=_positive_int, default=128, help="when streaming: tokens per context (default: 128)")
+    p.add_argument("--context-size", type=positive_int, default=128, help="when streaming: tokens per context (default: 128)")
     p.add_argument("--distribute", choices=["data", "spread"], default="data", help="under torchrun: data = every rank trains every SAE on its share of each batch (default); spread = the SAEs of a sweep are dealt to the ranks")
     p.set_defaults(func=cmd_train)
 
@@ -298,9 +289,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--sae", required=True, help="SAE folder")
     _add_model_args(p, default_model=None)
     _add_corpus_args(p, default=None)
-    p.add_argument("--tokens", type=_positive_int, default=8192, help="held-out tokens (default: 8192)")
+    p.add_argument("--tokens", type=positive_int, default=8192, help="held-out tokens (default: 8192)")
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
-    p.add_argument("--context-size", type=_positive_int, default=None, help="default: the SAE's training context size")
+    p.add_argument("--context-size", type=positive_int, default=None, help="default: the SAE's training context size")
     p.add_argument("--seed", type=int, default=None, help="corpus seed (default: the training corpus seed, so held-out text follows the training text)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
@@ -318,31 +309,59 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"monoscope quickstart: {EMBEDDED_MODEL} + starter corpus -> {out}")
     loaded = load_model(EMBEDDED_MODEL)
     hook = _middle_resid(loaded)
-    print(f"\n[1/3] harvest {args.tokens:,} tokens of {hook} activations")
+    print(f"\n[1/4] harvest {args.tokens:,} tokens of {hook} activations")
     harvest_args = build_parser().parse_args(["harvest", "--hook", hook, "--tokens", str(args.tokens), "--out", str(acts)])
     cmd_harvest(harvest_args, loaded=loaded)
-    print(f"\n[2/3] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) on {args.train_tokens:,} tokens")
+    print(f"\n[2/4] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) on {args.train_tokens:,} tokens")
     if (sae_dir / "sae_weights.safetensors").is_file():
         print(f"{sae_dir} already holds a trained SAE; delete it to train again")
     else:
         cmd_train(build_parser().parse_args(["train", "--activations", str(acts), "--d-sae", str(args.d_sae), "--k", str(args.k),
                                               "--tokens", str(args.train_tokens), "--out", str(sae_dir)]))
-    print(f"\n[3/3] evaluate on {args.eval_tokens:,} held-out tokens")
+    print(f"\n[3/4] evaluate on {args.eval_tokens:,} held-out tokens")
     cmd_eval(build_parser().parse_args(["eval", "--sae", str(sae_dir), "--tokens", str(args.eval_tokens)]), loaded=loaded)
+    print(f"\n[4/4] build the feature database from {args.analyze_tokens:,} tokens")
+    db = sae_dir / "features.db"
+    if db.is_file():
+        print(f"{db} already exists; `monoscope analyze --sae {sae_dir}` rebuilds it")
+    else:
+        from .features.cli import cmd_analyze
+
+        cmd_analyze(build_parser().parse_args(["analyze", "--sae", str(sae_dir), "--tokens", str(args.analyze_tokens)]))
+    _print_sample_features(db)
     print("\nnext:")
-    print(f"  monoscope eval --sae {sae_dir} --tokens 50000     # a larger held-out evaluation")
-    print(f"  monoscope train --activations {acts} --d-sae 4608,9216 --k 16,32 --tokens 2000000 --out runs/sweep   # a sweep from the same cache")
+    print(f"  monoscope serve --sae {sae_dir}                     # browse, scan and steer in the web UI at http://127.0.0.1:8000")
+    print(f"  monoscope features search --sae {sae_dir} \"python code\"")
+    print(f"  monoscope steer --sae {sae_dir} --feature ID=clamp:8x --prompt \"Tell me a story\" --max-new-tokens 40")
+    print(f"  monoscope chat --sae {sae_dir}                      # /set ID 8x between turns")
     return 0
 
 
+def _print_sample_features(db: Path, n: int = 8) -> None:
+    """A handful of features whose heuristic labels hold best (embedding score), as a first taste."""
+    from .features import FeatureStore
+
+    store = FeatureStore(db)
+    scored = []
+    for record in store.features():
+        if 1e-3 <= record.density <= 0.05 and record.label:
+            best = max((lab.embedding_score or 0.0 for lab in store.labels(record.id)), default=0.0)
+            scored.append((best, record))
+    scored.sort(key=lambda pair: -pair[0])
+    print(f"\nsome features (of {len(store.features()):,}), by how well their label holds:")
+    for score, record in scored[:n]:
+        print(f"  #{record.id:<6} density {record.density:6.2%}  score {score:.2f}  {record.label}")
+
+
 def _add_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus, train a TopK SAE and evaluate it. Every step resumes if interrupted.")
+    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus, train a TopK SAE, evaluate it and build its feature database. Every step resumes if interrupted.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    p.add_argument("--tokens", type=_positive_int, default=200_000, help="tokens to harvest (default: 200000)")
-    p.add_argument("--train-tokens", type=_positive_int, default=1_000_000, help="training tokens, epochs over the harvest (default: 1000000)")
-    p.add_argument("--d-sae", type=_positive_int, default=4608, help="latents (default: 4608 = 8 x 576)")
-    p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
-    p.add_argument("--eval-tokens", type=_positive_int, default=8192, help="held-out evaluation tokens (default: 8192)")
+    p.add_argument("--tokens", type=positive_int, default=200_000, help="tokens to harvest (default: 200000)")
+    p.add_argument("--train-tokens", type=positive_int, default=1_000_000, help="training tokens, epochs over the harvest (default: 1000000)")
+    p.add_argument("--d-sae", type=positive_int, default=4608, help="latents (default: 4608 = 8 x 576)")
+    p.add_argument("--k", type=positive_int, default=32, help="active latents per token (default: 32)")
+    p.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out evaluation tokens (default: 8192)")
+    p.add_argument("--analyze-tokens", type=positive_int, default=100_000, help="tokens for the feature database (default: 100000)")
     p.set_defaults(func=cmd_quickstart)
 
 

@@ -106,12 +106,17 @@ def histogram_bins(values: Tensor) -> Tensor:
 
 
 class ExampleSlots:
-    """For each of `n_groups` groups, the `slots` best candidates by score (rows kept sorted, best first),
-    with value, context, peak position and the window of activations around the peak."""
+    """For each of `n_groups` groups, the `slots` best candidates by score, with value, context, peak position
+    and the window of activations around the peak.
+
+    Rows are unordered while streaming (a newcomer takes the place of an entry it pushes out, so nothing else
+    moves); `sort()` orders every row best first at the end.
+    """
 
     def __init__(self, n_groups: int, slots: int, window: int, device: torch.device):
         self.n_groups, self.slots, self.window = n_groups, slots, window
         self.score = torch.full((n_groups, slots), -math.inf, device=device)
+        self.floor = torch.full((n_groups,), -math.inf, device=device)  # each row's smallest score
         self.value = torch.zeros((n_groups, slots), device=device)
         self.context = torch.full((n_groups, slots), -1, dtype=torch.int64, device=device)
         self.peak = torch.zeros((n_groups, slots), dtype=torch.int32, device=device)
@@ -128,7 +133,7 @@ class ExampleSlots:
     ) -> int:
         """Merge candidates; `windows(idx)` gives the activation windows [len(idx), window] of candidates idx,
         asked only for the candidates that end up in a slot. Returns how many did."""
-        keep = score > self.score[group, -1]
+        keep = score > self.floor[group]
         if not bool(keep.any()):
             return 0
         idx = torch.nonzero(keep, as_tuple=True)[0]
@@ -146,29 +151,42 @@ class ExampleSlots:
         c_index = torch.zeros((n_groups, s), dtype=torch.int64, device=dev)
         c_score[row, rank] = score[order]
         c_index[row, rank] = order
-        entered = 0
-        for lo in range(0, n_groups, _MERGE_CHUNK):
-            g = groups[lo : lo + _MERGE_CHUNK]
-            sl = slice(lo, lo + _MERGE_CHUNK)
-            top_score, pick = torch.cat([self.score[g], c_score[sl]], 1).topk(s, dim=1)
-            new = (pick >= s) & (top_score > -math.inf)  # an empty candidate slot may tie with an empty slot
-            cand = c_index[sl].gather(1, (pick - s).clamp_(min=0))[new]  # candidates that made it
-            old_pick = pick.clamp(max=s - 1)
-            value_g = self.value[g].gather(1, old_pick)
-            context_g = self.context[g].gather(1, old_pick)
-            peak_g = self.peak[g].gather(1, old_pick)
-            acts_g = self.acts[g].gather(1, old_pick.unsqueeze(-1).expand(-1, -1, self.window))
-            value_g[new] = value[cand].float()
-            context_g[new] = context[cand]
-            peak_g[new] = peak[cand].int()
-            acts_g[new] = windows(cand)
-            self.score[g] = top_score
-            self.value[g], self.context[g], self.peak[g], self.acts[g] = value_g, context_g, peak_g, acts_g
-            entered += int(cand.numel())
-        return entered
+        # the best `s` of old and new per group; newcomers replace the old entries that did not make it
+        top_score, pick = torch.cat([self.score[groups], c_score], 1).topk(s, dim=1)
+        new = (pick >= s) & (top_score > -math.inf)  # an empty candidate slot may tie with an empty slot
+        kept = torch.zeros((n_groups, s + 1), dtype=torch.bool, device=dev)
+        kept.scatter_(1, torch.where(pick < s, pick, torch.full_like(pick, s)), True)
+        freed = ~kept[:, :s]
+        # pair the k-th newcomer of a row with the k-th freed slot of that row
+        free_rank = torch.cumsum(freed, 1) - 1
+        fr, fc = torch.nonzero(freed, as_tuple=True)
+        slot_table = torch.zeros((n_groups, s), dtype=torch.int64, device=dev)
+        slot_table[fr, free_rank[fr, fc]] = fc
+        nr, nc = torch.nonzero(new, as_tuple=True)
+        new_rank = (torch.cumsum(new, 1) - 1)[nr, nc]
+        target_group = groups[nr]
+        target_slot = slot_table[nr, new_rank]
+        cand = c_index[nr, pick[nr, nc] - s]
+        self.score[target_group, target_slot] = score[cand]
+        self.value[target_group, target_slot] = value[cand].float()
+        self.context[target_group, target_slot] = context[cand]
+        self.peak[target_group, target_slot] = peak[cand].int()
+        self.acts[target_group, target_slot] = windows(cand)
+        self.floor[groups] = self.score[groups].min(1).values
+        return int(cand.numel())
+
+    def sort(self) -> "ExampleSlots":
+        """Order every row best first (empty slots last)."""
+        order = self.score.argsort(dim=1, descending=True, stable=True)
+        self.score = self.score.gather(1, order)
+        self.value = self.value.gather(1, order)
+        self.context = self.context.gather(1, order)
+        self.peak = self.peak.gather(1, order)
+        self.acts = self.acts.gather(1, order.unsqueeze(-1).expand(-1, -1, self.window))
+        return self
 
     def to(self, device: torch.device | str) -> "ExampleSlots":
-        for name in ("score", "value", "context", "peak", "acts"):
+        for name in ("score", "floor", "value", "context", "peak", "acts"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -319,7 +337,6 @@ class FeatureAccumulator:
         self.context_hist.view(-1).index_add_(0, pair_lat * HIST_BINS + pair_bins, torch.ones_like(pair_bins, dtype=torch.int32))
 
         # activation windows, looked up in the batch's (latent, row) keys, sorted once when first needed
-        offsets = torch.arange(-self.left, self.right + 1, device=dev)
         lookup: dict[str, Tensor] = {}
 
         def windows(idx: Tensor) -> Tensor:
@@ -329,13 +346,18 @@ class FeatureAccumulator:
                 lookup["key"], order = torch.sort(lat * n_rows + tok)
                 lookup["val"] = val[order]
             sorted_key, sorted_val = lookup["key"], lookup["val"]
-            q = pair_pos[idx].unsqueeze(1) + offsets  # positions in the context
-            inside = (q >= 1) & (q <= body)
-            key = pair_lat[idx].unsqueeze(1) * n_rows + pair_local[idx].unsqueeze(1) * body + (q - 1)
-            key = torch.where(inside, key, torch.zeros_like(key))
-            at = torch.searchsorted(sorted_key, key).clamp_(max=sorted_key.numel() - 1)
-            hit = inside & (sorted_key[at] == key)
-            out = torch.where(hit, sorted_val[at], torch.zeros((), device=dev))
+            # the feature's entries in the window's rows are one contiguous run of the sorted keys
+            first_pos = pair_pos[idx] - self.left  # position of window slot 0
+            row0 = pair_local[idx] * body - 1  # row of position 0 of the context (BOS is not a row)
+            base = pair_lat[idx] * n_rows + row0
+            lo = torch.searchsorted(sorted_key, base + first_pos.clamp(min=1))
+            hi = torch.searchsorted(sorted_key, base + (pair_pos[idx] + self.right).clamp(max=body), right=True)
+            n = (hi - lo).clamp_(min=0)
+            owner = torch.repeat_interleave(torch.arange(idx.numel(), device=dev), n)
+            entry = torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n) + lo[owner]
+            offset = sorted_key[entry] - base[owner] - first_pos[owner]
+            out = torch.zeros((idx.numel(), self.window), device=dev)
+            out[owner, offset] = sorted_val[entry]
             return out.clamp_(max=FP16_MAX).half()
 
         self.top.offer(pair_lat, pair_max, pair_max, pair_ctx, pair_pos, windows)

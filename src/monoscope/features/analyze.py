@@ -275,8 +275,8 @@ def _finish(
     L, R, W = cfg.window_left, cfg.window_right, cfg.window_left + cfg.window_right + 1
     n_tokens, n_contexts = acc.n_tokens, acc.n_contexts
     cpu = torch.device("cpu")
-    acc.top.to(cpu)
-    acc.quantile.to(cpu)
+    acc.top.to(cpu).sort()
+    acc.quantile.to(cpu).sort()
     n_active = acc.n_active.cpu()
     n_ctx_active = acc.n_active_contexts.cpu()
     act_sum = acc.act_sum.cpu()

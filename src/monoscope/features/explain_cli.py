@@ -12,27 +12,8 @@ import sys
 from typing import Any
 
 from ..errors import MonoscopeError
+from ..argtypes import non_negative_int, positive_int
 from .llm_client import add_llm_args, client_from_args
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected zero or more, got {text}")
-    return value
 
 
 def select_features(store: Any, spec: str, limit: int | None) -> list[int]:
@@ -148,13 +129,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--db", default=None, help="feature database file (default: SAE_FOLDER/features.db)")
     add_llm_args(p)
     p.add_argument("--features", default="all", help="ids and ranges (0-99,120), 'all' live features, or 'top-density' (most often firing first) (default: all)")
-    p.add_argument("--limit", type=_positive, default=None, help="at most this many features (default: all selected; 100 for top-density)")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many features (default: all selected; 100 for top-density)")
     p.add_argument("--no-score", action="store_true", help="explain only; skip detection and fuzzing (fewer requests)")
     p.add_argument("--overwrite", action="store_true", help="explain features again even if this model already labelled them")
-    p.add_argument("--n-top", type=_positive, default=10, help="top-activating examples shown to the explainer (default: 10)")
-    p.add_argument("--n-quantile", type=_count, default=5, help="quantile-sampled examples shown to the explainer (default: 5)")
-    p.add_argument("--explain-max-tokens", type=_positive, default=400, help="answer length limit for explanations (default: 400)")
-    p.add_argument("--judge-max-tokens", type=_positive, default=200, help="answer length limit for judge verdicts (default: 200)")
+    p.add_argument("--n-top", type=positive_int, default=10, help="top-activating examples shown to the explainer (default: 10)")
+    p.add_argument("--n-quantile", type=non_negative_int, default=5, help="quantile-sampled examples shown to the explainer (default: 5)")
+    p.add_argument("--explain-max-tokens", type=positive_int, default=400, help="answer length limit for explanations (default: 400)")
+    p.add_argument("--judge-max-tokens", type=positive_int, default=200, help="answer length limit for judge verdicts (default: 200)")
     p.add_argument("--report", default=None, metavar="FILE", help="also write every feature's result as JSON lines")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_explain)

@@ -10,28 +10,9 @@ import ipaddress
 import os
 import sys
 
+from ..argtypes import port, positive_int
 
 API_KEY_ENV = "MONOSCOPE_API_KEY"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {value}")
-    return value
 
 
 def _is_loopback(host: str) -> bool:
@@ -86,12 +67,12 @@ def register(sub) -> None:
                    help="SAE folder (its features.db is served when present); repeat for several, NAME=DIR to name one")
     p.add_argument("--model", default=None, help="hub id, local folder or smollm2-135m-instruct (default: the model the SAE records)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` on /v1 and /api (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--vector", action="append", metavar="[NAME=]FILE", help="serve a steering vector (.safetensors from `monoscope vector make`); repeatable")
     p.add_argument("--name", default=None, help="model id in /v1/models (default: the model's name, or its folder name)")
-    p.add_argument("--max-tokens-limit", type=_positive_int, default=1024, help="largest max_tokens a request may ask for (default: 1024)")
-    p.add_argument("--max-queue", type=_positive_int, default=64, help="model requests that may wait at once before 503 (default: 64)")
+    p.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask for (default: 1024)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="model requests that may wait at once before 503 (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],

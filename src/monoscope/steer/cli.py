@@ -16,17 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import positive_int
 from ..errors import MonoscopeError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _loud_warnings() -> None:
@@ -43,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 40) -> None:
-    p.add_argument("--max-new-tokens", type=_positive_int, default=default_tokens, help=f"tokens to generate (default: {default_tokens})")
+    p.add_argument("--max-new-tokens", type=positive_int, default=default_tokens, help=f"tokens to generate (default: {default_tokens})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (alone it samples at temperature 1; default: greedy)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
@@ -399,7 +390,7 @@ def _add_attribute(sub) -> None:
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("--prompt", required=True, help="text the model reads")
     p.add_argument("--target", required=True, help="the next token to explain (its first token if several), e.g. ' Paris'")
-    p.add_argument("--top", type=_positive_int, default=15, help="features to show (default: 15)")
+    p.add_argument("--top", type=positive_int, default=15, help="features to show (default: 15)")
     p.add_argument("--metric", default="logit", choices=["logit", "logprob"], help="what to attribute (default: logit)")
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt (default: raw text)")
@@ -441,7 +432,7 @@ def _add_suggest(sub) -> None:
     p.add_argument("description", help="what to steer toward, e.g. 'talk like a pirate'")
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("--reference", action="append", help="a short text that matches the description (repeatable; the description itself is always one)")
-    p.add_argument("--top", type=_positive_int, default=10, help="features to show (default: 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="features to show (default: 10)")
     p.add_argument("--scale", type=float, default=4.0, help="add value while ranking, in multiples of each feature's max activation (default: 4)")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
     _add_model_args(p)
@@ -547,7 +538,7 @@ def _add_ablate_direction(sub) -> None:
     p.add_argument("--hook", default=None, help="which of the vector's hook points to take the direction from (default: its only one)")
     p.add_argument("--out", default=None, help="write the orthogonalised model to this new folder")
     p.add_argument("--prompt", default=None, help="compare generations with and without the ablation")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate for --prompt (default: 40)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate for --prompt (default: 40)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
     _add_model_args(p)
     p.set_defaults(func=cmd_ablate_direction)
