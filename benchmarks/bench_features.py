@@ -10,7 +10,7 @@
    and `features show` latency (its label vectors are random unit vectors: latency does not depend on them)
 
 Usage: python benchmarks/bench_features.py [--tokens 16384] [--sae DIR] [--d-sae 4608] [--big-d-sae 16384]
-       [--db-tokens 32768] [--device cpu] [--skip-big]
+       [--db-tokens 32768] [--device cpu] [--skip-big] [--only-pass]
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--db-tokens", type=int, default=32768, help="tokens analysed for the databases of parts 2 and 3")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-big", action="store_true", help="skip part 3")
+    parser.add_argument("--only-pass", action="store_true", help="part 1 only")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -178,6 +179,9 @@ def main() -> None:
         results["pass_vs_harvest_big"] = pass_ratio(loaded, random_topk_sae(loaded, hook, args.big_d_sae, args.k, seed=1), hook, args.tokens)
         print(json.dumps(results["pass_vs_harvest_big"]), flush=True)
 
+    if args.only_pass:
+        print(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         print(f"2. whole analysis, d_sae {sae.cfg.d_sae}, {args.db_tokens} tokens (embeddings, map auto)", flush=True)
         report = analyze_loaded(sae, loaded, hook, open_corpus("starter"), Path(tmp) / "features.db",
