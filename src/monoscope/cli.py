@@ -89,8 +89,9 @@ def cmd_harvest(args: argparse.Namespace, loaded=None) -> int:
         return 0
     if report.already_complete:
         print(f"{report.folder} already holds {report.n_tokens:,} tokens of this harvest; nothing to do.")
-    verb = "continued" if report.resumed else "harvested"
-    print(f"{verb} {report.new_tokens:,} tokens" + (f" at {report.tokens_per_second:,.0f} tok/s" if report.new_tokens else ""))
+    else:
+        verb = "continued" if report.resumed else "harvested"
+        print(f"{verb} {report.new_tokens:,} tokens at {report.tokens_per_second:,.0f} tok/s")
     print(f"  cache:   {report.folder}  ({report.n_tokens:,} tokens, {report.n_shards} shards, {summary['disk']}, {cfg.cache_dtype})")
     print(f"  model:   {cfg.model} (d_model {loaded.d_model}, {loaded.n_layers} layers)")
     for name, scale in (report.scale_factors or {}).items():
@@ -399,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"monoscope: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\nmonoscope: interrupted; everything finished so far is saved: run the same command again to continue", file=sys.stderr)
+        print("\nmonoscope: interrupted; harvest shards and training checkpoints already written are kept, and the same command continues from them", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

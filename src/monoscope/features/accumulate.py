@@ -40,7 +40,6 @@ HIST_BINS = 80
 HIST_EDGES = [10 ** (HIST_LOG10_LOW + i / HIST_BINS_PER_DECADE) for i in range(HIST_BINS + 1)]
 
 FP16_MAX = 65504.0
-_MERGE_CHUNK = 8192  # groups merged at a time (bounds the temporary [chunk, 2S, W] tensors)
 _DENSE_ELEMENTS = 1 << 24  # dense codes computed this many elements at a time for non-TopK SAEs
 
 

@@ -11,17 +11,8 @@ import json
 import sys
 from typing import Any
 
+from ..argtypes import positive_int as _positive_int
 from ..errors import MonoscopeError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _feature_id(text: str) -> int:
