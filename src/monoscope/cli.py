@@ -239,27 +239,21 @@ def _add_train(sub) -> None:
 # ---------------------------------------------------------------- eval
 
 
-def _sae_hook(sae) -> str:
-    from .model import HookPoint
-
-    name = sae.info.get("hook_point") or sae.cfg.metadata.get("hook_name")
-    if not name:
-        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
-    return str(HookPoint.parse(name))
-
-
 def cmd_eval(args: argparse.Namespace, loaded=None) -> int:
     from ._io import atomic_write_json
     from .data import open_corpus
     from .model import load_model
     from .sae import load_sae
+    from .sae.io import sae_hook_point, sae_model_name
     from .sae.lm_eval import evaluate_sae, held_out_skip
 
     sae = load_sae(args.sae)
-    model_name = args.model or sae.info.get("model") or sae.cfg.metadata.get("model_name")
+    model_name = args.model or sae_model_name(sae)
     if not model_name:
         raise MonoscopeError("the SAE does not name its model; pass --model")
-    hook = args.hook or _sae_hook(sae)
+    hook = args.hook or sae_hook_point(sae)
+    if not hook:
+        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
     trained_corpus = sae.info.get("corpus") or {}
     spec = args.corpus or trained_corpus.get("spec") or "starter"
     seed = trained_corpus.get("seed", 0) if args.seed is None else args.seed

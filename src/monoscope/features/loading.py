@@ -16,22 +16,11 @@ import torch
 from ..errors import MonoscopeError
 from ..model import HookPoint, LoadedModel, load_model, run_to
 from ..sae import SAE, load_sae
+from ..sae.io import sae_hook_point, sae_model_name
 
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v not in (None, "")), None)
-
-
-def sae_hook_point(sae: SAE) -> str | None:
-    info, meta = sae.info or {}, sae.cfg.metadata or {}
-    name = _first(info.get("hook_point"), info.get("hook_name"), meta.get("hook_name"))
-    return None if name is None else str(HookPoint.parse(str(name)))
-
-
-def sae_model_name(sae: SAE) -> str | None:
-    info, meta = sae.info or {}, sae.cfg.metadata or {}
-    name = _first(info.get("model"), info.get("model_name"), meta.get("model_name"))
-    return None if name is None else str(name)
 
 
 def sae_context_size(sae: SAE, default: int = 128) -> int:

@@ -96,7 +96,7 @@ def scan_text(
     max_tokens: int | None = None,
 ) -> ScanResult:
     """For each token, its `top` strongest features; and the `n_top_features` strongest features overall."""
-    from .loading import sae_hook_point
+    from ..sae.io import sae_hook_point
 
     hook = hook or sae_hook_point(sae)
     if hook is None:

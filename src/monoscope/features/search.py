@@ -200,7 +200,7 @@ def features_for_examples(
     limit: int = 20,
 ) -> list[ExampleHit]:
     """The features most specific to `examples` (vs `contrast` texts, or vs the corpus baseline in `store`)."""
-    from .loading import sae_hook_point
+    from ..sae.io import sae_hook_point
 
     examples = [e for e in examples if e and e.strip()]
     if not examples:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from .._io import atomic_save_safetensors, atomic_write_json, read_json
 from ..errors import MonoscopeError
+from ..model.hooks import HookPoint
 from .base import DTYPES, SAELENS_METADATA_KEYS, SAE, SAEConfig
 from .registry import inference_class
 
@@ -136,3 +137,20 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None
     if not isinstance(sae.info, dict):
         raise MonoscopeError(f"{info_path} is not a JSON object")
     return sae
+
+
+def _recorded(sae: SAE, info_keys: tuple[str, ...], metadata_key: str) -> str | None:
+    info, meta = getattr(sae, "info", None) or {}, getattr(getattr(sae, "cfg", None), "metadata", None) or {}
+    return next((str(v) for v in (*(info.get(k) for k in info_keys), meta.get(metadata_key)) if v not in (None, "")), None)
+
+
+def sae_hook_point(sae: SAE) -> str | None:
+    """The hook point the SAE reads, as monoscope names it: monoscope.json first, then SAELens's metadata."""
+    name = _recorded(sae, ("hook_point", "hook_name"), "hook_name")
+    return None if name is None else str(HookPoint.parse(name))
+
+
+def sae_model_name(sae: SAE) -> str | None:
+    """The model the SAE was trained on, as recorded (monoscope.json, then SAELens's metadata)."""
+    return _recorded(sae, ("model", "model_name"), "model_name")
+

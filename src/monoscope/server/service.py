@@ -304,17 +304,18 @@ class Service:
         from ..features.store import FeatureStore, default_db_path
         from ..model import load_model
         from ..steer import load_steering_sae
-        from ..steer.steering import check_sae_fits, sae_hook, sae_model, same_model
+        from ..sae.io import sae_hook_point, sae_model_name
+        from ..steer.steering import check_sae_fits, same_model
 
         named = _names(sae_dirs, "SAE")
         loaded_saes = []
         for name, path in named:
             sae = load_steering_sae(path, device=device)
-            hook = sae_hook(sae)
+            hook = sae_hook_point(sae)
             if hook is None:
                 raise MonoscopeError(f"{path} does not say which hook point it reads (no hook_point in monoscope.json)")
             loaded_saes.append((name, Path(path), sae, hook))
-        model_names = [sae_model(s) for _, _, s, _ in loaded_saes]
+        model_names = [sae_model_name(s) for _, _, s, _ in loaded_saes]
         name = model or next((m for m in model_names if m), None)
         if name is None:
             raise MonoscopeError("the SAE does not say which model it reads; pass --model")

@@ -17,7 +17,8 @@ import torch
 from ..errors import MonoscopeError
 from ..model import edit
 from .generation import encode_prompt
-from .steering import check_sae_fits, sae_hook
+from ..sae.io import sae_hook_point
+from .steering import check_sae_fits
 
 
 @dataclass
@@ -83,7 +84,7 @@ def attribute(
     if metric not in ("logit", "logprob"):
         raise MonoscopeError(f"unknown metric {metric!r}; use logit or logprob")
     model, tokenizer = lm.model, lm.tokenizer
-    hook = hook or sae_hook(sae)
+    hook = hook or sae_hook_point(sae)
     if hook is None:
         raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
     check_sae_fits(sae, model, hook, lm)
@@ -133,7 +134,7 @@ def ablation_effect(lm: Any, sae: Any, prompt: str, target: str | int, features:
     The exact counterpart of `attribute`'s first-order estimate (the same splice: the error term is kept).
     """
     model, tokenizer = lm.model, lm.tokenizer
-    hook = hook or sae_hook(sae)
+    hook = hook or sae_hook_point(sae)
     tid, _ = target_token_id(tokenizer, target)
     ids = encode_prompt(tokenizer, prompt, raw=raw, device=lm.device)
     skip = _bos_offset(tokenizer, ids)

@@ -49,10 +49,10 @@ def _open_sae(args: argparse.Namespace):
 
 def _open_model(args: argparse.Namespace, sae=None):
     from ..model import EMBEDDED_MODEL, load_model
-    from .steering import sae_model
+    from ..sae.io import sae_model_name
 
-    name = args.model or (sae_model(sae) if sae is not None else None) or EMBEDDED_MODEL
-    if args.model is None and sae is not None and sae_model(sae) and not Path(name).exists() and name.startswith((".", "/", "~")):
+    name = args.model or (sae_model_name(sae) if sae is not None else None) or EMBEDDED_MODEL
+    if args.model is None and sae is not None and sae_model_name(sae) and not Path(name).exists() and name.startswith((".", "/", "~")):
         raise MonoscopeError(f"the SAE was trained on {name}, which is not here; pass --model")
     return load_model(name, device=args.device, dtype=args.model_dtype)
 

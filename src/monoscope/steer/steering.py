@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import MonoscopeError
 from ..model import HookPoint, edit, find_blocks
+from ..sae.io import sae_hook_point, sae_model_name
 from .spec import Condition, DirectionEdit, FeatureEdit, Value, check_number, check_positions, parse_feature_spec
 
 # ---------------------------------------------------------------- helpers on models and SAEs
@@ -75,22 +76,6 @@ def model_name_of(model: nn.Module, loaded: Any = None) -> str | None:
     return getattr(cfg, "_name_or_path", None) or None
 
 
-def sae_hook(sae: Any) -> str | None:
-    info, meta = getattr(sae, "info", None) or {}, getattr(getattr(sae, "cfg", None), "metadata", None) or {}
-    for name in (info.get("hook_point"), info.get("hook_name"), meta.get("hook_name")):
-        if name:
-            return str(HookPoint.parse(str(name)))
-    return None
-
-
-def sae_model(sae: Any) -> str | None:
-    info, meta = getattr(sae, "info", None) or {}, getattr(getattr(sae, "cfg", None), "metadata", None) or {}
-    for name in (info.get("model"), info.get("model_name"), meta.get("model_name")):
-        if name:
-            return str(name)
-    return None
-
-
 def same_model(a: str, b: str) -> bool:
     """Whether two model names (hub ids, folders, the embedded name) refer to the same model, leniently."""
     a, b = str(a).rstrip("/"), str(b).rstrip("/")
@@ -116,7 +101,7 @@ def check_sae_fits(sae: Any, model: nn.Module, hook: str, loaded: Any = None) ->
         raise MonoscopeError(
             f"the SAE reads d_in={sae.cfg.d_in} activations but the model's width is {width}: it was trained on another model; pass --model with the SAE's model"
         )
-    trained_on, running = sae_model(sae), model_name_of(model, loaded)
+    trained_on, running = sae_model_name(sae), model_name_of(model, loaded)
     if trained_on and running and not same_model(trained_on, running):
         warnings.warn(
             f"this SAE was trained on {trained_on!r} but the model is {running!r}; features will not mean what their labels say",
@@ -527,7 +512,7 @@ class CompiledSteering:
         saes: dict[int, Any] = {}
         checked: set[tuple[int, str]] = set()
         for e in steering.feature_edits:
-            hook = str(HookPoint.parse(e.hook)) if e.hook else sae_hook(e.sae)
+            hook = str(HookPoint.parse(e.hook)) if e.hook else sae_hook_point(e.sae)
             if hook is None:
                 raise MonoscopeError("the SAE does not say which hook point it reads (no hook_point in monoscope.json); pass hook=")
             if (id(e.sae), hook) not in checked:
@@ -700,4 +685,4 @@ def max_activations_for(steering_or_sae: Any, features: list[int], loaded: Any =
         return FeatureDB(default_db_path(folder)).max_activations(features)
     if loaded is None:
         raise MonoscopeError("no feature database and no model to estimate max activations with")
-    return estimate_max_activations(loaded, sae, sae_hook(sae), features)
+    return estimate_max_activations(loaded, sae, sae_hook_point(sae), features)

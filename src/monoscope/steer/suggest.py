@@ -19,7 +19,8 @@ import torch
 
 from ..errors import MonoscopeError
 from ..model import edit, run_to
-from .steering import check_sae_fits, sae_hook
+from ..sae.io import sae_hook_point
+from .steering import check_sae_fits
 
 DEFAULT_CONTEXT = "Here is what I have to say:\n"
 
@@ -135,7 +136,7 @@ def suggest_features(
     phrase = (phrase or "").strip()
     if not phrase:
         raise MonoscopeError("the description is empty; say what to steer toward, e.g. 'talk like a pirate'")
-    hook = hook or sae_hook(sae)
+    hook = hook or sae_hook_point(sae)
     if hook is None:
         raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
     check_sae_fits(sae, lm.model, hook, lm)
