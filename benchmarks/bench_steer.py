@@ -10,7 +10,7 @@
 The concept features come from the quickstart database (runs/quickstart/sae/features.db, label search) when
 it exists, else from `--sae` (its database, else `suggest_features` without one). Without any SAE the
 overhead is measured with a random TopK SAE of the quickstart's shape and the efficacy part is skipped.
-The sweep is printed as a table and drawn to a PNG (matplotlib when installed, else a small built-in plotter).
+The sweep is printed as a table and drawn to a PNG (matplotlib: `pip install -e '.[bench]'`).
 
 Usage: python benchmarks/bench_steer.py [--sae DIR] [--tokens 64] [--out runs/bench_steer.png]
 """
@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -155,121 +153,28 @@ def efficacy(lm, sae, db, tokens: int, concepts: list[str]) -> dict:
     return {"features": features, "threshold": MENTION_THRESHOLD, "curve": curve, "per_concept": rows}
 
 
-# ---------------------------------------------------------------- PNG output
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
 
-_FONT = {  # 5x7 glyphs, one row per number, MSB = left column
-    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14), "2": (14, 17, 1, 2, 4, 8, 31), "3": (31, 2, 4, 2, 1, 17, 14),
-    "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14), "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8),
-    "8": (14, 17, 17, 14, 17, 17, 14), "9": (14, 17, 17, 15, 1, 2, 12), "A": (14, 17, 17, 31, 17, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30),
-    "C": (14, 17, 16, 16, 16, 17, 14), "D": (28, 18, 17, 17, 17, 18, 28), "E": (31, 16, 16, 30, 16, 16, 31), "F": (31, 16, 16, 30, 16, 16, 16),
-    "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17), "I": (14, 4, 4, 4, 4, 4, 14), "J": (7, 2, 2, 2, 2, 18, 12),
-    "K": (17, 18, 20, 24, 20, 18, 17), "L": (16, 16, 16, 16, 16, 16, 31), "M": (17, 27, 21, 21, 17, 17, 17), "N": (17, 17, 25, 21, 19, 17, 17),
-    "O": (14, 17, 17, 17, 17, 17, 14), "P": (30, 17, 17, 30, 16, 16, 16), "Q": (14, 17, 17, 17, 21, 18, 13), "R": (30, 17, 17, 30, 20, 18, 17),
-    "S": (15, 16, 16, 14, 1, 1, 30), "T": (31, 4, 4, 4, 4, 4, 4), "U": (17, 17, 17, 17, 17, 17, 14), "V": (17, 17, 17, 17, 17, 10, 4),
-    "W": (17, 17, 17, 21, 21, 21, 10), "X": (17, 17, 10, 4, 10, 17, 17), "Y": (17, 17, 17, 10, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31),
-    " ": (0,) * 7, ".": (0, 0, 0, 0, 0, 12, 12), "-": (0, 0, 0, 31, 0, 0, 0), "%": (24, 25, 2, 4, 8, 19, 3), "(": (2, 4, 8, 8, 8, 4, 2),
-    ")": (8, 4, 2, 2, 2, 4, 8), "+": (0, 4, 4, 31, 4, 4, 0), "/": (0, 1, 2, 4, 8, 16, 0), ":": (0, 12, 12, 0, 12, 12, 0), "=": (0, 0, 31, 0, 31, 0, 0), ",": (0, 0, 0, 0, 12, 4, 8),
-}
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-class Canvas:
-    def __init__(self, width: int, height: int):
-        self.px = np.full((height, width, 3), 255, dtype=np.uint8)
-
-    def line(self, x0, y0, x1, y1, colour, width: int = 1) -> None:
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        for t in np.linspace(0, 1, n):
-            x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-            self.px[max(0, y - width // 2) : y + width // 2 + 1, max(0, x - width // 2) : x + width // 2 + 1] = colour
-
-    def text(self, x: int, y: int, text: str, colour=(0, 0, 0), scale: int = 2) -> None:
-        for i, ch in enumerate(text.upper()):
-            rows = _FONT.get(ch, _FONT[" "])
-            for r, bits in enumerate(rows):
-                for c in range(5):
-                    if bits >> (4 - c) & 1:
-                        yy, xx = y + r * scale, x + (i * 6 + c) * scale
-                        self.px[yy : yy + scale, xx : xx + scale] = colour
-
-    def png(self) -> bytes:
-        h, w, _ = self.px.shape
-        raw = b"".join(b"\x00" + self.px[y].tobytes() for y in range(h))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
-def panel(canvas: Canvas, x0: int, y0: int, w: int, h: int, title: str, series: dict[str, list[tuple[float, float]]], log_y: bool = False,
-          y_range: tuple[float, float] | None = None) -> None:
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts if y == y and y > (0 if log_y else -math.inf)]
-    if not xs or not ys:
-        return
-    f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    lo, hi = y_range if y_range else (min(f(y) for y in ys), max(f(y) for y in ys))
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    left, bottom = x0 + 60, y0 + h - 40
-
-    def at(x, y):
-        return left + (x - xlo) / (xhi - xlo) * (w - 110), bottom - (f(y) - lo) / (hi - lo) * (h - 80)
-
-    canvas.text(x0 + 60, y0 + 8, title)
-    canvas.line(left, bottom, left + w - 110, bottom, (0, 0, 0))
-    canvas.line(left, bottom, left, y0 + 40, (0, 0, 0))
-    for v in sorted(set(xs)):
-        px, _ = at(v, 10 ** lo if log_y else lo)
-        canvas.line(px, bottom, px, bottom + 4, (0, 0, 0))
-        canvas.text(int(px) - 8, bottom + 10, f"{v:g}X")
-    for k in range(5):
-        val = lo + (hi - lo) * k / 4
-        py = bottom - (val - lo) / (hi - lo) * (h - 80)
-        label = f"{10 ** val:.3g}" if log_y else f"{val:.2f}"
-        canvas.text(x0 + 2, int(py) - 6, label, scale=1)
-        canvas.line(left - 4, py, left, py, (0, 0, 0))
-    for i, (name, pts) in enumerate(series.items()):
-        colour = (0, 0, 0) if name == "MEAN" else _COLOURS[i % len(_COLOURS)]
-        width = 3 if name == "MEAN" else 1
-        pts = [(x, y) for x, y in pts if y == y and (not log_y or y > 0)]
-        for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-            canvas.line(*at(xa, ya), *at(xb, yb), colour, width)
-        canvas.text(left + w - 200, y0 + 40 + 12 * i, name[:16], colour, scale=1)
-
-
-def plot(result: dict, path: Path) -> str:
     curve, per = result["curve"], result["per_concept"]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for concept, rows in per.items():
-            axes[0].plot([r["multiple"] for r in rows], [r["mention_rate"] for r in rows], alpha=0.5, label=concept)
-            axes[1].plot([r["multiple"] for r in rows], [r["perplexity"] for r in rows], alpha=0.5, label=concept)
-        axes[0].plot([c["multiple"] for c in curve], [c["mention_rate"] for c in curve], "k-o", lw=2, label="mean")
-        axes[1].plot([c["multiple"] for c in curve], [c["perplexity"] for c in curve], "k-o", lw=2, label="mean")
-        axes[0].set(xlabel="clamp (x max activation)", ylabel="completions mentioning the concept", title="efficacy")
-        axes[1].set(xlabel="clamp (x max activation)", ylabel="perplexity under the unsteered model", yscale="log", title="fluency cost")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        return "matplotlib"
-    except ImportError:
-        canvas = Canvas(1000, 380)
-        mention = {c.upper(): [(r["multiple"], r["mention_rate"]) for r in rows] for c, rows in per.items()}
-        mention["MEAN"] = [(c["multiple"], c["mention_rate"]) for c in curve]
-        ppl = {c.upper(): [(r["multiple"], r["perplexity"]) for r in rows] for c, rows in per.items()}
-        ppl["MEAN"] = [(c["multiple"], c["perplexity"]) for c in curve]
-        panel(canvas, 0, 0, 500, 380, "MENTION RATE VS CLAMP", mention, y_range=(0.0, 1.0))
-        panel(canvas, 500, 0, 500, 380, "PERPLEXITY (LOG) VS CLAMP", ppl, log_y=True)
-        path.write_bytes(canvas.png())
-        return "built-in plotter (matplotlib is not installed)"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for concept, rows in per.items():
+        label = f"{concept} (#{result['features'][concept]})"
+        axes[0].plot([r["multiple"] for r in rows], [r["mention_rate"] for r in rows], alpha=0.5, label=label)
+        axes[1].plot([r["multiple"] for r in rows], [r["perplexity"] for r in rows], alpha=0.5, label=label)
+    axes[0].plot([c["multiple"] for c in curve], [c["mention_rate"] for c in curve], "k-o", lw=2, label="mean")
+    axes[1].plot([c["multiple"] for c in curve], [c["perplexity"] for c in curve], "k-o", lw=2, label="geometric mean")
+    axes[0].set(xlabel="clamp (x the feature's max activation)", ylabel="completions that mention the concept",
+                title=f"efficacy (MiniLM cosine >= {result['threshold']})", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="clamp (x the feature's max activation)", ylabel="perplexity under the unsteered model", yscale="log",
+                title="fluency cost")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
@@ -312,8 +217,8 @@ def main() -> int:
                 print(f"  {c['multiple']:>5g}x {c['mention_rate']:>13.2f} {c['perplexity']:>11.1f}")
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            how = plot(result, out)
-            print(f"  plot: {out} ({how})")
+            plot(result, out)
+            print(f"  plot: {out}")
     print(json.dumps({k: v for k, v in report.items() if k != "efficacy"} | {"curve": report.get("efficacy", {}).get("curve")}, indent=2))
     return 0
 

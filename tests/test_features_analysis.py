@@ -336,6 +336,16 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_llama_dir, text_corpus, llama
         analyze_sae(tmp_path / "missing", loaded=llama, progress=False)
 
 
+def test_an_sae_from_another_model_of_the_same_width_warns(tmp_path, tiny_llama_dir, text_corpus, llama):
+    from monoscope.features.loading import open_sae_and_model
+
+    sae = TopKSAE(SAEConfig(d_in=32, d_sae=32, architecture="topk", k=2))
+    save_sae(sae, tmp_path / "other", info={**_info(tiny_llama_dir, text_corpus, "resid_post.1"), "model": "some-org/a-fine-tune"})
+    with pytest.warns(UserWarning, match="trained on 'some-org/a-fine-tune' but is being used with"):
+        _, _, hook = open_sae_and_model(tmp_path / "other", loaded=llama)
+    assert hook == "resid_post.1"
+
+
 def test_auroc_and_embedding_score():
     from monoscope.features.embedding import auroc, embedding_score
 

@@ -178,6 +178,8 @@ sae = load_any_sae("hf://google/gemma-scope-2b-pt-res/layer_3/width_16k/average_
 print("OK", sae.info["hook_point"], sae.info["source"], sae.cfg.d_sae)
 sae = load_any_sae("google/gemma-scope-2b-pt-res", subpath="layer_3/width_16k/average_l0_5")
 print("OK2", sae.info["model"])
+from monoscope.features.loading import open_sae  # what `monoscope analyze/serve/steer --sae hf://...` use
+print("OK3", open_sae("hf://google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_5").cfg.d_sae)
 try:
     load_any_sae("hf://google/not-cached/layer_1")
 except MonoscopeError as err:
@@ -197,7 +199,8 @@ def test_hub_from_offline_cache(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == f"OK resid_post.3 hf://google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_5 {D_SAE}"
     assert lines[1] == "OK2 google/gemma-2-2b"
-    assert lines[2].startswith("ERR could not fetch google/not-cached/layer_1 from the Hugging Face hub") and "HF_HUB_OFFLINE" in lines[2]
+    assert lines[2] == f"OK3 {D_SAE}"
+    assert lines[3].startswith("ERR could not fetch google/not-cached/layer_1 from the Hugging Face hub") and "HF_HUB_OFFLINE" in lines[3]
 
 
 def test_model_mismatch(tmp_path):

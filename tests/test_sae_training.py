@@ -288,3 +288,29 @@ def test_short_stream_saves_what_was_trained(tmp_path, data):
                                     progress=False)
     assert not result.complete and result.steps == 8
     assert load_sae(tmp_path).info["training"]["complete"] is False
+
+
+def test_held_out_evaluation_during_training_is_logged_and_matches_the_saved_sae(tmp_path, data, held_out):
+    configs = {arch: TrainConfig(d_in=D_IN, d_sae=D_SAE, k=6, architecture=arch, total_tokens=BATCH * 40, batch_size=BATCH)
+               for arch in ("topk", "batchtopk")}
+    results = train_saes(configs, data, tmp_path, held_out=held_out, eval_every_tokens=BATCH * 10, progress=False)
+    for name, result in results.items():
+        evaluated = [row for row in load_train_log(tmp_path / name) if "held_out_fvu" in row]
+        assert [row["step"] for row in evaluated] == [10, 20, 30, 40]
+        assert evaluated[-1]["held_out_fvu"] < evaluated[0]["held_out_fvu"]  # it learns, on data it never saw
+        final = evaluate_reconstruction(result.sae, [held_out])  # the saved (inference) SAE gives the last logged figures
+        assert evaluated[-1]["held_out_fvu"] == pytest.approx(final.fvu, rel=1e-4, abs=1e-6)
+        assert evaluated[-1]["held_out_l0"] == pytest.approx(final.l0, rel=1e-4)
+        assert result.final_metrics["held_out_fvu"] == evaluated[-1]["held_out_fvu"]
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"eval_every_tokens": 1024}, "needs held-out activations"),
+    ({"held_out": torch.zeros(10, D_IN + 1)}, r"must be \[tokens, 32\]"),
+    ({"held_out": {"resid_post.3": torch.zeros(10, D_IN)}}, "no held-out activations"),
+    ({"held_out": torch.zeros(10, D_IN), "eval_every_tokens": 0}, "positive number of tokens"),
+])
+def test_bad_held_out_options_are_clear_errors(tmp_path, data, options, message):
+    config = TrainConfig(d_in=D_IN, d_sae=D_SAE, k=6, total_tokens=BATCH * 4, batch_size=BATCH, hook_name="resid_post.1")
+    with pytest.raises(MonoscopeError, match=message):
+        train_saes({"a": config}, data, tmp_path, progress=False, **options)

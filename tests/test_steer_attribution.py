@@ -45,17 +45,46 @@ def test_attribution_matches_ablation_in_a_near_linear_case(lm, prompt, target, 
     assert spearman(attr, [effect[f] for f in feats]) > 0.8
     top_by_ablation = max(feats, key=lambda f: abs(effect[f]))
     assert top_by_ablation == feats[0]
-    # the splice keeps the forward pass: the logit reported is the clean one
+    # the splice keeps the forward pass: the logit reported is the clean one (summed over the target's tokens)
+    logits, logprobs = teacher_forced(lm, prompt, target)
+    assert result.logit == pytest.approx(logits, abs=1e-4)
+    assert result.logprob == pytest.approx(logprobs, abs=1e-4)
+
+
+def teacher_forced(lm, prompt: str, target: str) -> tuple[float, float]:
+    """Summed logits and log-probs of the target's tokens read after the prompt, by plain transformers."""
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    target_ids = lm.tokenizer(target, add_special_tokens=False).input_ids
     with torch.no_grad():
-        clean = float(lm.model(ids).logits[0, -1, result.target_id])
-    assert result.logit == pytest.approx(clean, abs=1e-5)
+        logits = lm.model(torch.cat([ids, torch.tensor([target_ids])], 1)).logits[0, ids.shape[1] - 1 : -1]
+    picked = torch.arange(len(target_ids)), torch.tensor(target_ids)
+    return float(logits[picked].sum()), float(torch.log_softmax(logits, -1)[picked].sum())
+
+
+def test_a_several_token_target_is_attributed_as_a_whole(lm):
+    prompt, target = "The quick brown fox", " jumps over the lazy dog"
+    sae = make_sae(hook="resid_post.1", model=lm.name, k=8, seed=3)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.03)
+    result = attribute(lm, sae, prompt, target, top=6, metric="logprob")
+    assert len(result.target_ids) > 1 and result.target_ids == lm.tokenizer(target, add_special_tokens=False).input_ids
+    assert result.target_token == target
+    assert result.logprob == pytest.approx(teacher_forced(lm, prompt, target)[1], abs=1e-4)
+    feats = [f.feature for f in result.features]
+    effect = ablation_effect(lm, sae, prompt, target, feats, metric="logprob")
+    assert spearman([f.attribution for f in result.features], [effect[f] for f in feats]) > 0.8
+    for f in result.features:
+        assert effect[f.feature] == pytest.approx(f.attribution, rel=0.2, abs=2e-3)
 
 
 def test_attribution_bad_inputs(lm):
     sae = make_sae(model=lm.name)
     with pytest.raises(MonoscopeError, match="empty"):
         attribute(lm, sae, "Hello", "")
+    with pytest.raises(MonoscopeError, match="outside the vocabulary"):
+        attribute(lm, sae, "Hello", [3, 10**9])
+    with pytest.raises(MonoscopeError, match="at most 64"):
+        attribute(lm, sae, "Hello", " dog" * 100)
     with pytest.raises(MonoscopeError, match="width"):
         attribute(lm, make_sae(d_in=48, model=lm.name), "Hello", " world")
 

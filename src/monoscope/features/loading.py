@@ -16,6 +16,7 @@ import torch
 from ..errors import MonoscopeError
 from ..model import HookPoint, LoadedModel, load_model, run_to
 from ..sae import SAE, load_sae
+from ..sae.interop import check_model_match
 from ..sae.io import sae_hook_point, sae_model_name
 
 
@@ -43,7 +44,9 @@ def sae_corpus(sae: SAE) -> dict[str, Any]:
 
 
 def check_compatible(sae: SAE, loaded: LoadedModel, hook: str) -> None:
-    """Fail with a clear message when the SAE cannot read the model at `hook` (bad layer, wrong width)."""
+    """Fail with a clear message when the SAE cannot read the model at `hook` (bad layer, wrong width); warn
+    loudly when it was trained on another model of the same width."""
+    check_model_match(sae, loaded.name, None)
     ids = torch.tensor([[_bos_id(loaded.tokenizer), _bos_id(loaded.tokenizer)]], device=loaded.device)
     width = run_to(loaded.model, [hook], ids)[hook].shape[-1]
     if width != sae.cfg.d_in:
@@ -60,12 +63,13 @@ def _bos_id(tokenizer) -> int:
 
 
 def open_sae(sae_dir: str | os.PathLike, device: str | torch.device | None = "cpu") -> SAE:
+    """An SAE folder (monoscope, SAELens, sparsify, Gemma Scope) or an `hf://org/repo/sub/path` spec."""
     path = Path(sae_dir)
-    if not path.exists():
+    if not str(sae_dir).startswith("hf://") and not path.exists():
         raise MonoscopeError(f"SAE folder {path} does not exist; pass the folder `monoscope train` wrote (with cfg.json)")
     from ..model import resolve_device
 
-    return load_sae(path, device=resolve_device(device))
+    return load_sae(sae_dir if str(sae_dir).startswith("hf://") else path, device=resolve_device(device))
 
 
 def open_sae_and_model(

@@ -49,6 +49,7 @@ from safetensors.torch import load_file
 from .._io import read_json
 from ..errors import MonoscopeError
 from .base import DTYPES, SAE, SAEConfig, default_metadata
+from .io import sae_model_name
 from .registry import inference_class
 
 HF_PREFIX = "hf://"
@@ -398,23 +399,39 @@ def _canonical_model(name: str | None) -> str | None:
     return re.sub(r"[^a-z0-9.]+", "-", text)
 
 
-def check_model_match(sae: SAE, model_name: str | None, d_model: int | None, *, cli: bool = False) -> str | None:
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names (hub ids with or without the org, folders, the embedded name) mean one model."""
+    a, b = str(a).rstrip("/"), str(b).rstrip("/")
+    if a == b or _canonical_model(a) == _canonical_model(b):
+        return True
+    try:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
+def check_model_match(
+    sae: SAE, model_name: str | None, d_model: int | None, *, cli: bool = False, category: type[Warning] = UserWarning
+) -> str | None:
     """Refuse an SAE whose width differs from the model's; warn loudly when it was trained on another model.
 
+    Every place that puts an SAE on a model (features, steering, eval, server) calls this: a same-width SAE
+    from another model (e.g. the base model of a fine-tune) otherwise runs silently and means nothing.
     Returns the warning text (None when the names agree or one is unknown). `cli=True` also prints the warning
     to stderr as `monoscope: warning: ...`, so it is seen even where Python warnings are filtered.
     """
     if d_model is not None and int(d_model) != sae.cfg.d_in:
         raise MonoscopeError(
-            f"the SAE reads d_in={sae.cfg.d_in} activations but the model has d_model={d_model}; "
-            "use the model the SAE was trained on"
+            f"the SAE reads d_in={sae.cfg.d_in} activations but the model's width is d_model={d_model}: it was trained on another "
+            "model; use the model the SAE was trained on (--model)"
         )
-    trained = (sae.info or {}).get("model") or (sae.info or {}).get("model_name") or (sae.cfg.metadata or {}).get("model_name")
-    if not trained or not model_name or _canonical_model(trained) == _canonical_model(model_name):
+    trained = sae_model_name(sae)
+    if not trained or not model_name or same_model(trained, model_name):
         return None
     message = (f"this SAE was trained on {trained!r} but is being used with {model_name!r}; its features may mean "
                "nothing there (same width, different model)")
-    warnings.warn(message, UserWarning, stacklevel=2)
+    warnings.warn(message, category, stacklevel=3)
     if cli:
         print(f"monoscope: warning: {message}", file=sys.stderr, flush=True)
     return message

@@ -146,8 +146,9 @@ def evaluate_sae(
     show_progress: bool = True,
 ) -> dict:
     """Reconstruction metrics and LM-loss metrics of an SAE (taking raw activations) on held-out text."""
-    if sae.cfg.d_in != loaded.d_model:
-        raise MonoscopeError(f"the SAE has d_in={sae.cfg.d_in} but {loaded.name} has d_model={loaded.d_model}; evaluate it on the model it was trained on")
+    from .interop import check_model_match
+
+    check_model_match(sae, loaded.name, loaded.d_model)
     contexts = pack_contexts(corpus.documents(), loaded.tokenizer, context_size)
     n_contexts = max(1, -(-tokens // (context_size - 1)))
     contexts = islice(contexts, skip_contexts, skip_contexts + n_contexts)

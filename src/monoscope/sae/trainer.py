@@ -55,6 +55,7 @@ from .base import SAE
 from .checkpoint import RunState, list_checkpoints, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import TrainConfig
 from .io import INFO_FILENAME, load_sae, save_sae
+from .metrics import evaluate_reconstruction
 from .registry import training_class
 from .stream import BatchStream, DataPosition, peek_width
 from .training import StepContext, StepOutput
@@ -183,6 +184,9 @@ class SAETrainer:
         same config); with False, an `out_dir` holding a run is an error.
     info: facts recorded in each saved SAE's monoscope.json (model, corpus, ...).
     log_flush_steps: how often the JSONL log and progress bar are updated (every step is logged).
+    held_out: activations never trained on (one tensor for every SAE, or {hook name: tensor}), in the units of
+        the batches; the SAE's inference form is scored on them every `eval_every_tokens` tokens (default: a tenth
+        of the run) and at the end, logged as held_out_fvu, held_out_l0, ... in train_log.jsonl.
     """
 
     world_size = 1  # processes sharing each step's batch (distributed.py); dead-latent counters count all of them
@@ -200,6 +204,8 @@ class SAETrainer:
         progress: bool = True,
         info: Mapping[str, Any] | None = None,
         log_flush_steps: int = 20,
+        held_out: Tensor | Mapping[str, Tensor] | None = None,
+        eval_every_tokens: int | None = None,
     ) -> None:
         if not configs:
             raise MonoscopeError("no SAE to train: give at least one config")
@@ -226,10 +232,30 @@ class SAETrainer:
         self.progress = progress
         self.info = dict(info or {})
         self.log_flush_steps = max(1, log_flush_steps)
+        self.held_out = self._check_held_out(held_out)
+        if eval_every_tokens is not None and eval_every_tokens <= 0:
+            raise MonoscopeError(f"evaluation interval must be a positive number of tokens, got {eval_every_tokens}")
+        if eval_every_tokens is not None and held_out is None:
+            raise MonoscopeError("eval_every_tokens needs held-out activations to evaluate on (held_out=...)")
+        self.eval_every_steps = max(1, (eval_every_tokens or longest // 10) // self.batch_size)
         self.checkpoint_root = self.out_dir / CHECKPOINT_DIRNAME
         self.step = 0
         self.position = DataPosition()
         self._last_checkpoint: Path | None = None
+
+    def _check_held_out(self, held_out: Tensor | Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """Held-out activations per SAE (same units as the training batches), checked before any training."""
+        if held_out is None:
+            return None
+        per_run = {}
+        for name, cfg in self.configs.items():
+            x = held_out if isinstance(held_out, Tensor) else held_out.get(cfg.hook_name)
+            if x is None:
+                raise MonoscopeError(f"no held-out activations for {cfg.hook_name or name!r}; held_out has {', '.join(held_out) or 'none'}")
+            if x.ndim < 2 or x.shape[-1] != cfg.d_in or x.numel() == 0:
+                raise MonoscopeError(f"held-out activations for {name!r} must be [tokens, {cfg.d_in}], got {list(x.shape)}")
+            per_run[name] = x.reshape(-1, cfg.d_in)
+        return per_run
 
     # ---- layout --------------------------------------------------------------------------------------
 
@@ -253,7 +279,7 @@ class SAETrainer:
         if all(run.done for run in runs.values()):
             return {name: run.result for name, run in runs.items() if run.result is not None}
         keys = tuple(dict.fromkeys(run.key for run in runs.values() if not run.done))
-        single_key = keys[0] if len(runs) == 1 else None
+        single_key = keys[0] if len(keys) == 1 else None  # plain tensors serve every SAE when all read one hook
         stream = BatchStream(batches, self.batch_size, keys, single_key, self.position)
         total_tokens = max(cfg.total_steps for cfg in self.configs.values()) * self.batch_size
         description = "training SAE" + ("s" if len(runs) > 1 else "")
@@ -378,7 +404,17 @@ class SAETrainer:
         record: dict[str, Any] = {"step": run.step, "tokens": run.step * self.batch_size, "lr": lr}
         record.update(output.metrics)
         record["dead_frac"] = dead_mask.float().mean()
+        if self.held_out is not None and (run.step % self.eval_every_steps == 0 or run.step >= cfg.total_steps):
+            record.update(self._evaluate_held_out(run))
         run.pending_logs.append(record)
+
+    @torch.no_grad()
+    def _evaluate_held_out(self, run: _Run) -> dict[str, float]:
+        """SAEBench metrics of the SAE's inference form on the held-out activations (logged as held_out_*)."""
+        assert self.held_out is not None
+        metrics = evaluate_reconstruction(run.sae.to_inference(), self.held_out[run.name].split(self.batch_size))
+        assert not isinstance(metrics, tuple)
+        return {f"held_out_{key}": float(getattr(metrics, key)) for key in ("fvu", "l0", "mse", "cosine_similarity", "frac_alive")}
 
     # ---- logs and progress ---------------------------------------------------------------------------
 

@@ -305,7 +305,8 @@ class Service:
         from ..model import load_model
         from ..steer import load_steering_sae
         from ..sae.io import sae_hook_point, sae_model_name
-        from ..steer.steering import check_sae_fits, same_model
+        from ..sae.interop import same_model
+        from ..steer.steering import check_sae_fits
 
         named = _names(sae_dirs, "SAE")
         loaded_saes = []

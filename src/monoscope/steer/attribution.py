@@ -2,9 +2,11 @@
 
 At the SAE's hook point the activation is rewritten as x = decode(f) + error, with the codes f = encode(x)
 as leaves and the reconstruction error held constant, so the forward pass is unchanged. For a target token
-t after the prompt, feature i's attribution is sum over positions (but the first, an attention sink the SAE does not model) of f_i * d(logit_t)/d(f_i): to first
-order, how much the target's logit would drop if feature i were ablated everywhere (x -> x - f_i d_i).
-One forward and one backward pass give every feature's attribution.
+t after the prompt, feature i's attribution is sum over positions (but the first, an attention sink the SAE
+does not model) of f_i * d(logit_t)/d(f_i): to first order, how much the target's logit would drop if
+feature i were ablated everywhere (x -> x - f_i d_i). A target of several tokens is read after the prompt
+(teacher forcing) and its objective is the sum over its tokens (of logits, or of log-probs: the log-probability
+of the whole target). One forward and one backward pass give every feature's attribution.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ class FeatureAttribution:
 class Attribution:
     prompt: str
     target: str
-    target_id: int
-    target_token: str
-    logit: float
-    logprob: float
+    target_id: int  # the target's first token
+    target_token: str  # the text of all its tokens
+    logit: float  # summed over the target's tokens
+    logprob: float  # the log-probability of the whole target
     hook: str
     features: list[FeatureAttribution] = field(default_factory=list)
     total: float = 0.0  # sum of all features' attributions
     error_attribution: float = 0.0  # the reconstruction error's own attribution (activation x gradient)
+    target_ids: list[int] = field(default_factory=list)  # every token of the target
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -54,15 +57,44 @@ def _bos_offset(tokenizer: Any, ids: torch.Tensor) -> int:
     return 1 if ids.shape[-1] > 1 else 0
 
 
-def target_token_id(tokenizer: Any, target: str | int) -> tuple[int, str]:
-    if isinstance(target, int):
-        return target, tokenizer.decode([target])
-    if not target:
-        raise MonoscopeError("the target is empty; give the token to explain, e.g. --target ' Paris'")
-    ids = tokenizer(target, add_special_tokens=False).input_ids
-    if not ids:
-        raise MonoscopeError(f"the target {target!r} encodes to no tokens")
-    return int(ids[0]), tokenizer.decode([ids[0]])
+MAX_TARGET_TOKENS = 64
+
+
+def target_token_ids(tokenizer: Any, target: str | int | list[int], vocab: int) -> list[int]:
+    """The target's token ids (a string is tokenized without special tokens), checked against the vocabulary."""
+    if isinstance(target, str):
+        if not target:
+            raise MonoscopeError("the target is empty; give the text to explain, e.g. --target ' Paris'")
+        ids = [int(i) for i in tokenizer(target, add_special_tokens=False).input_ids]
+        if not ids:
+            raise MonoscopeError(f"the target {target!r} encodes to no tokens")
+    else:
+        ids = [int(target)] if isinstance(target, int) else [int(i) for i in target]
+        if not ids:
+            raise MonoscopeError("the target has no tokens")
+    if len(ids) > MAX_TARGET_TOKENS:
+        raise MonoscopeError(f"the target has {len(ids)} tokens; attribute at most {MAX_TARGET_TOKENS} at once")
+    for tid in ids:
+        if not 0 <= tid < vocab:
+            raise MonoscopeError(f"target token id {tid} is outside the vocabulary (0-{vocab - 1})")
+    return ids
+
+
+def _prompt_and_target(lm: Any, prompt: str, target: str | int | list[int], raw: bool) -> tuple[torch.Tensor, list[int]]:
+    """Token ids [1, T] of the prompt followed by all but the target's last token, and the target's ids."""
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    target_ids = target_token_ids(lm.tokenizer, target, vocab)
+    ids = encode_prompt(lm.tokenizer, prompt, raw=raw, device=lm.device)
+    forced = torch.tensor([target_ids[:-1]], dtype=ids.dtype, device=ids.device)
+    return torch.cat([ids, forced], 1), target_ids
+
+
+def _target_scores(logits: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed logits and summed log-probs of the target's tokens, from logits [T, vocab] of prompt + target[:-1]."""
+    n = len(target_ids)
+    rows = logits[-n:].float()
+    index = torch.tensor(target_ids, device=rows.device)[:, None]
+    return rows.gather(1, index).sum(), torch.log_softmax(rows, -1).gather(1, index).sum()
 
 
 def attribute(
@@ -77,9 +109,11 @@ def attribute(
     raw: bool = True,
     labels: dict[int, str] | None = None,
 ) -> Attribution:
-    """Attribution of the prediction of `target` (its first token) after `prompt` to the SAE's features.
+    """Attribution of the prediction of `target` after `prompt` to the SAE's features.
 
-    `metric`: `logit` (default) or `logprob`. `raw=False` applies the chat template to the prompt.
+    `target`: text (all its tokens, summed), a token id, or a list of token ids. `metric`: `logit` (default) or
+    `logprob` (with several tokens: the log-probability of the whole target). `raw=False` applies the chat
+    template to the prompt.
     """
     if metric not in ("logit", "logprob"):
         raise MonoscopeError(f"unknown metric {metric!r}; use logit or logprob")
@@ -88,11 +122,7 @@ def attribute(
     if hook is None:
         raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
     check_sae_fits(sae, model, hook, lm)
-    tid, token = target_token_id(tokenizer, target)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if not 0 <= tid < vocab:
-        raise MonoscopeError(f"target token id {tid} is outside the vocabulary (0-{vocab - 1})")
-    ids = encode_prompt(tokenizer, prompt, raw=raw, device=lm.device)
+    ids, target_ids = _prompt_and_target(lm, prompt, target, raw)
     skip = _bos_offset(tokenizer, ids)
     store: dict[str, torch.Tensor] = {}
 
@@ -105,11 +135,8 @@ def attribute(
         return torch.cat([x[:, :skip], (recon + error).to(x.dtype)], 1)
 
     with torch.enable_grad(), edit(model, {hook: splice}):
-        logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-        logprobs = torch.log_softmax(logits, -1)
-        objective = logits[tid] if metric == "logit" else logprobs[tid]
-        objective.backward()
-    logits, logprobs = logits.detach(), logprobs.detach()
+        logit, logprob = _target_scores(model(input_ids=ids, use_cache=False).logits[0], target_ids)
+        (logit if metric == "logit" else logprob).backward()
     codes, error = store["codes"], store["error"]
     scores = (codes * codes.grad).detach()[0].sum(0).float()
     error_attr = float((error * error.grad).detach().sum())
@@ -122,23 +149,33 @@ def attribute(
         if float(scores[i]) != 0.0
     ]
     return Attribution(
-        prompt=prompt, target=str(target), target_id=tid, target_token=token, logit=float(logits[tid]), logprob=float(logprobs[tid]),
-        hook=str(hook), features=feats, total=float(scores.sum()), error_attribution=error_attr,
+        prompt=prompt, target=str(target), target_id=target_ids[0], target_token=tokenizer.decode(target_ids),
+        logit=float(logit.detach()), logprob=float(logprob.detach()), hook=str(hook), features=feats, total=float(scores.sum()),
+        error_attribution=error_attr, target_ids=target_ids,
     )
 
 
 @torch.inference_mode()
-def ablation_effect(lm: Any, sae: Any, prompt: str, target: str | int, features: list[int], *, hook: str | None = None, raw: bool = True) -> dict[int, float]:
-    """For each feature: target logit (clean) - target logit with the feature ablated at every position.
+def ablation_effect(
+    lm: Any, sae: Any, prompt: str, target: str | int | list[int], features: list[int], *, hook: str | None = None, raw: bool = True,
+    metric: str = "logit",
+) -> dict[int, float]:
+    """For each feature: the target's logit (or log-prob) clean minus with the feature ablated at every position.
 
     The exact counterpart of `attribute`'s first-order estimate (the same splice: the error term is kept).
     """
     model, tokenizer = lm.model, lm.tokenizer
     hook = hook or sae_hook_point(sae)
-    tid, _ = target_token_id(tokenizer, target)
-    ids = encode_prompt(tokenizer, prompt, raw=raw, device=lm.device)
+    ids, target_ids = _prompt_and_target(lm, prompt, target, raw)
     skip = _bos_offset(tokenizer, ids)
-    clean = float(model(input_ids=ids, use_cache=False).logits[0, -1, tid])
+    if metric not in ("logit", "logprob"):
+        raise MonoscopeError(f"unknown metric {metric!r}; use logit or logprob")
+    pick = 0 if metric == "logit" else 1
+
+    def score() -> float:
+        return float(_target_scores(model(input_ids=ids, use_cache=False).logits[0], target_ids)[pick])
+
+    clean = score()
     out = {}
     for f in features:
         def ablate(x: torch.Tensor, f: int = f) -> torch.Tensor:
@@ -146,5 +183,5 @@ def ablation_effect(lm: Any, sae: Any, prompt: str, target: str | int, features:
             return torch.cat([x[:, :skip], (x[:, skip:] - act * sae.W_dec[f]).to(x.dtype)], 1)
 
         with edit(model, {hook: ablate}):
-            out[int(f)] = clean - float(model(input_ids=ids, use_cache=False).logits[0, -1, tid])
+            out[int(f)] = clean - score()
     return out

@@ -374,7 +374,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    print(f"prompt: {args.prompt!r} -> target {result.target_token!r} (token {result.target_id}): logit {result.logit:.3f}, log-prob {result.logprob:.3f}")
+    tokens = f"token {result.target_id}" if len(result.target_ids) == 1 else f"{len(result.target_ids)} tokens, summed"
+    print(f"prompt: {args.prompt!r} -> target {result.target_token!r} ({tokens}): logit {result.logit:.3f}, log-prob {result.logprob:.3f}")
     print(f"features of the SAE at {result.hook}, by |activation x gradient| of the target {args.metric}:")
     print(f"  {'rank':>4} {'feature':>8} {'attribution':>12} {'max act':>9} {'last act':>9}  label")
     for rank, f in enumerate(result.features, 1):
@@ -386,10 +387,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _add_attribute(sub) -> None:
-    p = sub.add_parser("attribute", help="which features push the model toward a target token", description="Attribute the target token's logit after the prompt to the SAE's features (activation x gradient, with the SAE spliced in and its error kept). Positive: the feature raises the target.")
+    p = sub.add_parser("attribute", help="which features push the model toward a target token", description="Attribute the target's logit after the prompt to the SAE's features (activation x gradient, with the SAE spliced in and its error kept). Positive: the feature raises the target.")
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("--prompt", required=True, help="text the model reads")
-    p.add_argument("--target", required=True, help="the next token to explain (its first token if several), e.g. ' Paris'")
+    p.add_argument("--target", required=True, help="the continuation to explain, e.g. ' Paris'; with several tokens, their logits (or log-probs) are summed")
     p.add_argument("--top", type=positive_int, default=15, help="features to show (default: 15)")
     p.add_argument("--metric", default="logit", choices=["logit", "logprob"], help="what to attribute (default: logit)")
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
@@ -514,7 +515,7 @@ def cmd_ablate_direction(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model or vector.model or EMBEDDED_MODEL, device=args.device, dtype=args.model_dtype)
     if vector.model and lm.name != vector.model:
-        from .steering import same_model
+        from ..sae.interop import same_model
 
         if not same_model(vector.model, lm.name):
             warnings.warn(f"the vector was made on {vector.model!r} but the model is {lm.name!r}")

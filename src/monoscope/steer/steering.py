@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from ..errors import MonoscopeError
 from ..model import HookPoint, edit, find_blocks
-from ..sae.io import sae_hook_point, sae_model_name
+from ..sae.interop import check_model_match
+from ..sae.io import sae_hook_point
 from .spec import Condition, DirectionEdit, FeatureEdit, Value, check_number, check_positions, parse_feature_spec
 
 # ---------------------------------------------------------------- helpers on models and SAEs
@@ -76,38 +77,13 @@ def model_name_of(model: nn.Module, loaded: Any = None) -> str | None:
     return getattr(cfg, "_name_or_path", None) or None
 
 
-def same_model(a: str, b: str) -> bool:
-    """Whether two model names (hub ids, folders, the embedded name) refer to the same model, leniently."""
-    a, b = str(a).rstrip("/"), str(b).rstrip("/")
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    try:
-        if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
-            return True
-    except OSError:
-        pass
-    return pa.name.lower() == pb.name.lower()
-
-
 def check_sae_fits(sae: Any, model: nn.Module, hook: str, loaded: Any = None) -> None:
     """Width must match (error); the recorded model name should (loud warning); the hook must exist."""
     hp = HookPoint.parse(hook)
     n_layers = len(find_blocks(model))
     if hp.layer >= n_layers:
         raise MonoscopeError(f"the SAE reads hook point {hp}, but the model has only {n_layers} layers (0-{n_layers - 1}); use the model the SAE was trained on")
-    width = model_width(model)
-    if width is not None and sae.cfg.d_in != width:
-        raise MonoscopeError(
-            f"the SAE reads d_in={sae.cfg.d_in} activations but the model's width is {width}: it was trained on another model; pass --model with the SAE's model"
-        )
-    trained_on, running = sae_model_name(sae), model_name_of(model, loaded)
-    if trained_on and running and not same_model(trained_on, running):
-        warnings.warn(
-            f"this SAE was trained on {trained_on!r} but the model is {running!r}; features will not mean what their labels say",
-            SteeringWarning,
-            stacklevel=3,
-        )
+    check_model_match(sae, model_name_of(model, loaded), model_width(model), category=SteeringWarning)
 
 
 def feature_codes(sae: Any, x: Tensor, features: Tensor) -> Tensor:
