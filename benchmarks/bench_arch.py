@@ -6,11 +6,12 @@ Data: a harvest cache (default: the quickstart's, runs/quickstart/activations). 
 come from contexts the SAEs never train on; every evaluation uses all of them, with SAEBench's FVU
 (1 - explained variance over the whole set) and L0 of the SAE's inference form (BatchTopK: its threshold).
 
-Matched L0: TopK and BatchTopK take k = the target. JumpReLU (L0 penalty) and ReLU + L1 (L1 penalty) reach an
-L0 only through their sparsity coefficient, so each is calibrated first: pilot runs at a ladder of
-coefficients (trained together in one pass), then the coefficient for the target L0 is interpolated on a
-log-log scale. The four final SAEs then train together in one pass over the same batches, with the same
-seed, width, batch size and default learning-rate rule, evaluated every --eval-every tokens.
+Matched L0: TopK and BatchTopK take k = the target, JumpReLU takes it as `target_l0` (its thresholds are
+steered to it; what `monoscope train --arch jumprelu --k K` does). ReLU + L1 reaches an L0 only through its
+L1 coefficient, so it is calibrated first: pilot runs at a ladder of coefficients (trained together in one
+pass), then the coefficient for the target L0 is interpolated on a log-log scale. The four final SAEs then
+train together in one pass over the same batches, with the same seed, width, batch size and default
+learning-rate rule, evaluated every --eval-every tokens.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from monoscope.sae import TrainConfig, train_saes  # noqa: E402
 from monoscope.sae.trainer import load_train_log  # noqa: E402
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
-COEFFICIENT = {"jumprelu": "l0_coefficient", "relu": "l1_coefficient"}
-LADDER = {"jumprelu": (0.3, 1.0, 3.0), "relu": (1.0, 3.0, 10.0)}
+COEFFICIENT = {"relu": "l1_coefficient"}  # architectures whose L0 is set by a calibrated coefficient
+LADDER = {"relu": (1.0, 3.0, 10.0)}
 
 
 def shuffled_batches(rows: torch.Tensor, batch_size: int, seed: int, hook: str):
@@ -48,7 +49,8 @@ def shuffled_batches(rows: torch.Tensor, batch_size: int, seed: int, hook: str):
 
 def train_together(configs: dict[str, TrainConfig], rows, held_out, hook, out: Path, eval_every: int, seed: int) -> dict[str, list[dict]]:
     train_saes(configs, shuffled_batches(rows, next(iter(configs.values())).batch_size, seed, hook), out,
-               held_out=held_out, eval_every_tokens=eval_every, resume=False, progress=True)
+               held_out=held_out, eval_every_tokens=eval_every, resume=False, progress=True,
+               checkpoint_every_tokens=max(c.total_tokens for c in configs.values()))  # no mid-run checkpoints: nothing to resume here
     return {name: [e for e in load_train_log(out / name) if "held_out_fvu" in e] for name in configs}
 
 
@@ -119,7 +121,7 @@ def main() -> int:
 
     coefficients: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-arch-") as tmp:
-        print(f"[1/2] calibrating the sparsity coefficients: {sum(map(len, LADDER.values()))} pilot runs of {args.pilot_tokens:,} tokens")
+        print(f"[1/2] calibrating the ReLU L1 coefficient: {sum(map(len, LADDER.values()))} pilot runs of {args.pilot_tokens:,} tokens")
         pilots = {f"{arch}-{c:g}": config(arch, args.pilot_tokens, **{COEFFICIENT[arch]: c}) for arch, ladder in LADDER.items() for c in ladder}
         pilot_logs = train_together(pilots, train_rows, held_out, hook, Path(tmp) / "pilot", args.pilot_tokens, args.seed)
         for arch, ladder in LADDER.items():
@@ -130,8 +132,8 @@ def main() -> int:
                   + f"  => {coefficients[arch]:.3g}")
 
         print(f"[2/2] training the four architectures together: {args.tokens:,} tokens each, held-out eval every {args.eval_every:,}")
-        finals = {arch: config(arch, args.tokens, **({COEFFICIENT[arch]: coefficients[arch]} if arch in COEFFICIENT else {}))
-                  for arch in ARCHITECTURES}
+        sparsity = {arch: {COEFFICIENT[arch]: c} for arch, c in coefficients.items()} | {"jumprelu": {"target_l0": args.l0}}
+        finals = {arch: config(arch, args.tokens, **sparsity.get(arch, {})) for arch in ARCHITECTURES}
         curves = train_together(finals, train_rows, held_out, hook, Path(tmp) / "final", args.eval_every, args.seed)
 
     print(f"\n{'tokens':>10} " + " ".join(f"{a + ' FVU':>14} {'L0':>6}" for a in ARCHITECTURES))

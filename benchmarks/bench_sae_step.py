@@ -11,7 +11,7 @@
 3. monoscope: `train_sae` with default settings (TopK, Adam, AuxK, unit-norm decoder, logging); a step is
    the time between two requests for a batch, minus the peer's step and the probe GEMM.
 4. sparsify (`eai-sparsify` from PyPI) in its own virtual environment (created on first use at
-   --peer-venv with `python3 -m venv` + `pip install torch==<this torch> eai-sparsify`), as a subprocess
+   --peer-venv by `make peers`: torch, eai-sparsify and sae-lens as pinned in the Makefile), as a subprocess
    on the same activations file: its `SparseCoder` and default optimizer (schedule-free SignSGD, lr
    5e-3 / sqrt(d_sae / 2**14)), with its trainer's per-step work (decoder renormalisation,
    parallel-gradient removal, dead-latent bookkeeping, FVU read back every step).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,15 +137,18 @@ def make_activations(path: Path, d_in: int, batch: int, pool: int, held_out_toke
 
 
 def ensure_peer_venv(venv: Path) -> Path:
+    """The peer venv's python; built by `make peers` (the Makefile holds the venv's package list)."""
     python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import sparsify, schedulefree"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    print(f"creating {venv} with sparsify (once)...", file=sys.stderr)
-    base = shutil.which("python3") or sys.executable
-    subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    torch_version = torch.__version__.split("+")[0]
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"torch=={torch_version}", "eai-sparsify"], check=True)
+
+    def works() -> bool:
+        probe = [str(python), "-c", "import sparsify, schedulefree"]
+        return python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+    if not works():
+        print(f"creating {venv} with `make peers` (once)...", file=sys.stderr)
+        subprocess.run(["make", "-C", str(REPO), "peers", f"PEER_VENV={venv.resolve()}"], check=True)
+        if not works():
+            sys.exit(f"{venv} has no working sparsify; see the `make peers` output above, or pass --skip-peer")
     return python
 
 

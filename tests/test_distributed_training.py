@@ -44,7 +44,8 @@ if mode == "spread":
 else:
     source = Failing() if fail_at >= 0 else data
     try:
-        results = train_distributed({"sae": cfg()}, source, out, single=True, progress=False, checkpoint_every_tokens=256 * 10)
+        config = cfg(architecture="jumprelu", target_l0=4.0) if mode == "jumprelu" else cfg()
+        results = train_distributed({"sae": config}, source, out, single=True, progress=False, checkpoint_every_tokens=256 * 10)
     except RuntimeError as err:
         print("FAILED", err)
         sys.exit(3)
@@ -103,6 +104,20 @@ def test_data_parallel_matches_single_process(tmp_path):
     assert abs(fvu_multi - fvu_single) < 0.05 + 0.1 * fvu_single, (fvu_multi, fvu_single)
     info = json.loads((multi / "monoscope.json").read_text())
     assert info["training"]["tokens"] == 30 * 256 and info["training"]["complete"]
+
+
+def test_data_parallel_jumprelu_with_a_target_l0_keeps_ranks_identical(tmp_path):
+    # Each rank sees its own rows, so its own batch L0: the threshold controller must act on the global one.
+    out = tmp_path / "jumprelu"
+    proc = _run(tmp_path, out, mode="jumprelu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = load_file(out / "weights-sae-rank0.safetensors")
+    w1 = load_file(out / "weights-sae-rank1.safetensors")
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    saved = load_sae(out)
+    assert saved.cfg.architecture == "jumprelu"
+    assert 4 * 0.6 < evaluate_reconstruction(saved, _held_out()).l0 < 4 * 1.6
 
 
 def test_data_parallel_resume_equals_uninterrupted(tmp_path):

@@ -21,6 +21,7 @@ from monoscope.sae import (
     load_sae,
     save_sae,
 )
+from monoscope.sae.io import sae_hook_point
 from monoscope.sae.training import StepContext
 
 
@@ -109,7 +110,7 @@ def test_cfg_json_has_the_fields_saelens_reads(tmp_path):
     assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
     metadata = cfg["metadata"]
     assert metadata["model_name"] == "HuggingFaceTB/SmolLM2-135M"
-    assert metadata["hook_name"] == "resid_post.15"
+    assert metadata["hook_name"] == "blocks.15.hook_resid_post"  # what SAELens's HookedSAETransformer attaches to
     assert metadata["hook_head_index"] is None
     assert metadata["context_size"] == 256 and metadata["prepend_bos"] is True
     assert metadata["dataset_path"] == "fortunes"
@@ -121,6 +122,7 @@ def test_cfg_json_has_the_fields_saelens_reads(tmp_path):
     }
     own = json.loads((folder / "monoscope.json").read_text())
     assert own["activation_scale"] == 0.25 and own["training"] == {"steps": 10}
+    assert own["hook_name"] == "resid_post.15" and sae_hook_point(load_sae(folder)) == "resid_post.15"
 
 
 def test_relu_is_standard_without_input_centering(tmp_path):

@@ -83,6 +83,19 @@ def test_batchtopk_threshold_gives_mean_l0_near_k(tmp_path, data, held_out):
     assert 6 * 0.7 < l0 < 6 * 1.3, l0
 
 
+def test_jumprelu_with_a_target_l0_starts_and_stays_near_it(tmp_path, data, held_out):
+    free = train_from_batches(data, tmp_path / "free", tokens=BATCH * 60, d_sae=D_SAE, k=6, arch="jumprelu",
+                              batch_size=BATCH, progress=False)
+    config = TrainConfig(d_in=D_IN, d_sae=D_SAE, architecture="jumprelu", target_l0=6.0, total_tokens=BATCH * 60, batch_size=BATCH)
+    targeted = train_sae(config, data, tmp_path / "targeted", progress=False)
+    log = load_train_log(tmp_path / "targeted")
+    assert 6 * 0.6 < log[0]["l0"] < 6 * 1.6  # the thresholds start where 6 latents fire per token
+    metrics = evaluate_reconstruction(targeted.sae, [held_out])
+    assert 6 * 0.6 < metrics.l0 < 6 * 1.6, metrics.l0
+    assert metrics.fvu < 0.5
+    assert abs(evaluate_reconstruction(free.sae, [held_out]).l0 - 6) > abs(metrics.l0 - 6)  # the plain penalty lands elsewhere
+
+
 def test_decoder_rows_stay_unit_norm_and_lr_follows_the_schedule(tmp_path, data):
     result = train_from_batches(data, tmp_path, tokens=BATCH * 40, d_sae=D_SAE, k=4, batch_size=BATCH,
                                 progress=False, lr_warmup_steps=5)
@@ -129,6 +142,8 @@ def test_activation_scale_is_folded_into_the_saved_sae(tmp_path, data, held_out)
         ({"total_tokens": 100}, "must be at least one batch"),
         ({"d_sae": None}, "give the SAE width"),
         ({"expansion_factor": 2.0}, "disagrees with expansion factor"),
+        ({"target_l0": 4.0}, "target_l0 is for the jumprelu architecture"),
+        ({"target_l0": 0.0, "architecture": "jumprelu"}, "target_l0 must be in (0, d_sae=128)"),
     ],
 )
 def test_bad_configs_are_clear_errors(kwargs, message):

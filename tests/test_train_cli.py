@@ -67,10 +67,12 @@ def test_sweep_from_one_pass_and_single_file_activations(cache_dir, tmp_path):
     [
         (["--d-sae", "8", "--k", "8"], "k"),
         (["--d-sae", "64", "--model", "x"], "not both"),
+        (["--d-sae", "64", "--arch", "relu", "--l1-coefficient", "nan"], "finite number >= 0"),
+        (["--d-sae", "64", "--arch", "jumprelu", "--k", "64", "--batch-size", "200"], "target_l0 must be in (0, d_sae=64)"),
     ],
 )
 def test_bad_training_input_is_one_line(cache_dir, tmp_path, extra, message):
     result = run_cli("train", "--activations", str(cache_dir), "--tokens", "1000", "--out", str(tmp_path / "o"), *extra)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("monoscope: error:") and message in last
+    assert last.startswith(("monoscope: error:", "monoscope train: error:")) and message in last

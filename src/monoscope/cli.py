@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .argtypes import positive_int
+from .argtypes import non_negative_float, positive_int
 from .errors import MonoscopeError
 
 EXIT_USER_ERROR = 2
@@ -178,8 +178,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     configs = {}
     for hook in hooks:
         for d_sae, k in sweep:
+            sparsity: dict[str, float] = {}
+            if args.arch == "jumprelu":
+                sparsity["target_l0"] = float(k)
+            if args.l1_coefficient is not None:
+                sparsity["l1_coefficient"] = args.l1_coefficient
             cfg = TrainConfig(d_in=d_in, total_tokens=args.tokens, d_sae=d_sae, architecture=args.arch, k=k,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook_name=hook, activation_scale=scales[hook])
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook_name=hook, activation_scale=scales[hook],
+                              **sparsity)
             name = "." if len(hooks) * len(sweep) == 1 else f"{hook}-{args.arch}-{d_sae}-k{k}"
             configs[name] = cfg
     memory = describe_memory(configs.values(), dist.world if args.distribute == "data" else 1)
@@ -221,13 +227,14 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train sparse autoencoders on activations", description="Train SAEs from a harvest cache (many epochs, cheap resume) or straight from the model. Comma-separated --d-sae/--k values train a sweep from one pass. Re-running an interrupted command resumes from its last checkpoint.")
     p.add_argument("--activations", help="harvest cache folder, or a .safetensors file with an 'activations' tensor [N, d_in]")
     p.add_argument("--d-sae", type=_int_list, required=True, help="latents (comma-separated for a sweep)")
-    p.add_argument("--k", type=_int_list, default=[32], help="active latents per token for topk/batchtopk (comma-separated for a sweep; default 32)")
+    p.add_argument("--k", type=_int_list, default=[32], help="active latents per token: exact for topk, on average for batchtopk, the target L0 for jumprelu; unused by relu (comma-separated for a sweep; default 32)")
     p.add_argument("--tokens", type=positive_int, required=True, help="training tokens (epochs over a cache are taken as needed)")
     p.add_argument("--out", required=True, help="output folder (SAELens format: cfg.json + sae_weights.safetensors)")
     p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"], help="architecture (default: topk)")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per step (default: 4096)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l1-coefficient", type=non_negative_float, default=None, help="relu: weight of the L1 penalty, which sets L0 (default: 5)")
     p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
     _add_model_args(p, default_model=None)
     _add_corpus_args(p, default=None)

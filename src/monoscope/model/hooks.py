@@ -74,6 +74,11 @@ class HookPoint:
         """Position in the forward pass: by layer, then resid_pre < attn_out < mlp_out < resid_post."""
         return (self.layer, HOOK_KINDS.index(self.kind))
 
+    @property
+    def transformer_lens_name(self) -> str:
+        """The same site as TransformerLens (and so SAELens's `hook_name`) names it: blocks.L.hook_KIND."""
+        return f"blocks.{self.layer}.hook_{self.kind}"
+
     def __str__(self) -> str:
         return f"{self.kind}.{self.layer}"
 

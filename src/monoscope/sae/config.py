@@ -78,6 +78,8 @@ class TrainConfig(JsonConfig):
     l0_coefficient: float = 1.0
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.5
+    # With a target L0, the L0 penalty is replaced by a controller that holds L0 at it (see jumprelu.py).
+    target_l0: float | None = None
 
     # speed
     bf16_autocast: bool = True  # encoder GEMM in bfloat16 on CUDA GPUs (ignored on CPU)
@@ -146,6 +148,9 @@ class TrainConfig(JsonConfig):
         require(self.l0_coefficient >= 0, "l0_coefficient must be >= 0")
         require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be positive")
         require(self.jumprelu_init_threshold > 0, "jumprelu_init_threshold must be positive")
+        if self.target_l0 is not None:
+            require(self.architecture == "jumprelu", "target_l0 is for the jumprelu architecture (topk/batchtopk take k)")
+            require(0 < self.target_l0 < self.d_sae, f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
 
     @property
     def total_steps(self) -> int:

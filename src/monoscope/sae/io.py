@@ -49,7 +49,8 @@ def save_sae(sae: SAE, folder: str | os.PathLike, info: Mapping[str, Any] | None
 
     A training-form SAE is converted to its inference form first. Keys of `info` that SAELens keeps in
     cfg.json's metadata (model_name, hook_name, context_size, prepend_bos, dataset_path, ...) are copied
-    there too; all of `info` goes to monoscope.json and becomes `sae.info`.
+    there too (the hook point as TransformerLens names it, as SAELens expects); all of `info` goes to
+    monoscope.json and becomes `sae.info`.
     """
     to_inference = getattr(sae, "to_inference", None)
     if callable(to_inference):
@@ -61,6 +62,12 @@ def save_sae(sae: SAE, folder: str | os.PathLike, info: Mapping[str, Any] | None
     for key in SAELENS_METADATA_KEYS:
         if merged_info.get(key) is not None:
             cfg["metadata"][key] = merged_info[key]
+    hook = merged_info.get("hook_name") or merged_info.get("hook_point")
+    if hook:  # SAELens attaches SAEs to models by TransformerLens hook name; monoscope.json keeps ours
+        try:
+            cfg["metadata"]["hook_name"] = HookPoint.parse(str(hook)).transformer_lens_name
+        except MonoscopeError:
+            cfg["metadata"]["hook_name"] = str(hook)
     cfg["device"] = str(sae.device)
     atomic_save_safetensors(folder / WEIGHTS_FILENAME, sae.weights(), metadata={"format": "pt"})
     atomic_write_json(folder / CFG_FILENAME, _json_safe(cfg))

@@ -10,6 +10,13 @@ rectangle kernel K(u) = 1[|u| < 1/2] of width `jumprelu_bandwidth` (eps):
 (the pre-activation itself gets the exact gradient H for z and none through H). The threshold is trained
 as log(theta), which keeps it positive. Decoder rows are kept at unit norm.
 
+With `target_l0` set (TrainConfig), L0 is chosen like TopK's k instead of through a coefficient: the thresholds
+start at the quantile of the initial pre-activations that fires `target_l0` latents per token, the L0 penalty
+is dropped, and after each step all log-thresholds shift together by 0.1 * log(batch L0 / target) (an
+integral controller, as BatchTopK estimates its threshold). Each threshold still learns its own offset from
+the reconstruction loss through the straight-through estimator. Why: with Adam a threshold moves ~lr per
+step whatever the coefficient, so on runs of thousands of steps the penalty barely sets L0.
+
 Defaults are for activations normalised to E||x|| = sqrt(d_in) (monoscope's normalisation): there
 pre-activations are O(1), hence an initial threshold of 0.5; the bandwidth (0.05) and L0 coefficient (1.0)
 are SAELens's defaults for the same normalisation.
@@ -79,6 +86,9 @@ class _Step(torch.autograd.Function):
         return None, grad_threshold, None
 
 
+TARGET_L0_GAIN = 0.1  # log-threshold shift per unit of log(L0 / target), per step
+
+
 class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
     """JumpReLU with a log-threshold parameter and the STE losses; saved as `JumpReLUSAE`."""
 
@@ -87,6 +97,10 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
     def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu", **_: Any) -> None:
         self.train_cfg = train_cfg
         super().__init__(sae_config_for(train_cfg, "jumprelu", device))
+        if train_cfg.target_l0 is not None:
+            # The controller's input, a buffer so that data-parallel ranks average it like BatchTopK's threshold
+            # and take the same step; not saved (it is recomputed every step). NaN: no step measured yet.
+            self.register_buffer("batch_l0", torch.full((), math.nan, dtype=torch.float32, device=device), persistent=False)
 
     def _init_threshold(self) -> None:
         # Trained through its logarithm, which keeps it positive; `threshold` is derived from it.
@@ -97,6 +111,16 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
     def threshold(self) -> Tensor:  # type: ignore[override]
         return self.log_threshold.exp()
 
+    @torch.no_grad()
+    def initialize(self, sample: Tensor, generator: torch.Generator) -> None:
+        super().initialize(sample, generator)
+        target = self.train_cfg.target_l0
+        if target is not None:  # one threshold for all latents, at which the initial SAE fires `target` per token
+            pre = self.pre_activations(sample.to(device=self.W_enc.device, dtype=self.dtype)).flatten().float()
+            keep = max(1, min(pre.numel(), round(target / self.cfg.d_sae * pre.numel())))
+            threshold = float(pre.topk(keep).values[-1].clamp_min(1e-3))
+            self.log_threshold.fill_(math.log(threshold))
+
     def training_forward(self, x: Tensor, ctx: StepContext) -> StepOutput:
         cfg = self.train_cfg
         pre = self.pre_activations(x)
@@ -106,7 +130,11 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
         squared_error = (x - x_hat).pow(2).sum()
         reconstruction = squared_error / x.shape[0]
         l0 = _Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
-        loss = reconstruction + cfg.l0_coefficient * l0
+        if cfg.target_l0 is None:
+            loss = reconstruction + cfg.l0_coefficient * l0
+        else:  # L0 is held by the controller in after_optimizer_step, not by a penalty
+            loss = reconstruction
+            self.batch_l0.copy_(l0.detach())
         total_variance = total_variance_of(x)
         active = codes.detach() > 0
         metrics = {
@@ -118,6 +146,15 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
             "mean_threshold": threshold.detach().mean(),
         }
         return StepOutput(loss=loss, metrics=metrics, fired=active.any(0))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        target = self.train_cfg.target_l0
+        if target is not None and not bool(self.batch_l0.isnan()):
+            # Shift every threshold together, by a fraction of the log-ratio of this batch's L0 to the target.
+            self.log_threshold.add_(TARGET_L0_GAIN * torch.log(self.batch_l0.clamp_min(0.5) / target))
+            self.batch_l0.fill_(math.nan)
 
     def to_inference(self) -> JumpReLUSAE:
         sae = JumpReLUSAE(SAEConfig.from_dict(self.cfg.to_dict()))
