@@ -7,8 +7,9 @@
    >= 0.35 (unrelated sentences score about 0.0-0.2 with a one- or two-word concept; a sentence about it 0.4+)
 3. fluency cost: perplexity of the steered completions under the unsteered model, over the same sweep
 
-The concept features come from the quickstart database (runs/quickstart/sae/features.db, label search) when
-it exists, else from `--sae` (its database, else `suggest_features` without one). Without any SAE the
+Each concept's feature is the one `suggest_features` ranks first (`monoscope suggest`: candidates from the
+database's label and example search, ranked by how much adding the feature raises the likelihood of text
+about the concept), on the quickstart SAE and database (runs/quickstart/sae) or `--sae`. Without any SAE the
 overhead is measured with a random TopK SAE of the quickstart's shape and the efficacy part is skipped.
 The sweep is printed as a table and drawn to a PNG (matplotlib: `pip install -e '.[bench]'`).
 
@@ -27,10 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CONCEPTS = ["the ocean", "cooking food", "dogs", "music", "computer programming", "money"]
+# Each concept with two short texts about it: the references a user gives `monoscope suggest --reference`.
+CONCEPTS = {
+    "the ocean": ["The waves crashed against the shore.", "We sailed across the sea to a distant island."],
+    "cooking food": ["She chopped the onions and stirred the soup.", "Bake the bread in a hot oven for twenty minutes."],
+    "dogs": ["The dog wagged its tail and barked.", "My puppy loves to chase the ball in the park."],
+    "music": ["The band played a song on guitar and drums.", "She sang a beautiful melody at the concert."],
+    "computer programming": ["Write the code in Python and fix the bug in the loop.", "The compiler reported a syntax error."],
+    "money": ["He paid a lot of money for the house.", "The bank raised the interest rate on loans."],
+}
 PROMPTS = ["Tell me about your weekend.", "What should I do today?", "Write a short story.", "Describe your favourite place."]
 MENTION_THRESHOLD = 0.35
-SWEEP = [0.0, 2.0, 4.0, 8.0, 16.0]
+SWEEP = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]
 QUICKSTART_SAE = Path("runs/quickstart/sae")
 
 
@@ -77,22 +86,24 @@ def overhead(lm, sae, tokens: int, repeats: int) -> dict:
         t_plain.append(best_time(plain, 1))
         t_steer.append(best_time(steered, 1))
     plain_tps, steer_tps = tokens / min(t_plain), tokens / min(t_steer)
-    return {"tokens": tokens, "unsteered_tok_s": round(plain_tps, 1), "steered_tok_s": round(steer_tps, 1), "ratio": round(steer_tps / plain_tps, 3)}
+    median_ratio = float(np.median(t_plain) / np.median(t_steer))
+    return {"tokens": tokens, "repeats": repeats, "unsteered_tok_s": round(plain_tps, 1), "steered_tok_s": round(steer_tps, 1),
+            "ratio": round(steer_tps / plain_tps, 3), "median_ratio": round(median_ratio, 3)}
 
 
-def concept_features(lm, sae, db, concepts: list[str]) -> dict[str, int]:
+def concept_features(lm, sae, db, concepts: list[str]) -> dict[str, dict]:
+    """Each concept's feature as a user finds it: `suggest_features` with the concept's reference texts (the
+    database's search and example candidates, ranked by output effect; activation candidates without a
+    database), best one."""
     from monoscope.steer import suggest_features
 
     out = {}
     for concept in concepts:
-        if db is not None:
-            hits = db.search(concept, top=1)
-            if hits:
-                out[concept] = hits[0][0]
-                continue
-        found = suggest_features(lm, sae, concept, db=db, top=1, candidates=12)
+        found = suggest_features(lm, sae, concept, references=CONCEPTS[concept], db=db, top=1, candidates=24)
         if found:
-            out[concept] = found[0].feature
+            out[concept] = {"feature": found[0].feature, "label": found[0].label, "source": found[0].source,
+                            "score": round(found[0].score, 4)}
+            print(f"  {concept!r}: feature {found[0].feature} ({found[0].source}, label {found[0].label!r})", flush=True)
     return out
 
 
@@ -126,12 +137,13 @@ def efficacy(lm, sae, db, tokens: int, concepts: list[str]) -> dict:
     from monoscope.features.embedding import embed_texts
     from monoscope.steer import Steering
     from monoscope.steer.featuredb import estimate_max_activations
-    from monoscope.steer.steering import sae_hook
+    from monoscope.sae.io import sae_hook_point
 
-    features = concept_features(lm, sae, db, concepts)
-    if not features:
+    chosen = concept_features(lm, sae, db, concepts)
+    if not chosen:
         return {"skipped": "no feature found for any concept"}
-    maxima = db.max_activations(features.values()) if db is not None else estimate_max_activations(lm, sae, sae_hook(sae), features.values())
+    features = {c: v["feature"] for c, v in chosen.items()}
+    maxima = db.max_activations(features.values()) if db is not None else estimate_max_activations(lm, sae, sae_hook_point(sae), features.values())
     concept_emb = {c: embed_texts([c])[0] for c in features}
     rows = {c: [] for c in features}
     for concept, feature in features.items():
@@ -149,8 +161,9 @@ def efficacy(lm, sae, db, tokens: int, concepts: list[str]) -> dict:
     for i, mult in enumerate(SWEEP):
         curve.append({"multiple": mult,
                       "mention_rate": float(np.mean([rows[c][i]["mention_rate"] for c in rows])),
+                      "mean_similarity": float(np.mean([rows[c][i]["mean_similarity"] for c in rows])),
                       "perplexity": float(np.exp(np.nanmean([math.log(rows[c][i]["perplexity"]) for c in rows])))})
-    return {"features": features, "threshold": MENTION_THRESHOLD, "curve": curve, "per_concept": rows}
+    return {"features": features, "chosen": chosen, "threshold": MENTION_THRESHOLD, "curve": curve, "per_concept": rows}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -160,19 +173,20 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curve, per = result["curve"], result["per_concept"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = [("mention_rate", "mean"), ("mean_similarity", "mean"), ("perplexity", "geometric mean")]
     for concept, rows in per.items():
         label = f"{concept} (#{result['features'][concept]})"
-        axes[0].plot([r["multiple"] for r in rows], [r["mention_rate"] for r in rows], alpha=0.5, label=label)
-        axes[1].plot([r["multiple"] for r in rows], [r["perplexity"] for r in rows], alpha=0.5, label=label)
-    axes[0].plot([c["multiple"] for c in curve], [c["mention_rate"] for c in curve], "k-o", lw=2, label="mean")
-    axes[1].plot([c["multiple"] for c in curve], [c["perplexity"] for c in curve], "k-o", lw=2, label="geometric mean")
-    axes[0].set(xlabel="clamp (x the feature's max activation)", ylabel="completions that mention the concept",
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot([r["multiple"] for r in rows], [r[key] for r in rows], alpha=0.5, label=label)
+    for ax, (key, summary) in zip(axes, panels):
+        ax.plot([c["multiple"] for c in curve], [c[key] for c in curve], "k-o", lw=2, label=summary)
+        ax.legend(fontsize=7)
+    xlabel = "clamp (x the feature's max activation)"
+    axes[0].set(xlabel=xlabel, ylabel="completions that mention the concept",
                 title=f"efficacy (MiniLM cosine >= {result['threshold']})", ylim=(-0.02, 1.02))
-    axes[1].set(xlabel="clamp (x the feature's max activation)", ylabel="perplexity under the unsteered model", yscale="log",
-                title="fluency cost")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+    axes[1].set(xlabel=xlabel, ylabel="MiniLM cosine of completion and concept", title="closeness to the concept (mean)")
+    axes[2].set(xlabel=xlabel, ylabel="perplexity under the unsteered model", yscale="log", title="fluency cost")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -182,8 +196,8 @@ def main() -> int:
     parser.add_argument("--sae", default=None, help="SAE folder on the embedded model (default: runs/quickstart/sae when it exists)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per generation for the overhead (default: 64)")
     parser.add_argument("--efficacy-tokens", type=int, default=32, help="tokens per completion for efficacy (default: 32)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--concepts", type=int, default=4, help=f"how many of {len(CONCEPTS)} concepts (default: 4)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved plain/steered generations for the overhead (default: 7)")
+    parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"how many of the {len(CONCEPTS)} concepts (default: all)")
     parser.add_argument("--out", default="runs/bench_steer.png", help="PNG of the efficacy / fluency sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -199,26 +213,28 @@ def main() -> int:
     report: dict = {"model": EMBEDDED_MODEL, "sae": str(folder) if folder else None, "database": str(db.path) if db else None,
                     "torch_threads": torch.get_num_threads()}
 
-    print(f"[1/2] overhead: {args.tokens} greedy tokens, 3 features clamped vs unsteered (best of {args.repeats}, interleaved)")
+    print(f"[1/2] overhead: {args.tokens} greedy tokens, 3 features clamped vs unsteered ({args.repeats} of each, interleaved)")
     bench_sae = sae if sae is not None else random_sae(lm.d_model, f"resid_post.{lm.n_layers // 2}", EMBEDDED_MODEL)
     report["overhead"] = overhead(lm, bench_sae, args.tokens, args.repeats)
     o = report["overhead"]
-    print(f"  unsteered {o['unsteered_tok_s']} tok/s, steered {o['steered_tok_s']} tok/s: ratio {o['ratio']:.3f}x (target >= 0.9x)")
+    print(f"  unsteered {o['unsteered_tok_s']} tok/s, steered {o['steered_tok_s']} tok/s (best of each): ratio {o['ratio']:.3f}x, "
+          f"ratio of medians {o['median_ratio']:.3f}x (target >= 0.9x)")
 
     print("[2/2] efficacy and fluency over a clamp sweep")
     if sae is None:
         print("  skipped: no SAE (run `monoscope quickstart` and `monoscope analyze --sae runs/quickstart/sae`, or pass --sae)")
     else:
-        result = efficacy(lm, sae, db, args.efficacy_tokens, CONCEPTS[: args.concepts])
+        result = efficacy(lm, sae, db, args.efficacy_tokens, list(CONCEPTS)[: args.concepts])
         report["efficacy"] = result
         if "curve" in result:
-            print(f"  {'clamp':>6} {'mention rate':>13} {'perplexity':>11}   (mention: MiniLM cosine >= {MENTION_THRESHOLD})")
+            print(f"  {'clamp':>6} {'mention rate':>13} {'similarity':>11} {'perplexity':>11}   (mention: MiniLM cosine >= {MENTION_THRESHOLD})")
             for c in result["curve"]:
-                print(f"  {c['multiple']:>5g}x {c['mention_rate']:>13.2f} {c['perplexity']:>11.1f}")
+                print(f"  {c['multiple']:>5g}x {c['mention_rate']:>13.2f} {c['mean_similarity']:>11.3f} {c['perplexity']:>11.1f}")
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             plot(result, out)
-            print(f"  plot: {out}")
+            out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+            print(f"  plot: {out}   data: {out.with_suffix('.json')}")
     print(json.dumps({k: v for k, v in report.items() if k != "efficacy"} | {"curve": report.get("efficacy", {}).get("curve")}, indent=2))
     return 0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monoscope.errors import MonoscopeError
-from monoscope.model import load_model
+from monoscope.model import load_model, run_to
 from monoscope.steer import attribute
 from monoscope.steer.attribution import ablation_effect
 from tests.test_steer_core import make_sae
@@ -90,20 +90,33 @@ def test_attribution_bad_inputs(lm):
 
 
 def test_suggestions_rank_by_output_effect(lm):
-    """A feature whose decoder row writes the reference tokens' unembedding ranks first; suggest runs end to end."""
+    """A feature whose decoder row writes the reference tokens' unembedding ranks first, one that writes the
+    neutral sentences' tokens is scored by how much more it favours the reference than them; end to end."""
     from monoscope.steer import suggest_features
-    from monoscope.steer.suggest import output_effect
+    from monoscope.steer.suggest import NEUTRAL_TEXTS, output_effect
 
     hook = "resid_post.1"
     sae = make_sae(hook=hook, model=lm.name, seed=4)
     reference = "the lazy dog"
-    ref_ids = lm.tokenizer(reference, add_special_tokens=False).input_ids
-    push = lm.model.get_output_embeddings().weight[ref_ids].sum(0)
+    unembed = lm.model.get_output_embeddings().weight
+    push = unembed[lm.tokenizer(reference, add_special_tokens=False).input_ids].sum(0)
+    generic = unembed[[i for t in NEUTRAL_TEXTS for i in lm.tokenizer(t, add_special_tokens=False).input_ids]].sum(0)
+    def mean_activation(texts):
+        return torch.stack([run_to(lm.model, [hook], lm.tokenizer(t, return_tensors="pt").input_ids)[hook][0].mean(0) for t in texts]).mean(0)
+
+    reads_reference = mean_activation([reference]) - mean_activation(NEUTRAL_TEXTS)
     with torch.no_grad():
         sae.W_dec[9] = push / push.norm()
+        sae.W_dec[10] = generic / generic.norm()
+        sae.W_enc[:, 9] = sae.W_enc[:, 10] = 16 * reads_reference / reads_reference.norm()  # both fire on the reference: candidates
     scores = output_effect(lm, sae, hook, {f: 0.3 for f in range(12)}, [reference])
     assert max(scores, key=scores.get) == 9 and scores[9] > 0
-    found = suggest_features(lm, sae, reference, top=5, max_activations={f: 1.0 for f in range(64)})
-    assert 0 < len(found) <= 5 and all(a.score >= b.score for a, b in zip(found, found[1:]))
+    found = suggest_features(lm, sae, reference, top=64, max_activations={f: 1.0 for f in range(64)})
+    assert 0 < len(found) <= 64 and all(a.score >= b.score for a, b in zip(found, found[1:]))
+    by_feature = {s.feature: s for s in found}
+    assert {9, 10} <= set(by_feature), sorted(by_feature)
+    assert all(s.score == pytest.approx(s.gain - max(s.neutral_gain, 0.0)) for s in found)  # no credit for breaking neutral text
+    assert found[0].feature == 9 and by_feature[9].gain > by_feature[9].neutral_gain
+    assert by_feature[10].neutral_gain > by_feature[10].gain and by_feature[10].score < 0  # favours any text, not the reference
     with pytest.raises(MonoscopeError, match="empty"):
         suggest_features(lm, sae, "  ")

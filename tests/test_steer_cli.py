@@ -142,3 +142,12 @@ def test_seeded_sampling_is_reproducible(sae_dir, capsys):
         assert main(args) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0] == outs[1] and outs[0]["seed"] == 3
+
+
+@pytest.mark.parametrize("scale,message", [("0", "finite number > 0"), ("nan", "finite number, got nan"), ("x", "expected a number")])
+def test_bad_suggest_scale_exits_2_with_one_line(sae_dir, capsys, scale, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["suggest", "--sae", str(sae_dir), "the quick brown fox", "--scale", scale])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("monoscope suggest: error: argument --scale") and message in err

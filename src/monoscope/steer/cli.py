@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import positive_int
+from ..argtypes import positive_float, positive_int
 from ..errors import MonoscopeError
 
 
@@ -418,9 +418,11 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if not found:
         print("no candidate features: nothing in the SAE fires on the description; add --reference texts")
         return 0
-    print(f"features that move {lm.name} toward {args.description!r} (log-prob gain per token of matching text when added):")
+    print(f"features that move {lm.name} toward {args.description!r} (log-prob gain per token of matching text when added, "
+          "less any gain on neutral text):")
+    print(f"  {'feature':>7}  {'score':>7}  {'gain':>7}  {'neutral':>7}  source      label")
     for s in found:
-        print(f"  {s.feature:>7}  {s.score:+.4f}  via {s.source:<10} {s.label or ''}")
+        print(f"  {s.feature:>7}  {s.score:+.4f}  {s.gain:+.4f}  {s.neutral_gain:+.4f}  {s.source:<10}  {s.label or ''}")
     best = found[0]
     print(f"\ntry: monoscope steer --sae {args.sae} --feature {best.feature}=add:{best.value:.3g} --prompt 'Tell me about your day.'")
     return 0
@@ -429,12 +431,12 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 def _add_suggest(sub) -> None:
     p = sub.add_parser("suggest", help="propose features to steer toward a description ('talk like a pirate')",
                        description="Find features to steer with from a description: candidates from the feature database (search, labels) "
-                       "and from what fires on the description, ranked by how much adding each raises the log-probability of matching text.")
+                       "and from what fires on the description, ranked by how much more adding each raises the log-probability of matching text than of neutral text.")
     p.add_argument("description", help="what to steer toward, e.g. 'talk like a pirate'")
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("--reference", action="append", help="a short text that matches the description (repeatable; the description itself is always one)")
     p.add_argument("--top", type=positive_int, default=10, help="features to show (default: 10)")
-    p.add_argument("--scale", type=float, default=4.0, help="add value while ranking, in multiples of each feature's max activation (default: 4)")
+    p.add_argument("--scale", type=positive_float, default=2.0, help="add value while ranking, in multiples of each feature's max activation (default: 2)")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -5,9 +5,14 @@
    texts (`features_for_examples`, against the database's corpus baseline). Without one: the features whose
    mean activation on the phrase and references most exceeds theirs on a few neutral sentences.
 2. Ranking by output effect: each candidate is added (x + v d_i at every position, v = `scale` x its max
-   activation) while the model reads a neutral context followed by each reference text; the score is the
-   mean gain in log-probability per reference token over the unsteered model. A feature that makes text
-   matching the phrase more likely scores high, whatever its label says.
+   activation) while the model reads a neutral context followed by each reference text; its gain is the
+   mean gain in log-probability per reference token over the unsteered model. The score is that gain minus
+   the same gain on a few neutral sentences when that one is positive: a feature that makes text matching
+   the phrase more likely scores high, whatever its label says, while one that makes any fluent text (or
+   one frequent token) more likely gains on the neutral sentences too and does not. A loss on the neutral
+   sentences is not credited: it would reward adds that break all text but break the references less.
+   The add is `scale` = 2x the feature's max activation by default: at 4x most features already make every
+   text less likely, and the ranking then favours the least destructive feature, not the most relevant.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ DEFAULT_CONTEXT = "Here is what I have to say:\n"
 @dataclass
 class Suggestion:
     feature: int
-    score: float  # mean log-prob gain per reference token when the feature is added
+    score: float  # gain - max(neutral_gain, 0): how much more the feature favours the references than any text
     source: str  # search (label search) / examples (specific to the texts) / activation (no database)
     label: str | None = None
     value: float = 0.0  # the add value used for scoring
+    gain: float = 0.0  # mean log-prob gain per reference token when the feature is added
+    neutral_gain: float = 0.0  # the same on NEUTRAL_TEXTS
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -119,7 +126,7 @@ def suggest_features(
     db: Any = None,
     top: int = 10,
     candidates: int = 24,
-    scale: float = 4.0,
+    scale: float = 2.0,
     context: str = DEFAULT_CONTEXT,
     hook: str | None = None,
     max_activations: dict[int, float] | None = None,
@@ -169,8 +176,12 @@ def suggest_features(
         maxima.update(estimate_max_activations(lm, sae, hook, missing))
 
     values = {f: scale * max(maxima.get(f, 0.0), 1e-6) for f in feats}
-    for f, score in output_effect(lm, sae, hook, values, refs, context=context).items():
-        pool[f].score, pool[f].value = score, values[f]
+    gains = output_effect(lm, sae, hook, values, refs, context=context)
+    neutral = output_effect(lm, sae, hook, values, NEUTRAL_TEXTS, context=context)
+    for f in feats:
+        found = pool[f]
+        found.value, found.gain, found.neutral_gain = values[f], gains[f], neutral[f]
+        found.score = gains[f] - max(neutral[f], 0.0)
     if db is not None:
         for f, label in db.labels(feats).items():
             pool[f].label = label
