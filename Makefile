@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/monoscope quickstart
 
 test: setup browser peers
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Never fails: without a package registry the peer venv cannot be built and those tests skip.
 peers:
