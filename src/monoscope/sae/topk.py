@@ -53,9 +53,21 @@ class TopKSAE(SAE):
 
 
 def centred_preacts(sae: SAE, x: Tensor, use_bf16: bool) -> tuple[Tensor, Tensor]:
-    """(x - b_dec, pre-activations) without autograd; the GEMM in bf16 when asked (CUDA only)."""
+    """(x - b_dec, pre-activations) without autograd; the GEMM in bf16 when asked (CUDA only).
+
+    On CPU the [batch, d_sae] pre-activations are written into one buffer kept on the SAE from step to step
+    (they live only within a step): a fresh one each step is a new large allocation, which glibc maps anew,
+    and faulting its pages in cost ~10 % of a TopK step on the 2-core machine.
+    """
     with torch.no_grad():
         x_centered = sae.centered_input(x)
+        if x.device.type == "cpu" and not use_bf16:
+            shape = (x_centered.shape[0], sae.W_enc.shape[1])
+            buffer = sae.__dict__.get("_preact_buffer")
+            if buffer is None or buffer.shape != shape or buffer.dtype != x_centered.dtype:
+                buffer = torch.empty(shape, dtype=x_centered.dtype)
+                sae.__dict__["_preact_buffer"] = buffer  # a plain attribute: not a parameter, buffer or checkpoint field
+            return x_centered, torch.addmm(sae.b_enc, x_centered, sae.W_enc, out=buffer)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pre = torch.addmm(sae.b_enc, x_centered, sae.W_enc)
     return x_centered, pre
