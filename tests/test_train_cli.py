@@ -69,6 +69,7 @@ def test_sweep_from_one_pass_and_single_file_activations(cache_dir, tmp_path):
         (["--d-sae", "64", "--model", "x"], "not both"),
         (["--d-sae", "64", "--arch", "relu", "--l1-coefficient", "nan"], "expected a finite number, got nan"),
         (["--d-sae", "64", "--arch", "relu", "--l1-coefficient", "-1"], "finite number >= 0"),
+        (["--d-sae", "64", "--l1-coefficient", "3"], "--l1-coefficient is for --arch relu"),
         (["--d-sae", "64", "--arch", "jumprelu", "--k", "64", "--batch-size", "200"], "target_l0 must be in (0, d_sae=64)"),
     ],
 )

@@ -144,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     streaming = args.model is not None or args.corpus is not None
     if bool(args.activations) == streaming:
         raise MonoscopeError("train needs either --activations (a harvest cache folder or a .safetensors file) or --model/--hook/--corpus to stream from the model, not both")
+    if args.l1_coefficient is not None and args.arch != "relu":
+        raise MonoscopeError(f"--l1-coefficient is for --arch relu; {args.arch} sets its sparsity with --k")
     sweep = [(d, k) for d in args.d_sae for k in args.k]
     if args.activations:
         from .data import ActivationCache

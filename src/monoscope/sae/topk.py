@@ -63,10 +63,9 @@ def centred_preacts(sae: SAE, x: Tensor, use_bf16: bool) -> tuple[Tensor, Tensor
         x_centered = sae.centered_input(x)
         if x.device.type == "cpu" and not use_bf16:
             shape = (x_centered.shape[0], sae.W_enc.shape[1])
-            buffer = sae.__dict__.get("_preact_buffer")
+            buffer = getattr(sae, "_preact_buffer", None)  # a plain attribute: not in the state dict or checkpoints
             if buffer is None or buffer.shape != shape or buffer.dtype != x_centered.dtype:
-                buffer = torch.empty(shape, dtype=x_centered.dtype)
-                sae.__dict__["_preact_buffer"] = buffer  # a plain attribute: not a parameter, buffer or checkpoint field
+                buffer = sae._preact_buffer = torch.empty(shape, dtype=x_centered.dtype)
             return x_centered, torch.addmm(sae.b_enc, x_centered, sae.W_enc, out=buffer)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pre = torch.addmm(sae.b_enc, x_centered, sae.W_enc)
