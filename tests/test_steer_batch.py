@@ -205,3 +205,13 @@ def test_a_sliding_window_model_runs_one_row_at_a_time(tokenizer, tmp_path):
     assert BatchEngine(lm, max_batch=8).max_batch == 1
     out = generate_batch(lm, PROMPTS[:3], max_new_tokens=8)
     assert [o.ids for o in out] == [generate(lm, p, max_new_tokens=8).ids for p in PROMPTS[:3]]
+
+
+def test_a_failing_text_callback_ends_its_row_only(llama):
+    def callback(i, delta):
+        if i == 0:
+            raise ValueError("the client is gone")
+
+    out = generate_batch(llama, PROMPTS[:2], max_new_tokens=TOKENS, ignore_eos=True, on_text=callback)
+    assert out[0].finish_reason == "error" and "the client is gone" in out[0].error
+    assert out[1].finish_reason == "length" and out[1].ids == generate(llama, PROMPTS[1], max_new_tokens=TOKENS).ids

@@ -85,6 +85,7 @@ class RowResult:
     prompt_ids: list[int]
     finish_reason: str  # stop | length | cancelled | error
     error: str | None = None
+    error_code: str | None = None  # nonfinite (the steering overflowed), callback (on_text raised), aborted
 
 
 # ---------------------------------------------------------------- text: incremental decoding and stop strings
@@ -167,11 +168,20 @@ class Row:
         self.params = request.params
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=device).manual_seed(int(seed)) if self.params.temperature > 0 else None
-        self.text = TextAssembler(tokenizer, self.params.stop, request.on_text)
+        self.callback_error: BaseException | None = None
+        self.text = TextAssembler(tokenizer, self.params.stop, self._emit if request.on_text is not None else None)
         self.length = 0  # tokens of this row in the KV cache
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.result: RowResult | None = None
         self.on_done: Callable[[RowResult], None] | None = None
+
+    def _emit(self, delta: str) -> None:
+        """Hand a delta to the request's callback; a callback that raises ends this row only."""
+        if self.callback_error is None and self.request.on_text is not None:
+            try:
+                self.request.on_text(delta)
+            except Exception as err:  # noqa: BLE001 - reported in the row's result
+                self.callback_error = err
 
     @property
     def cancelled(self) -> bool:
@@ -181,9 +191,15 @@ class Row:
     def strength(self) -> float:
         return float(self.request.steering.strength) if self.request.steering is not None else 1.0
 
-    def finish(self, reason: str, error: str | None = None) -> RowResult:
+    def finish(self, reason: str, error: str | None = None, code: str | None = None) -> RowResult:
+        if self.result is not None:
+            return self.result
         text = self.text.finish() if reason != "cancelled" else self.text.text
-        self.result = RowResult(text=text, ids=list(self.text.ids), prompt_ids=list(self.request.prompt_ids), finish_reason=reason, error=error)
+        if self.callback_error is not None and reason != "cancelled":
+            reason, code = "error", "callback"
+            error = f"the text callback failed: {type(self.callback_error).__name__}: {self.callback_error}"
+        self.result = RowResult(text=text, ids=list(self.text.ids), prompt_ids=list(self.request.prompt_ids), finish_reason=reason,
+                                error=error, error_code=code if reason == "error" else None)
         if self.on_done is not None:
             self.on_done(self.result)
         return self.result
@@ -304,6 +320,15 @@ class BatchEngine:
         while self.has_work():
             self.step()
 
+    def abort(self, message: str) -> list[Row]:
+        """End every row, running or waiting, with an error and drop the cache (after a failure inside a step)."""
+        with self._lock:
+            rows, self._waiting = self.rows + self._waiting, []
+        self.rows, self._cache, self._mask, self._edits = [], None, None, None
+        for row in rows:
+            row.finish("error", message, "aborted")
+        return rows
+
     def _take_joiners(self, finished: list[Row]) -> list[Row]:
         room = self.max_batch - len(self.rows)
         taken: list[Row] = []
@@ -393,14 +418,16 @@ class BatchEngine:
         for b, row in enumerate(rows):
             if not finite[b]:
                 row.finish("error", f"the activations became non-finite (NaN or inf) after {len(row.text.ids)} generated tokens: "
-                                    "the steering is too strong for this model; use smaller values or a lower strength")
+                                    "the steering is too strong for this model; use smaller values or a lower strength", "nonfinite")
                 done.append(row)
                 continue
             token = greedy[b] if row.generator is None else _sample(logits[b], row.params, row.generator)
             row.next_token = token
             stopped = row.text.push(token)
             n = len(row.text.ids)
-            if stopped or (token in self.eos and n >= row.params.min_new_tokens):
+            if row.callback_error is not None:
+                row.finish("error")
+            elif stopped or (token in self.eos and n >= row.params.min_new_tokens):
                 row.finish("stop")
             elif n >= row.params.max_new_tokens:
                 row.finish("length")
