@@ -107,30 +107,23 @@ def concept_features(lm, sae, db, concepts: list[str]) -> dict[str, dict]:
     return out
 
 
-@torch.inference_mode()
 def completions(lm, steering, tokens: int) -> tuple[list[str], list[float]]:
-    """Greedy completions of PROMPTS (batched, left-padded) and each one's perplexity under the unsteered model."""
-    from monoscope.steer import steer
+    """Greedy completions of PROMPTS (one batch, `generate_batch`) and each one's perplexity under the unsteered model."""
+    from monoscope.steer import generate_batch
 
-    tok = lm.tokenizer
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) if tok.chat_template else p for p in PROMPTS]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template).to(lm.device)
-    tok.padding_side = side
-    with steer(lm, steering):
-        out = lm.model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    n = batch.input_ids.shape[1]
-    new = out[:, n:]
-    mask = torch.cat([batch.attention_mask, (new != -1).long()], 1)
-    logits = lm.model(input_ids=out, attention_mask=mask).logits[:, n - 1 : -1].float()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), new.reshape(-1), reduction="none").view(new.shape)
-    eos = tok.eos_token_id
-    valid = torch.ones_like(new, dtype=torch.bool)
-    if eos is not None:  # stop counting after the first EOS
-        valid = (new == eos).long().cumsum(1).sub((new == eos).long()) == 0
-    ppl = [math.exp(float(nll[i][valid[i]].mean())) if valid[i].any() else float("nan") for i in range(len(PROMPTS))]
-    return [tok.decode(row, skip_special_tokens=True) for row in new], ppl
+    out = generate_batch(lm, PROMPTS, steerings=steering, max_new_tokens=tokens)
+    ppl = []
+    with torch.inference_mode():
+        for row in out:
+            new = row.ids  # up to and including the EOS that ended the row, if one did
+            if not new:
+                ppl.append(float("nan"))
+                continue
+            ids = torch.tensor([row.prompt_ids + new], device=lm.device)
+            logits = lm.model(input_ids=ids).logits[0, len(row.prompt_ids) - 1 : -1].float()
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(new, device=lm.device))
+            ppl.append(math.exp(float(nll)))
+    return [row.text for row in out], ppl
 
 
 def efficacy(lm, sae, db, tokens: int, concepts: list[str]) -> dict:

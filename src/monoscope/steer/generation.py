@@ -1,4 +1,5 @@
-"""Generating text with and without steering, through `transformers`' own `generate`.
+"""Generating text with and without steering, through `transformers`' own `generate` (many prompts at once,
+each with its own steering: `generate_batch` in batch.py).
 
 A prompt goes through the model's chat template when it has one (unless `raw=True`); a model without one
 gets the prompt exactly as `tokenizer(prompt)` encodes it, so unsteered output is plain `generate` output.
@@ -99,6 +100,12 @@ def generate(
 
 
 def compare(lm: Any, prompt: str, steering: Steering, **kw: Any) -> tuple[Generation, Generation]:
-    """(unsteered, steered) generations of the same prompt with the same settings and seed."""
-    steering.compile(lm)  # fail on a bad spec before spending time on the unsteered run
-    return generate(lm, prompt, steering=None, **kw), generate(lm, prompt, steering=steering, **kw)
+    """(unsteered, steered) generations of the same prompt with the same settings and seed: two rows of one
+    batch (`generate_batch`), so the pair costs little more than one; greedy, each equals `generate` alone."""
+    from .batch import generate_batch
+
+    if "streamer" in kw or "use_cache" in kw:  # transformers' own generate, one after the other
+        steering.compile(lm)  # fail on a bad spec before spending time on the unsteered run
+        return generate(lm, prompt, steering=None, **kw), generate(lm, prompt, steering=steering, **kw)
+    unsteered, steered = generate_batch(lm, [prompt, prompt], steerings=[None, steering], **kw)
+    return unsteered, steered

@@ -1,5 +1,6 @@
 // Equalizer chat: one slider per chosen feature, a global strength, presets (saved, exported, imported);
-// each prompt is answered twice with the same settings and seed, without and with steering, side by side.
+// each prompt is answered twice with the same settings and seed, without and with steering, side by side: both
+// requests are sent at once, and the server decodes them together as two rows of one batch.
 
 import { get, stream } from "../api.js";
 import {
