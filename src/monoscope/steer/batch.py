@@ -409,11 +409,11 @@ class BatchEngine:
 
     def _sample_and_push(self, rows: list[Row], logits: Tensor) -> list[Row]:
         """Pick each row's next token, push it to its text; the rows that finished (they are not in the batch)."""
-        finite = torch.isfinite(logits).all(-1).tolist()
         for b, row in enumerate(rows):
             if len(row.text.ids) < row.params.min_new_tokens and self.eos:
                 logits[b, list(self.eos)] = float("-inf")
-        greedy = logits.argmax(-1).tolist()
+        best, greedy_t = logits.max(-1)  # a NaN anywhere in a row makes its max NaN; inf stays inf
+        finite, greedy = torch.isfinite(best).tolist(), greedy_t.tolist()
         done: list[Row] = []
         for b, row in enumerate(rows):
             if not finite[b]:
