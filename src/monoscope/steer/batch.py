@@ -311,7 +311,7 @@ class BatchEngine:
         joiners = self._take_joiners(finished)
         if joiners:
             self._prefill(joiners, finished)
-        if self.rows and (joiners == [] or any(r.next_token is not None for r in self.rows)):
+        if self.rows:
             self._decode(finished)
         return finished
 
@@ -448,13 +448,15 @@ class BatchEngine:
 
     def _merge(self, cache: Any, mask: Tensor, rows: list[Row]) -> None:
         if not self.rows:
+            if self.batchable:
+                cache.layers = [_growing_layer(layer.keys, layer.values) for layer in cache.layers]
             self._cache, self._mask, self.rows = cache, mask, list(rows)
         else:
             assert self._mask is not None
             width = max(self._mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], 0)
-                mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], 0)
+                _assign(mine, torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], 0),
+                        torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], 0))
             self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], 0)
             self.rows = self.rows + list(rows)
         self._edits = _BatchEdits(self.rows, self.device) if any(r.compiled is not None for r in self.rows) else None
@@ -481,10 +483,16 @@ def _pad_left(t: Tensor, width: int, dim: int = -2) -> Tensor:
     return torch.nn.functional.pad(t, pad)
 
 
+def _assign(layer: Any, keys: Tensor, values: Tensor) -> None:
+    if _GROWING is not None and isinstance(layer, _GROWING):
+        layer.assign(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
+
+
 def _select_cache(cache: Any, index: Tensor) -> None:
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)
-        layer.values = layer.values.index_select(0, index)
+        _assign(layer, layer.keys.index_select(0, index), layer.values.index_select(0, index))
 
 
 def _trim(cache: Any, mask: Tensor) -> tuple[Any, Tensor]:
@@ -493,10 +501,48 @@ def _trim(cache: Any, mask: Tensor) -> tuple[Any, Tensor]:
     cut = int(mask.shape[1] - int(real.max()))
     if cut > 0:
         for layer in cache.layers:
-            layer.keys = layer.keys[:, :, cut:]
-            layer.values = layer.values[:, :, cut:]
+            _assign(layer, layer.keys[:, :, cut:], layer.values[:, :, cut:])
         mask = mask[:, cut:]
     return cache, mask
+
+
+def _growing_layer(keys: Tensor, values: Tensor) -> Any:
+    """A full-attention KV cache layer whose keys and values live in a buffer with room to grow: a decode step
+    writes one column, where transformers' `DynamicLayer` concatenates (copies the whole cache every step).
+    A subclass of `DynamicLayer` (defined on first use: transformers is imported late)."""
+    global _GROWING
+    if _GROWING is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class GrowingLayer(DynamicLayer):
+            def __init__(self, keys: Tensor, values: Tensor):
+                super().__init__()
+                self.assign(keys, values)
+
+            def assign(self, keys: Tensor, values: Tensor, room: int = 64) -> None:
+                batch, heads, length, dim = keys.shape
+                self._k = keys.new_empty(batch, heads, length + room, dim)
+                self._v = values.new_empty(batch, heads, length + room, values.shape[-1])
+                self._k[:, :, :length] = keys
+                self._v[:, :, :length] = values
+                self.length, self.device, self.is_initialized = length, keys.device, True
+                self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+            def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+                n = key_states.shape[-2]
+                if self.length + n > self._k.shape[-2]:
+                    self.assign(self.keys, self.values, room=max(64, self.length))  # double the room: amortised O(1)
+                self._k[:, :, self.length : self.length + n] = key_states
+                self._v[:, :, self.length : self.length + n] = value_states
+                self.length += n
+                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+                return self.keys, self.values
+
+        _GROWING = GrowingLayer
+    return _GROWING(keys, values)
+
+
+_GROWING: type | None = None
 
 
 def _batchable_cache(model: Any) -> bool:
