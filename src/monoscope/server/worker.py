@@ -153,7 +153,7 @@ class ModelWorker:
                     self.engine.step()
                 except Exception as err:  # noqa: BLE001 - every row of the batch fails, the worker goes on
                     self._abort(err)
-                self.stats.peak_batch = max(self.stats.peak_batch, self.engine.running)
+                self.stats.peak_batch = self.engine.peak_batch
         self._shut_down()
 
     def _run(self, future: Future, fn: Callable[..., Any], args: tuple) -> None:

@@ -273,6 +273,7 @@ class BatchEngine:
         self._mask: Tensor | None = None  # [B, L] 1 where the cache holds a real token
         self._edits: _BatchEdits | None = None
         self._count = 0
+        self.peak_batch = 0  # the most rows decoded together in one step
 
     # ---- queue
 
@@ -390,6 +391,7 @@ class BatchEngine:
 
     def _decode(self, finished: list[Row]) -> None:
         rows = self.rows
+        self.peak_batch = max(self.peak_batch, len(rows))
         assert self._mask is not None
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=self.device)
