@@ -197,7 +197,10 @@ class ModelWorker:
             future.set_exception(err)
         else:
             if job.on_event is not None:
-                job.on_event(("start", len(ids)))
+                try:
+                    job.on_event(("start", len(ids)))
+                except Exception:  # noqa: BLE001 - nobody listens any more: the row leaves at the next step
+                    job.cancel.set()
 
     def _finished(self, future: Future, prompt_tokens: int, result: RowResult) -> None:
         n = len(result.ids)
