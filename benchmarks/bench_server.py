@@ -20,7 +20,7 @@ The server runs in this process (uvicorn on a background thread, 127.0.0.1, a fr
 analysed here over a few thousand tokens); `--url` uses a running server on this machine instead (then
 step 1 is skipped and ratios are against one client).
 
-Usage: python benchmarks/bench_server.py [--sae DIR | --url http://127.0.0.1:8000] [--clients 1,4,8,16] [--requests 3]
+Usage: python benchmarks/bench_server.py [--sae DIR | --url http://127.0.0.1:8000] [--clients 1,4,8,16] [--requests 4]
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def main() -> int:
     ap.add_argument("--sae", help="SAE folder to serve in this process (default: runs/quickstart/sae, else a random one)")
     ap.add_argument("--url", help="an already running server on this machine, e.g. http://127.0.0.1:8000")
     ap.add_argument("--clients", default="1,4,8,16", help="concurrency levels, comma-separated (default: 1,4,8,16)")
-    ap.add_argument("--requests", type=int, default=3, help="steered chats per client per level (default: 3)")
+    ap.add_argument("--requests", type=int, default=4, help="steered chats per client per level (default: 4)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens of each chat (default: 32)")
     ap.add_argument("--junk-every", type=int, default=1, help="a junk request after every N chats of a client; 0: none (default: 1)")
     ap.add_argument("--lone", type=int, default=5, help="lone requests of each path, interleaved (default: 5; 0 skips)")
