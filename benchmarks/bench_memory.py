@@ -69,7 +69,7 @@ def main() -> None:
         ("topk, adam", {}),
         ("topk, signum", {"optimizer": "signum"}),
         ("topk, adam_sf", {"optimizer": "adam_sf"}),
-        ("topk, AuxK with most latents dead", {"batch": max(64, args.d_sae // (4 * args.k)), "k": 4}),
+        ("topk, AuxK with most latents dead", {"batch": max(64, args.d_sae // 16), "k": 4}),
         ("topk, multi-topk", {"multi_topk": True}),
         ("batchtopk", {"arch": "batchtopk"}),
         ("jumprelu", {"arch": "jumprelu"}),

@@ -83,9 +83,12 @@ def test_default_rules_and_bad_settings():
     cfg = TrainConfig(d_in=64, d_sae=4096, total_tokens=100 * 4096)
     assert cfg.optim.lr == pytest.approx(default_lr(cfg.optim.name, 4096))
     adam = TrainConfig(d_in=64, d_sae=4096, total_tokens=100 * 4096, optimizer={"name": "adam"}).optim
-    assert adam.lr == pytest.approx(2e-4 * 2) and adam.warmup_steps == 5 and adam.decay_fraction == 0.2
+    assert cfg.optim.name == "adam" and cfg.optim == adam
+    assert adam.lr == pytest.approx(8e-4 * 2) and adam.warmup_steps == 5 and adam.decay_fraction == 0.2
     signum = TrainConfig(d_in=64, d_sae=4096, total_tokens=100 * 4096, optimizer={"name": "signum"}).optim
-    assert signum.lr == pytest.approx(5e-3 * 2) and signum.warmup_steps == 0 and signum.decay_fraction == 0.0
+    assert signum.lr == pytest.approx(2.5e-3 * 2) and signum.warmup_steps == 0 and signum.decay_fraction == 0.0
+    free = TrainConfig(d_in=64, d_sae=4096, total_tokens=100 * 4096, optimizer={"name": "adam_sf"}).optim
+    assert free.lr == pytest.approx(1.6e-3 * 2) and free.warmup_steps == 5 and free.decay_fraction == 0.0
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     old = {**cfg.to_dict(), "lr": 1e-3, "lr_warmup_steps": 3, "lr_decay_fraction": 0.1}  # a config saved before nesting
     old.pop("optimizer")

@@ -157,8 +157,10 @@ def test_bad_configs_are_clear_errors(kwargs, message):
 def test_expansion_factor_and_default_rules():
     cfg = TrainConfig(d_in=64, expansion_factor=4, total_tokens=20 * 4096)
     assert cfg.d_sae == 256
-    assert cfg.lr == pytest.approx(2e-4 / (256 / 2**14) ** 0.5)
-    assert cfg.aux_k == 32 and cfg.lr_warmup_steps == 1 and cfg.dead_tokens == 4096
+    assert cfg.lr == pytest.approx(8e-4 / (256 / 2**14) ** 0.5) and cfg.optim.name == "adam"
+    assert cfg.aux_k == 32 and cfg.optim.warmup_steps == 1 and cfg.dead_tokens == 4096
+    relu = TrainConfig(d_in=64, expansion_factor=4, total_tokens=20 * 4096, architecture="relu")
+    assert relu.lr == pytest.approx(2e-4 / (256 / 2**14) ** 0.5)  # JumpReLU and ReLU keep Gao et al.'s rule
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 

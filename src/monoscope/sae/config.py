@@ -112,7 +112,7 @@ class TrainConfig(JsonConfig):
         elif isinstance(optimizer, dict):
             optimizer = OptimizerConfig.from_dict(optimizer)
         require(isinstance(optimizer, OptimizerConfig), f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}")
-        self.optimizer = optimizer.resolve(self.d_sae, self.total_steps)
+        self.optimizer = optimizer.resolve(self.d_sae, self.total_steps, self.architecture)
         if self.max_grad_norm is None:
             self.max_grad_norm = 1.0 if self.architecture == "relu" else 0.0
         require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")

@@ -404,16 +404,17 @@ def train_distributed(
 #: Dense [batch, d_sae] fp32 tensors alive at the peak of a JumpReLU / ReLU step (forward saves pre-activations
 #: and codes; the backward adds their gradients and the pseudo-gradient's temporaries). Measured with
 #: benchmarks/bench_memory.py.
-DENSE_STEP_TENSORS = {"jumprelu": 6.0, "relu": 5.0}
-#: Optimiser state per parameter, in copies of the parameters.
+DENSE_STEP_TENSORS = {"jumprelu": 4.75, "relu": 3.0}
+#: Optimiser state, in copies of the parameters, and the temporaries its step allocates (also copies).
 OPTIMIZER_COPIES = {"adam": 2, "signum": 1, "adam_sf": 2}
+OPTIMIZER_STEP_COPIES = {"adam": 1, "signum": 1, "adam_sf": 2}
 
 
 def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_bytes: int = 4, *, architecture: str = "topk",
                     optimizer: str = "adam", aux: bool = True, multi_topk: bool = False, bf16_preacts: bool = False) -> dict[str, float]:
     """GiB needed to train one SAE, by term (and "total").
 
-    - weights, gradients (dense, also for the sparse TopK backward) and the optimiser's state;
+    - weights, gradients (dense, also for the sparse TopK backward), the optimiser's state and its step's temporaries;
     - the batch [batch, d_in] and its few same-sized temporaries (centred input, reconstruction, residual, grads);
     - TopK / BatchTopK: the pre-activations [batch, d_sae] (fp32; bf16 under CUDA autocast), the selected pairs
       and their sparse patterns (~48 bytes a pair), AuxK's copy of the dead latents' pre-activations (up to
@@ -422,8 +423,8 @@ def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_b
     """
     gib = 1024**3
     params = (2 * d_in * d_sae + d_sae + d_in) * dtype_bytes
-    terms = {"weights": params, "grads": params, "optimizer": OPTIMIZER_COPIES.get(optimizer, 2) * params,
-             "batch": 6 * batch_size * d_in * 4}
+    copies = OPTIMIZER_COPIES.get(optimizer, 2) + OPTIMIZER_STEP_COPIES.get(optimizer, 2)
+    terms = {"weights": params, "grads": params, "optimizer": copies * params, "batch": 6 * batch_size * d_in * 4}
     dense = batch_size * d_sae * 4
     if architecture in ("topk", "batchtopk"):
         terms["preactivations"] = batch_size * d_sae * (2 if bf16_preacts else 4)
@@ -437,7 +438,7 @@ def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_b
         terms["dense_step"] = int(DENSE_STEP_TENSORS.get(architecture, 6.0) * dense)
     out = {name: value / gib for name, value in terms.items()}
     out["total"] = sum(terms.values()) / gib
-    out["grads_and_adam"] = (terms["grads"] + terms["optimizer"]) / gib  # the earlier key, kept for callers
+    out["grads_and_adam"] = (terms["grads"] + terms["optimizer"]) / gib  # gradients + optimiser (the earlier key)
     return out
 
 

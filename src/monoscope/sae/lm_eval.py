@@ -10,7 +10,7 @@ position after BOS (BOS is not modelled by the SAE and stays untouched):
 - delta_loss = CE_sae - CE_clean.
 
 Which text: `evaluate_sae` samples contexts (seeded, uniformly) from the whole held-out region, the contexts
-after the ones the SAE was trained on (up to `region_contexts` of them), rather than one window: figures
+after the ones the SAE was trained on (up to `region_contexts` of them, 10,000 by default), rather than one window: figures
 from one contiguous window vary a lot with where it falls. Every metric comes with a bootstrap interval
 over contexts (`intervals`: 95 % percentile interval, 1000 resamples), so a figure says how far it would
 move on another sample of the same text.
@@ -50,6 +50,9 @@ VARIANTS = ("clean", "sae", "zero", "mean")
 LM_SUM_KEYS = ("tokens", "ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero")
 TOKEN_BLOCK = 512
 VOCAB_BLOCK = 16_384
+#: Held-out contexts the sample is drawn from by default (at least; 50x the contexts needed when that is more):
+#: all of the starter corpus's held-out text; a streamed corpus is read no further.
+DEFAULT_REGION_CONTEXTS = 10_000
 
 
 @dataclass
@@ -350,14 +353,14 @@ def evaluate_sae(
     """Reconstruction and LM-loss metrics of an SAE (taking raw activations) on held-out text, with intervals.
 
     `tokens` held-out tokens are taken as whole contexts sampled from the `region_contexts` contexts after the
-    first `skip_contexts` (default region: 50x the contexts needed). `intervals` maps every metric to its
+    first `skip_contexts` (default region: `DEFAULT_REGION_CONTEXTS`, or 50x the contexts needed if more). `intervals` maps every metric to its
     bootstrap interval over contexts.
     """
     from .interop import check_model_match
 
     check_model_match(sae, loaded.name, loaded.d_model)
     n_contexts = max(1, -(-tokens // (context_size - 1)))
-    region = region_contexts if region_contexts is not None else 50 * n_contexts
+    region = region_contexts if region_contexts is not None else max(DEFAULT_REGION_CONTEXTS, 50 * n_contexts)
     if region < 1:
         raise MonoscopeError(f"the held-out region must hold at least one context, got {region}")
     chosen, region_seen = sample_contexts(pack_contexts(corpus.documents(), loaded.tokenizer, context_size), n_contexts,

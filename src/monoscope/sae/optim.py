@@ -1,13 +1,20 @@
 """Optimisers for SAE training: Adam with a schedule, and schedule-free sign-SGD / Adam (Defazio et al. 2024).
 
 `OptimizerConfig` (nested in `TrainConfig` as `optimizer`) names the optimiser and its settings; unset
-values are resolved from the SAE width and the run length (`resolve`), so a saved config says what ran.
+values are resolved from the SAE width, the architecture and the run length (`resolve`), so a saved config
+says what ran.
 
-- `adam`: torch's Adam (fused on CPU/CUDA) with linear warm-up and a linear decay to 0 over the last
-  `decay_fraction` of the steps. Base lr 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024).
+- `adam` (the default): torch's Adam (fused on CPU/CUDA) with linear warm-up over min(1000, 5 %) of the
+  steps and a linear decay to 0 over the last 20 %. lr = 8e-4 / sqrt(d_sae / 2**14) for TopK and
+  BatchTopK: Gao et al.'s width rule (2e-4 at 16k latents, as in sparsify's Adam) with 4x its constant.
+  By held-out FVU after 100 steps of 4096 tokens (benchmarks/bench_optimizers.py, quickstart activations,
+  d_sae 4608) 4x and 8x are about level (0.050, 0.045; 1x: 0.096, twice as high), but 8x starts to kill
+  latents (0.3 % dead there, 14 % on a small synthetic problem; 16x: 18 %), and long runs favour the lower
+  peak. JumpReLU and ReLU keep 2e-4 (their recipes were tuned with it).
 - `signum`: schedule-free sign-SGD, sparsify's default (ScheduleFreeWrapper(SignSGD), momentum 0.95).
-  Base lr 5e-3 / sqrt(d_sae / 2**14) as in sparsify.
-- `adam_sf`: schedule-free Adam (AdamWScheduleFree without weight decay).
+  lr 2.5e-3 / sqrt(d_sae / 2**14), half sparsify's 5e-3, which was worse here.
+- `adam_sf`: schedule-free Adam (AdamWScheduleFree without weight decay), warm-up as Adam's,
+  lr 1.6e-3 / sqrt(d_sae / 2**14).
 
 Schedule-free optimisers keep two copies of every parameter: `z` (the plain SGD / Adam iterate, in the
 optimiser state) and `x`, the running average of the z's, which is the model to use and save. Gradients
@@ -15,7 +22,8 @@ are taken at `y = momentum * x + (1 - momentum) * z`, which is what the paramete
 Here `x` is never stored: it is recovered from y and z (`x = lerp(y, z, 1 - 1/momentum)`), so the state
 is one extra copy (plus Adam's second moment for `adam_sf`). `ScheduleFree.averaged()` swaps x into the
 parameters for evaluation or saving and restores y bit for bit afterwards, so evaluating or saving in the
-middle of a run does not change it.
+middle of a run does not change it. (Decoder rows are renormalised in y, as sparsify does; the saved
+average is then close to, not exactly at, unit norm.)
 """
 
 from __future__ import annotations
@@ -34,16 +42,19 @@ OPTIMIZER_NAMES = ("adam", "signum", "adam_sf")
 SCHEDULE_FREE = ("signum", "adam_sf")
 
 #: Learning rate at 2**14 latents; the resolved lr is this / sqrt(d_sae / 2**14) (wider SAEs take smaller steps).
-BASE_LR_AT_16K = {"adam": 2e-4, "signum": 5e-3, "adam_sf": 2e-4}
+BASE_LR_AT_16K = {"adam": 8e-4, "signum": 2.5e-3, "adam_sf": 1.6e-3}
+#: Architectures whose recipes were tuned with Gao et al.'s 2e-4 (Adam) and keep it.
+GAO_LR_ARCHITECTURES = ("jumprelu", "relu")
+GAO_LR_AT_16K = 2e-4
 
 
 @dataclass
 class OptimizerConfig(JsonConfig):
     """Which optimiser trains the SAE, and how; see the module docstring. None means "the default rule"."""
 
-    name: str = "signum"
+    name: str = "adam"
     lr: float | None = None  # default: BASE_LR_AT_16K[name] / sqrt(d_sae / 2**14)
-    warmup_steps: int | None = None  # linear warm-up; default: adam min(1000, 5% of steps), schedule-free 0
+    warmup_steps: int | None = None  # linear warm-up; default: adam and adam_sf min(1000, 5% of steps), signum 0
     decay_fraction: float | None = None  # linear decay to 0 over this last fraction of steps (adam: 0.2; schedule-free: 0)
     beta1: float = 0.9  # adam: first-moment decay
     beta2: float = 0.999  # adam and adam_sf: second-moment decay
@@ -63,12 +74,12 @@ class OptimizerConfig(JsonConfig):
     def schedule_free(self) -> bool:
         return self.name in SCHEDULE_FREE
 
-    def resolve(self, d_sae: int, total_steps: int) -> "OptimizerConfig":
+    def resolve(self, d_sae: int, total_steps: int, architecture: str = "topk") -> "OptimizerConfig":
         """This config with every unset value set by its default rule."""
-        lr = self.lr if self.lr is not None else default_lr(self.name, d_sae)
+        lr = self.lr if self.lr is not None else default_lr(self.name, d_sae, architecture)
         warmup = self.warmup_steps
         if warmup is None:
-            warmup = 0 if self.schedule_free else max(1, min(1000, total_steps // 20))
+            warmup = 0 if self.name == "signum" else max(1, min(1000, total_steps // 20))
         decay = self.decay_fraction if self.decay_fraction is not None else (0.0 if self.schedule_free else 0.2)
         return OptimizerConfig(self.name, lr, warmup, decay, self.beta1, self.beta2, self.eps, self.momentum)
 
@@ -98,9 +109,10 @@ def optimizer_config(optimizer: "str | OptimizerConfig | None" = None, lr: float
     return cfg
 
 
-def default_lr(name: str, d_sae: int) -> float:
+def default_lr(name: str, d_sae: int, architecture: str = "topk") -> float:
     """The optimiser's base lr scaled by 1 / sqrt(d_sae / 2**14) (Gao et al. 2024, sparsify)."""
-    return BASE_LR_AT_16K[name] / math.sqrt(d_sae / 2**14)
+    base = GAO_LR_AT_16K if name == "adam" and architecture in GAO_LR_ARCHITECTURES else BASE_LR_AT_16K[name]
+    return base / math.sqrt(d_sae / 2**14)
 
 
 class ScheduleFree(torch.optim.Optimizer):
