@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from monoscope.sae.lm_eval import TOKEN_BLOCK, VOCAB_BLOCK  # noqa: E402
 
 CASE = r'''
 import json, resource, sys, time
@@ -87,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     contexts = -(-args.tokens // (args.context - 1))
     print(f"LM-loss evaluation memory: vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, "
-          f"{contexts} contexts of {args.context} ({contexts * (args.context - 1):,} tokens), batches of {args.batch}")
+          f"{contexts} contexts of {args.context} ({contexts * (args.context - 1):,} tokens), batches of {args.batch}; "
+          f"blocks of {TOKEN_BLOCK} tokens x {VOCAB_BLOCK:,} vocabulary entries")
     print(f"  {'method':<14}{'model GB':>10}{'peak growth GB':>16}{'CE clean':>10}{'seconds':>9}")
     rows = {}
     for method in args.methods.split(","):

@@ -21,12 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from monoscope.sae import TrainConfig  # noqa: E402
+from monoscope.sae.distributed import estimate_config_memory  # noqa: E402
+
 CASE = r'''
 import json, resource, sys, tempfile
 import torch
 sys.path.insert(0, sys.argv[1])
 from monoscope.sae import TrainConfig, train_sae
-from monoscope.sae.distributed import estimate_config_memory
 spec = json.loads(sys.argv[2])
 torch.manual_seed(0)
 batches = [torch.randn(spec["batch"], spec["d_in"]) for _ in range(spec["steps"])]
@@ -51,7 +53,7 @@ def stream():
 with tempfile.TemporaryDirectory() as out:
     train_sae(cfg, stream(), out, progress=False, device="cpu", checkpoint_every_tokens=10**12)
 peak = peaks[-1]
-print(json.dumps({"measured_gib": (peak - base) / 2**20, "estimate": estimate_config_memory(cfg)}))
+print(json.dumps({"measured_gib": (peak - base) / 2**20}))
 '''
 
 
@@ -85,10 +87,14 @@ def main() -> None:
         if done.returncode != 0:
             print(f"  {label:<36} failed:\n{done.stderr[-2000:]}")
             continue
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        measured, estimate = result["measured_gib"], result["estimate"]["total"]
+        measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_gib"]
+        cfg = TrainConfig(d_in=spec["d_in"], d_sae=spec["d_sae"], k=spec["k"], batch_size=spec["batch"],
+                          total_tokens=spec["batch"] * spec["steps"], architecture=spec["arch"], optimizer={"name": spec["optimizer"]},
+                          multi_topk=spec["multi_topk"], aux_coefficient=spec["aux"])
+        terms_gib = estimate_config_memory(cfg)
+        estimate = terms_gib["total"]
         ratios.append(estimate / measured)
-        terms = ", ".join(f"{k} {v:.3f}" for k, v in result["estimate"].items() if k not in ("total", "grads_and_adam"))
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in terms_gib.items() if k not in ("total", "grads_and_adam"))
         print(f"  {label:<36}{measured:>13.3f}{estimate:>13.3f}{estimate / measured:>19.2f}   ({terms})")
     if ratios:
         print(f"estimate / measured: {min(ratios):.2f} to {max(ratios):.2f}")
