@@ -12,8 +12,9 @@
    (`--summary` prints the choice and its report figure from the JSONL results).
 
 Candidates: `adam` (warm-up 5 %, linear decay over the last 20 %), `signum` (schedule-free sign-SGD,
-sparsify's default), `adam_sf` (schedule-free Adam, warm-up 5 %), each at multipliers of its default lr
-(`--multipliers`), plus any `--extra NAME:KEY=VALUE,...` optimiser configs.
+sparsify's default), `adam_sf` (schedule-free Adam, warm-up 5 %), each at multipliers of its current default
+lr rule (`monoscope.sae.optim.default_lr`; `--multipliers`), plus any `--extra LABEL:KEY=VALUE,...` optimiser
+configs (`lr_multiplier=` is relative to the same rule). Every result line records the lr actually used.
 """
 
 from __future__ import annotations
