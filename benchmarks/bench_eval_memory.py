@@ -4,7 +4,7 @@
 
 A Llama-architecture model with Gemma 3 270M's vocabulary and width (random weights, 4 layers: the output
 layer is what matters here) evaluates an SAE-like patch on ~4,000 tokens (32 contexts of 128, batches of 8)
-in a fresh subprocess per method, which reports its peak resident memory (ru_maxrss) over the model's own
+in a fresh subprocess per method, which reports its peak resident memory (VmHWM, reset after loading) over the model's own
 size (after loading it):
 
 - `blockwise`: `monoscope.sae.lm_eval.lm_loss_sums` (the forward pass stops at the output layer; the four
@@ -29,11 +29,24 @@ sys.path.insert(0, str(REPO / "src"))
 from monoscope.sae.lm_eval import TOKEN_BLOCK, VOCAB_BLOCK  # noqa: E402
 
 CASE = r'''
-import json, resource, sys, time
+import json, sys, time
 import torch
 import torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
 spec = json.loads(sys.argv[2])
+
+
+def reset_peak():
+    """Start a new peak: Linux resets VmHWM when 5 is written to clear_refs; returns the resident KiB now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak_kib()
+
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
 from transformers import LlamaConfig, LlamaForCausalLM
 from monoscope.model import LoadedModel, capture, edit
 from monoscope.sae.lm_eval import _keep_bos, lm_loss_sums
@@ -49,7 +62,7 @@ batches = list(ids.split(spec["batch"]))
 patch = lambda a: a * 0.9  # noqa: E731
 with torch.inference_mode():  # first-use costs of the forward pass, before the baseline
     model(input_ids=batches[0][:1, :8])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = reset_peak()
 started = time.perf_counter()
 if spec["method"] == "blockwise":
     sums = lm_loss_sums(LoadedModel(model, None, "big"), "resid_post.1", patch, batches)
@@ -73,7 +86,7 @@ else:
                 (clean_logp.exp() * (clean_logp - patched)).sum(-1).sum().item()
     ce = total / n
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kib()
 print(json.dumps({"model_gb": model_bytes / 1e9, "growth_gb": (peak - base) * 1024 / 1e9, "ce_clean": ce, "seconds": seconds}))
 '''
 

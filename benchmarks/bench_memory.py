@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_memory.py               # d_in 512, d_sae 16384, batch 2048 (CPU)
 
 Each case runs in its own subprocess: it imports everything and builds the batches, records its peak
-resident memory (ru_maxrss), trains a few steps with monoscope's trainer, and reports the growth of the peak
+resident memory (VmHWM, reset just before), trains a few steps with monoscope's trainer, and reports the growth of the peak
 over all but the last step (read when the last batch is asked for, so saving the SAE is not counted).
 That growth is what `estimate_memory` estimates (weights, gradients, optimiser state, one step's activations);
 the table prints both and their ratio. The AuxK case makes most latents dead (a small batch, few firings a
@@ -25,11 +25,24 @@ from monoscope.sae import TrainConfig  # noqa: E402
 from monoscope.sae.distributed import estimate_config_memory  # noqa: E402
 
 CASE = r'''
-import json, resource, sys, tempfile
+import json, sys, tempfile
 import torch
 sys.path.insert(0, sys.argv[1])
 from monoscope.sae import TrainConfig, train_sae
 spec = json.loads(sys.argv[2])
+
+
+def reset_peak():
+    """Start a new peak: Linux resets VmHWM when 5 is written to clear_refs; returns the resident KiB now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak_kib()
+
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
 torch.manual_seed(0)
 batches = [torch.randn(spec["batch"], spec["d_in"]) for _ in range(spec["steps"])]
 # first-use costs (optimiser imports, kernels) before the baseline: a tiny run of the same kind
@@ -37,7 +50,7 @@ with tempfile.TemporaryDirectory() as out:
     small = TrainConfig(d_in=spec["d_in"], d_sae=64, k=4, batch_size=16, total_tokens=32, architecture=spec["arch"],
                         optimizer={"name": spec["optimizer"]})
     train_sae(small, [torch.randn(16, spec["d_in"])] * 2, out, progress=False, device="cpu")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = reset_peak()
 cfg = TrainConfig(d_in=spec["d_in"], d_sae=spec["d_sae"], k=spec["k"], batch_size=spec["batch"], total_tokens=spec["batch"] * spec["steps"],
                   architecture=spec["arch"], optimizer={"name": spec["optimizer"]}, multi_topk=spec["multi_topk"],
                   aux_coefficient=spec["aux"], dead_tokens=spec["batch"], **({"target_l0": float(spec["k"])} if spec["arch"] == "jumprelu" else {}))
@@ -46,7 +59,7 @@ peaks = []
 
 def stream():
     for batch in batches:  # the peak so far is read when the next batch is asked for: the steps, not the final save
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        peaks.append(peak_kib())
         yield batch
 
 

@@ -48,7 +48,7 @@ Patch = Callable[[torch.Tensor], torch.Tensor]
 VARIANTS = ("clean", "sae", "zero", "mean")
 #: Per-context sums behind the LM metrics.
 LM_SUM_KEYS = ("tokens", "ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero")
-TOKEN_BLOCK = 512
+TOKEN_BLOCK = 256
 VOCAB_BLOCK = 16_384
 #: Held-out contexts the sample is drawn from by default (at least; 50x the contexts needed when that is more):
 #: all of the starter corpus's held-out text; a streamed corpus is read no further.
