@@ -19,7 +19,7 @@ Memory: logits are never materialised for the whole batch. The model's forward p
 output layer (the final hidden states are read there), and the four passes' logits are computed from those
 in blocks of tokens x vocabulary with running log-sum-exps, so memory stays bounded for any vocabulary
 (a 262k-token vocabulary needs a few hundred MB, not several GB). The first batch checks the blockwise
-logits against the model's own on one context; a model whose output layer they do not reproduce (an
+logits against the model's own on the first positions of one context; a model whose output layer they do not reproduce (an
 unusual logit transform) is evaluated from its own logits, one context at a time.
 """
 
@@ -53,6 +53,8 @@ VOCAB_BLOCK = 16_384
 #: Held-out contexts the sample is drawn from by default (at least; 50x the contexts needed when that is more):
 #: all of the starter corpus's held-out text; a streamed corpus is read no further.
 DEFAULT_REGION_CONTEXTS = 10_000
+#: Positions of one context on which blockwise logits are checked against the model's own.
+CHECK_POSITIONS = 16
 
 
 @dataclass
@@ -233,8 +235,9 @@ def lm_loss_sums(
             "zero": lambda a: torch.zeros_like(a),
             "mean": lambda a: mean.to(a.dtype).expand_as(a),
         }
-        if blockwise is None:
-            blockwise = clean_hidden is not None and _blockwise_matches(model, head, ids[:1], clean_hidden[:1])
+        if blockwise is None:  # checked on a prefix of one context (causal: its hidden states are those of the full pass)
+            prefix = min(ids.shape[1], CHECK_POSITIONS)
+            blockwise = clean_hidden is not None and _blockwise_matches(model, head, ids[:1, :prefix], clean_hidden[:1, :prefix])
             if not blockwise:
                 warnings.warn("the model's output layer is not a plain linear layer this evaluation reproduces; "
                               "using its own logits, one context at a time", stacklevel=2)
