@@ -49,7 +49,7 @@ def peak_kib():
 
 from transformers import LlamaConfig, LlamaForCausalLM
 from monoscope.model import LoadedModel, capture, edit
-from monoscope.sae.lm_eval import _keep_bos, lm_loss_sums
+from monoscope.sae.lm_eval import _keep_prefix, lm_loss_sums
 
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=4 * spec["hidden"],
@@ -80,7 +80,7 @@ else:
             total += F.cross_entropy(pred.reshape(-1, pred.shape[-1]), batch[:, 2:].reshape(-1), reduction="sum").item()
             n += batch[:, 2:].numel()
             for fn in (patch, torch.zeros_like, lambda a: mean.to(a.dtype).expand_as(a)):
-                with edit(model, {"resid_post.1": _keep_bos(fn)}):
+                with edit(model, {"resid_post.1": _keep_prefix(fn)}):
                     logits = model(input_ids=batch, use_cache=False).logits
                 patched = F.log_softmax(logits[:, 1:-1].float(), dim=-1)
                 (clean_logp.exp() * (clean_logp - patched)).sum(-1).sum().item()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from monoscope.data import open_corpus
+from monoscope.errors import MonoscopeError
 from monoscope.model import load_model
 from monoscope.sae import SAEConfig, TopKSAE
 from monoscope.sae.lm_eval import evaluate_sae, held_out_skip
@@ -66,12 +67,12 @@ def test_held_out_text_starts_after_the_training_contexts(text_corpus):
 def dense_lm_sums(model, hook_point, patches, ids):
     """The reference: full logits of every pass, cross-entropy and KL over the whole vocabulary at once."""
     from monoscope.model import edit
-    from monoscope.sae.lm_eval import _keep_bos
+    from monoscope.sae.lm_eval import _keep_prefix
 
     with torch.inference_mode():
         logits = [model(input_ids=ids).logits]
         for patch in patches:
-            with edit(model, {hook_point: _keep_bos(patch)}):
+            with edit(model, {hook_point: _keep_prefix(patch)}):
                 logits.append(model(input_ids=ids).logits)
     logp = [torch.log_softmax(l[:, 1:-1].float(), -1) for l in logits]
     targets = ids[:, 2:]
@@ -152,3 +153,15 @@ def test_every_metric_has_a_bootstrap_interval(loaded, text_corpus):
         low, high = result["intervals"][key]
         assert low < result[key] < high, key
     assert result["delta_loss"] == pytest.approx(result["ce_sae"] - result["ce_clean"])
+
+
+def test_untouched_positions_are_neither_replaced_nor_scored(loaded, text_corpus):
+    corpus = open_corpus(str(text_corpus))
+    sae = split_sign_sae(32)
+    result = evaluate_sae(sae, loaded, corpus, hook_point="resid_post.0", tokens=280, context_size=16, batch_size=4,
+                          show_progress=False, untouched_positions=2, bootstrap_samples=50)
+    assert result["untouched_positions"] == 2 and result["contexts"] == 20
+    assert result["tokens"] == 20 * 14 and result["lm_tokens"] == 20 * 13  # 16 - 2 positions; predictions from them
+    assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(MonoscopeError, match="untouched positions must be from 1"):
+        evaluate_sae(sae, loaded, corpus, hook_point="resid_post.0", tokens=100, context_size=16, untouched_positions=15)

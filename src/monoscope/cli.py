@@ -274,7 +274,7 @@ def cmd_eval(args: argparse.Namespace, loaded=None) -> int:
     loaded = loaded if loaded is not None and loaded.name == model_name else load_model(model_name, device=args.device, dtype=args.model_dtype)
     skip = held_out_skip(sae.info, corpus)
     result = evaluate_sae(sae, loaded, corpus, hook_point=hook, tokens=args.tokens, context_size=int(context_size), skip_contexts=skip,
-                          seed=args.sample_seed)
+                          seed=args.sample_seed, untouched_positions=args.untouched_positions)
     atomic_write_json(Path(args.sae) / "eval.json", result)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -308,6 +308,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--context-size", type=positive_int, default=None, help="default: the SAE's training context size")
     p.add_argument("--seed", type=int, default=None, help="corpus seed (default: the training corpus seed, so held-out text follows the training text)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the held-out contexts sampled across the held-out text and of the bootstrap (default: 0)")
+    p.add_argument("--untouched-positions", type=positive_int, default=1, help="positions at the start of each context left as they are and not scored: 1 = BOS (default); 2 also skips the first token after BOS, whose outsized activations dominate FVU in some models (SmolLM2)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 

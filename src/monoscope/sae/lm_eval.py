@@ -75,9 +75,10 @@ class LMLossMetrics:
         return asdict(self)
 
 
-def _keep_bos(patch: Patch) -> Patch:
+def _keep_prefix(patch: Patch, untouched: int = 1) -> Patch:
+    """`patch` applied to every position but the first `untouched` (BOS, and any the SAE is not judged on)."""
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x[:, :1], patch(x[:, 1:]).to(x.dtype)], dim=1)
+        return torch.cat([x[:, :untouched], patch(x[:, untouched:]).to(x.dtype)], dim=1)
 
     return apply
 
@@ -207,13 +208,16 @@ def lm_loss_sums(
     context_batches: Iterable[torch.Tensor],
     on_activations: Callable[[torch.Tensor], None] | None = None,
     *,
+    untouched: int = 1,
     token_block: int = TOKEN_BLOCK,
     vocab_block: int = VOCAB_BLOCK,
 ) -> dict[str, torch.Tensor]:
     """Clean / SAE / zero / mean forward passes on each batch of contexts [B, T] (BOS first); per-context sums.
 
-    `reconstruct` maps raw activations [B, T-1, d] to their reconstruction; `on_activations` receives the
-    clean raw activations after BOS ([B, T-1, d]) so reconstruction metrics can be computed in the same pass.
+    The first `untouched` positions (BOS at least) keep their activations in every pass; the losses are those
+    of the predictions made from the other positions. `reconstruct` maps raw activations [B, T-u, d] to their
+    reconstruction; `on_activations` receives the clean raw activations of the patched positions
+    ([B, T-u, d]) so reconstruction metrics can be computed in the same pass.
     Returns `LM_SUM_KEYS` -> [n_contexts] (float64).
     """
     model = loaded.model
@@ -228,8 +232,8 @@ def lm_loss_sums(
             raise MonoscopeError(f"the forward pass never reached hook point {hook_point}")
         x = store[hook_point]
         if on_activations is not None:
-            on_activations(x[:, 1:])
-        mean = x[:, 1:].reshape(-1, x.shape[-1]).float().mean(0)
+            on_activations(x[:, untouched:])
+        mean = x[:, untouched:].reshape(-1, x.shape[-1]).float().mean(0)
         patches = {
             "sae": reconstruct,
             "zero": lambda a: torch.zeros_like(a),
@@ -241,14 +245,14 @@ def lm_loss_sums(
             if not blockwise:
                 warnings.warn("the model's output layer is not a plain linear layer this evaluation reproduces; "
                               "using its own logits, one context at a time", stacklevel=2)
-        targets = ids[:, 2:].reshape(-1)
+        targets = ids[:, untouched + 1 :].reshape(-1)
         if blockwise:
             hidden = [clean_hidden]
             for patch in patches.values():
-                with edit(model, {hook_point: _keep_bos(patch)}):
+                with edit(model, {hook_point: _keep_prefix(patch, untouched)}):
                     hidden.append(head.final_hidden(model, ids))
-            # positions 1 .. T-2 predict tokens 2 .. T-1
-            stacked = torch.stack([h[:, 1:-1] for h in hidden]).reshape(len(VARIANTS), -1, hidden[0].shape[-1])
+            # positions u .. T-2 predict tokens u+1 .. T-1
+            stacked = torch.stack([h[:, untouched:-1] for h in hidden]).reshape(len(VARIANTS), -1, hidden[0].shape[-1])
             ce_parts, kl_parts = [], []
             for start in range(0, targets.numel(), token_block):
                 rows = stacked[:, start : start + token_block]
@@ -260,7 +264,7 @@ def lm_loss_sums(
                 kl_parts.append(kl)
             sums = _per_context_sums(torch.cat(ce_parts, 1), torch.cat(kl_parts, 1), ids.shape[0])
         else:
-            sums = _sums_from_model_logits(model, hook_point, patches, ids, vocab_block)
+            sums = _sums_from_model_logits(model, hook_point, patches, ids, vocab_block, untouched)
         for key in LM_SUM_KEYS:
             collected[key].append(sums[key].cpu())
     if not collected["tokens"]:
@@ -280,18 +284,18 @@ def _blockwise_matches(model: torch.nn.Module, head: _OutputLayer, ids: torch.Te
 
 
 def _sums_from_model_logits(model: torch.nn.Module, hook_point: str, patches: dict[str, Patch], ids: torch.Tensor,
-                            vocab_block: int) -> dict[str, torch.Tensor]:
+                            vocab_block: int, untouched: int) -> dict[str, torch.Tensor]:
     """The fallback: the model's own logits, one context at a time (memory: one context's logits x 4)."""
     parts = []
     for row in range(ids.shape[0]):
         one = ids[row : row + 1]
-        logits = [model(input_ids=one, use_cache=False).logits[0, 1:-1].float()]
+        logits = [model(input_ids=one, use_cache=False).logits[0, untouched:-1].float()]
         for patch in patches.values():
-            with edit(model, {hook_point: _keep_bos(patch)}):
-                logits.append(model(input_ids=one, use_cache=False).logits[0, 1:-1].float())
+            with edit(model, {hook_point: _keep_prefix(patch, untouched)}):
+                logits.append(model(input_ids=one, use_cache=False).logits[0, untouched:-1].float())
         stacked = torch.stack(logits)
         blocks = (stacked[..., v : v + vocab_block] for v in range(0, stacked.shape[-1], vocab_block))
-        ce, kl = _token_losses(blocks, one[0, 2:])
+        ce, kl = _token_losses(blocks, one[0, untouched + 1 :])
         parts.append(_per_context_sums(ce, kl, 1))
     return {key: torch.cat([p[key] for p in parts]) for key in LM_SUM_KEYS}
 
@@ -352,17 +356,22 @@ def evaluate_sae(
     seed: int = 0,
     region_contexts: int | None = None,
     bootstrap_samples: int = 1000,
+    untouched_positions: int = 1,
 ) -> dict:
     """Reconstruction and LM-loss metrics of an SAE (taking raw activations) on held-out text, with intervals.
 
     `tokens` held-out tokens are taken as whole contexts sampled from the `region_contexts` contexts after the
     first `skip_contexts` (default region: `DEFAULT_REGION_CONTEXTS`, or 50x the contexts needed if more). `intervals` maps every metric to its
-    bootstrap interval over contexts.
+    bootstrap interval over contexts. The first `untouched_positions` of each context (BOS: 1) are neither
+    replaced nor scored; 2 also leaves out the first token after BOS, which carries outsized activations in
+    some models (SmolLM2: norms up to ~150x the median, most of the variance of a sample).
     """
     from .interop import check_model_match
 
     check_model_match(sae, loaded.name, loaded.d_model)
-    n_contexts = max(1, -(-tokens // (context_size - 1)))
+    if not 1 <= untouched_positions < context_size - 1:
+        raise MonoscopeError(f"untouched positions must be from 1 (BOS) to {context_size - 2}, got {untouched_positions}")
+    n_contexts = max(1, -(-tokens // (context_size - untouched_positions)))
     region = region_contexts if region_contexts is not None else max(DEFAULT_REGION_CONTEXTS, 50 * n_contexts)
     if region < 1:
         raise MonoscopeError(f"the held-out region must hold at least one context, got {region}")
@@ -372,12 +381,12 @@ def evaluate_sae(
         raise MonoscopeError(f"no held-out text after the first {skip_contexts:,} contexts of the corpus; use a larger corpus, "
                              "another --corpus, or another --seed")
     recon_parts: list[dict[str, torch.Tensor]] = []
-    bar = progress_bar(total=len(chosen) * (context_size - 1), desc="eval", unit="tok", enabled=show_progress)
+    bar = progress_bar(total=len(chosen) * (context_size - untouched_positions), desc="eval", unit="tok", enabled=show_progress)
 
     def batches():
         for batch in batched_contexts(chosen, batch_size):
             yield batch
-            bar.update(batch[:, 1:].numel())
+            bar.update(batch[:, untouched_positions:].numel())
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         return sae(x.float()).to(x.dtype)
@@ -386,7 +395,7 @@ def evaluate_sae(
         recon_parts.append({k: v.cpu() for k, v in reconstruction_sums(sae, x.float(), groups=x.shape[0]).items()})
 
     try:
-        lm = lm_loss_sums(loaded, hook_point, reconstruct, batches(), on_activations=on_activations)
+        lm = lm_loss_sums(loaded, hook_point, reconstruct, batches(), on_activations=on_activations, untouched=untouched_positions)
     finally:
         bar.close()
     recon = {key: torch.cat([part[key] for part in recon_parts]) for key in SUM_KEYS}
@@ -407,6 +416,7 @@ def evaluate_sae(
         "held_out_region_contexts": region_seen,
         "contexts": len(chosen),
         "sample_seed": seed,
+        "untouched_positions": untouched_positions,
         "tokens": int(recon["tokens"].sum()),
         **recon_values,
         "lm_tokens": int(lm["tokens"].sum()),
