@@ -33,20 +33,10 @@ import json, sys, time
 import torch
 import torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[3])
 spec = json.loads(sys.argv[2])
 
-
-def reset_peak():
-    """Start a new peak: Linux resets VmHWM when 5 is written to clear_refs; returns the resident KiB now."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return peak_kib()
-
-
-def peak_kib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
+from peak_memory import peak_kib, reset_peak
 from transformers import LlamaConfig, LlamaForCausalLM
 from monoscope.model import LoadedModel, capture, edit
 from monoscope.sae.lm_eval import _keep_prefix, lm_loss_sums
@@ -110,7 +100,7 @@ def main() -> None:
     for method in args.methods.split(","):
         spec = {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "contexts": contexts,
                 "context": args.context, "batch": args.batch, "method": method}
-        done = subprocess.run([sys.executable, "-c", CASE, str(REPO / "src"), json.dumps(spec)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", CASE, str(REPO / "src"), json.dumps(spec), str(REPO / "benchmarks")], capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  {method:<14} failed:\n{done.stderr[-2000:]}")
             continue

@@ -28,21 +28,11 @@ CASE = r'''
 import json, sys, tempfile
 import torch
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[3])
 from monoscope.sae import TrainConfig, train_sae
 spec = json.loads(sys.argv[2])
 
-
-def reset_peak():
-    """Start a new peak: Linux resets VmHWM when 5 is written to clear_refs; returns the resident KiB now."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return peak_kib()
-
-
-def peak_kib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
+from peak_memory import peak_kib, reset_peak
 torch.manual_seed(0)
 batches = [torch.randn(spec["batch"], spec["d_in"]) for _ in range(spec["steps"])]
 # first-use costs (optimiser imports, kernels) before the baseline: a tiny run of the same kind
@@ -96,7 +86,7 @@ def main() -> None:
     ratios = []
     for label, change in cases:
         spec = {**base, **change}
-        done = subprocess.run([sys.executable, "-c", CASE, str(REPO / "src"), json.dumps(spec)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", CASE, str(REPO / "src"), json.dumps(spec), str(REPO / "benchmarks")], capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  {label:<36} failed:\n{done.stderr[-2000:]}")
             continue
