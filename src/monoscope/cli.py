@@ -334,8 +334,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     else:
         cmd_train(build_parser().parse_args(["train", "--activations", str(acts), "--d-sae", str(args.d_sae), "--k", str(args.k),
                                               "--tokens", str(args.train_tokens), "--out", str(sae_dir)]))
-    print(f"\n[3/4] evaluate on {args.eval_tokens:,} held-out tokens")
-    cmd_eval(build_parser().parse_args(["eval", "--sae", str(sae_dir), "--tokens", str(args.eval_tokens)]), loaded=loaded)
+    print(f"\n[3/4] evaluate on {args.eval_tokens:,} held-out tokens (the first token after BOS, whose outsized activations "
+          "would decide FVU, is left out: --untouched-positions 2)")
+    cmd_eval(build_parser().parse_args(["eval", "--sae", str(sae_dir), "--tokens", str(args.eval_tokens), "--untouched-positions", "2"]),
+             loaded=loaded)
     print(f"\n[4/4] build the feature database from {args.analyze_tokens:,} tokens")
     db = sae_dir / "features.db"
     if db.is_file():
