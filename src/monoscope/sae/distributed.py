@@ -5,7 +5,7 @@ Two ways to use N ranks:
 - **data parallel** (`mode="data"`, default): every rank holds the same SAEs and trains on its own share of
   every batch; the global batch is `batch_size` tokens, `batch_size / N` per rank. After each backward pass
   the gradients are averaged with `all_reduce` (one call per parameter, in place) before the trainer's own
-  decoder-norm projection, clipping and Adam step, so every rank takes the same step and the parameters stay
+  decoder-norm projection, clipping and optimiser step, so every rank takes the same step and the parameters stay
   identical (they are broadcast from rank 0 once, after initialisation). We do not wrap the SAE in
   `DistributedDataParallel`: the TopK step uses custom sparse autograd functions and manual decoder-row
   projections between backward and the optimiser step, and a plain all-reduce at that point is simpler and
