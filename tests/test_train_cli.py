@@ -43,6 +43,12 @@ def test_train_then_eval_contract(cache_dir, tiny_llama_dir, tmp_path):
         assert key in metrics and isinstance(metrics[key], float)
     assert metrics["held_out_from_context"] > 0, "eval text follows the training text"
     assert json.loads((out / "eval.json").read_text()) == metrics
+    low, high = metrics["intervals"]["ce_loss_score"]
+    assert low <= high and metrics["contexts"] >= 2
+    table = run_cli("eval", "--sae", str(out), "--tokens", "200")
+    assert table.returncode == 0, table.stderr
+    delta_line = next(line for line in table.stdout.splitlines() if "delta loss" in line)
+    assert "[" in delta_line and "95% bootstrap interval" in table.stdout  # every figure with its interval
 
 
 def test_sweep_from_one_pass_and_single_file_activations(cache_dir, tmp_path):

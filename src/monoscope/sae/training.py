@@ -118,7 +118,7 @@ class TrainingMixin:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Put decoder rows back at unit norm (Adam's step is not exactly tangent)."""
+        """Put decoder rows back at unit norm (the optimiser's step is not exactly tangent)."""
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
