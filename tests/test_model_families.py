@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from monoscope.errors import MonoscopeError
-from monoscope.model import capture, find_blocks, is_post_norm, post_norms, resolve, run_to
+from monoscope.model import capture, find_blocks, is_post_norm, last_logits, post_norms, resolve, run_to, token_logprobs
 from monoscope.steer import Steering, steer
 from monoscope.steer.ablation import ablation_points, directional_ablation, orthogonalize_weights
 from tests.families import FAMILIES, POST_NORM, WIDTH, tiny_family
@@ -140,3 +140,17 @@ def test_orthogonal_and_cap_edits_act_on_what_post_norm_sub_blocks_add(family, m
     assert float((edited["attn_out.1"] @ u).max()) <= cap + 1e-5
     assert float((edited["resid_post.1"] @ u).abs().max()) < 1e-5
     assert torch.allclose(edited["attn_out.1"], clean["attn_out.1"] - ((clean["attn_out.1"] @ u) - cap).clamp_min(0).unsqueeze(-1) * u, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scoring_the_last_positions_only_equals_the_full_logits(family, models, tokenizer):
+    model = models[family]
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        last = last_logits(model, ids, 5)
+        targets = ids[:, -5:]
+        expected = torch.log_softmax(full[:, -5:].float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        got = token_logprobs(last, targets)
+    assert last.shape == (1, 5, full.shape[-1]) and torch.allclose(last, full[:, -5:], atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from .hooks import HOOK_KINDS, HookPoint, StopForward, capture, edit, find_blocks, is_post_norm, parse_points, post_norms, resolve, run_to
 from .loading import EMBEDDED_MODEL, LoadedModel, ensure_embedded_checkpoint, ensure_gguf_checkpoint, load_model, resolve_device, resolve_dtype
+from .outputs import last_logits, token_logprobs
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -15,6 +16,7 @@ __all__ = [
     "ensure_gguf_checkpoint",
     "find_blocks",
     "is_post_norm",
+    "last_logits",
     "load_model",
     "parse_points",
     "post_norms",
@@ -22,4 +24,5 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "run_to",
+    "token_logprobs",
 ]
