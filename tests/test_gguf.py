@@ -6,7 +6,9 @@ path, is the embedded model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -56,6 +58,10 @@ def test_gguf_file_loads_once_into_the_cache_with_the_source_logits(gguf_files, 
     (folder,) = _cached(home)
     sha = loading.file_sha256(gguf_files["F32"])
     assert folder == f"gguf-{sha[:20]}"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((home / "models" / folder).stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert stat.S_IMODE((home / "models" / folder / "model.safetensors").stat().st_mode) == 0o666 & ~umask
     record = json.loads((home / "models" / folder / "monoscope-gguf.json").read_text())
     assert record["architecture"] == "llama" and record["size"] == gguf_files["F32"].stat().st_size
     assert json.loads((home / "models" / "gguf-hashes.json").read_text())[str(gguf_files["F32"].resolve())]["sha256"] == sha

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, make_readable
 from ..errors import MonoscopeError
 from ..paths import monoscope_home
 from ..progress import progress_bar
@@ -273,10 +273,13 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    if getattr(quantized, "hf_quantizer", None) is None:
+        plain = quantized  # transformers' GGUF reader already gave plain float weights: no second copy in memory
+    else:  # architectures read through GgufHfQuantizer: rebuild without it, since a quantized model does not save
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+        plain.tie_weights()
     del quantized
-    plain.tie_weights()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -286,6 +289,7 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
             "gguf_file": str(gguf_file), "size": gguf_file.stat().st_size, "architecture": getattr(config, "model_type", None),
             "transformers": _version("transformers"), "gguf": _version("gguf"),
         })
+        make_readable(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
