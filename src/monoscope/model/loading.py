@@ -8,7 +8,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -190,6 +192,106 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
+# GGUF metadata value types: fixed-size ones by width; 8 is a string, 9 an array.
+_GGUF_WIDTHS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF file says about itself before its tensor data: enough to refuse it in one line."""
+
+    architecture: str
+    tensor_types: dict[str, int]  # name -> ggml type id
+    data_end: int  # bytes the file must have: data section start + the furthest tensor's end
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Parse the header, metadata and tensor table with `struct` (string arrays such as a 262k-token
+    vocabulary are skipped, not decoded: a fraction of a second where gguf-py's reader takes tens)."""
+    import gguf
+    import numpy as np
+
+    blob = np.memmap(path, dtype=np.uint8, mode="r")
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from(fmt, blob, pos)
+        pos += struct.calcsize(fmt)
+        return values
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = take("<Q")
+        pos += n
+        return bytes(blob[pos - n : pos]).decode("utf-8", "replace")
+
+    def skip(kind: int) -> None:
+        nonlocal pos
+        if kind in _GGUF_WIDTHS:
+            pos += _GGUF_WIDTHS[kind]
+        elif kind == 8:
+            (n,) = take("<Q")
+            pos += n
+        elif kind == 9:
+            item, count = take("<IQ")
+            if item in _GGUF_WIDTHS:
+                pos += count * _GGUF_WIDTHS[item]
+            else:
+                for _ in range(count):
+                    skip(item)
+        else:
+            raise ValueError(f"unknown metadata value type {kind}")
+
+    magic, version, n_tensors, n_meta = take("<4sIQQ")
+    if magic != _GGUF_MAGIC or version not in (2, 3):
+        raise ValueError(f"not GGUF v2/v3 (magic {magic!r}, version {version})")
+    architecture, alignment = None, 32
+    for _ in range(n_meta):
+        key = string()
+        (kind,) = take("<I")
+        if key == "general.architecture" and kind == 8:
+            architecture = string()
+        elif key == "general.alignment" and kind == 4:
+            (alignment,) = take("<I")
+        else:
+            skip(kind)
+    types, end = {}, 0
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = take("<I")
+        dims = take(f"<{n_dims}Q")
+        kind, offset = take("<IQ")
+        types[name] = kind
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            continue  # an unknown type: refused by the caller
+        elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        end = max(end, offset + elements // block * size)
+    if architecture is None:
+        raise ValueError("no general.architecture in its metadata (a control vector or LoRA adapter, not a model?)")
+    data_start = -(-pos // alignment) * alignment
+    return GGUFHeader(architecture, types, data_start + end)
+
+
+def _transformers_gguf_architectures() -> set[str]:
+    names: set[str] = set()
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        names |= set(GGUF_SUPPORTED_ARCHITECTURES)
+    except ImportError:
+        pass
+    try:  # transformers >= 5.25 reads some architectures through a second path
+        from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+
+        names |= set(GGUF_ARCHS)
+    except ImportError:
+        pass
+    return names
+
+
 def check_gguf(path: Path) -> str:
     """Read a GGUF file's header and tensor table without loading it; return its architecture.
 
@@ -203,38 +305,41 @@ def check_gguf(path: Path) -> str:
     if not is_gguf_file(path):
         raise MonoscopeError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf model file, a transformers folder or a hub id")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # numpy/struct errors on a cut file, ValueError on a malformed one
+        header = read_gguf_header(path)
+    except (ValueError, struct.error, UnicodeError, OverflowError, MemoryError) as err:
         raise MonoscopeError(f"{path} is truncated or corrupt (reading its GGUF tables failed: {_first_line(err)}); download it again") from err
     size = path.stat().st_size
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise MonoscopeError(f"{path} is truncated: its tensors need {end:,} bytes but the file has {size:,}; download it again")
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise MonoscopeError(f"{path} has no general.architecture in its metadata; it is not a model GGUF (a control vector or LoRA adapter?)")
-    architecture = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *_type_traits}
-    unreadable = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
+    if header.data_end > size:
+        raise MonoscopeError(f"{path} is truncated: its tensors need {header.data_end:,} bytes but the file has {size:,}; download it again")
+    readable = {int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16), *(int(t) for t in _type_traits)}
+    unreadable = sorted({_type_name(kind) for kind in header.tensor_types.values() if kind not in readable})
     if unreadable:
         raise MonoscopeError(
             f"{path} stores weights as {', '.join(unreadable)}, which gguf {_version('gguf')} cannot dequantise; "
             "use a file quantised as Q4_K_M, Q5_K_M, Q8_0 (or F16), or the original transformers model"
         )
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    arch = header.architecture
+    known = _transformers_gguf_architectures()
+    if not {arch, arch.replace("-", "_"), re.sub(r"(?<=[0-9a-z])moe$", "_moe", arch)} & known:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    try:
-        load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only: config and tokenizer mapping
-    except ValueError as err:
-        if "not supported" in str(err):
+        try:  # the names did not match; transformers' own (slower) reading has the last word
+            load_gguf_checkpoint(str(path), return_tensors=False)
+        except Exception as err:
             raise MonoscopeError(
-                f"{path}: transformers {_version('transformers')} cannot read GGUF models of architecture {architecture!r}; "
+                f"{path}: transformers {_version('transformers')} cannot read GGUF models of architecture {arch!r}; "
                 "use the original model (hub id or folder), or a newer transformers"
             ) from err
-        raise MonoscopeError(f"{path} could not be read as a {architecture} GGUF: {_first_line(err)}") from err
-    except Exception as err:
-        raise MonoscopeError(f"{path} could not be read as a {architecture} GGUF: {_first_line(err)}") from err
-    return architecture
+    return arch
+
+
+def _type_name(kind: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"type {kind}"
 
 
 def ensure_gguf_checkpoint(path: str | os.PathLike) -> Path:
@@ -257,8 +362,13 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     nothing that looks like a cache (its temporary folder is removed, or left hidden after a hard kill).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils.quantization_config import GgufConfig
 
+    try:  # transformers >= 5.25 may keep GGUF blocks packed (with the `kernels` package): ask for plain weights
+        from transformers.utils.quantization_config import GgufConfig
+
+        unpack = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older versions always dequantise
+        unpack = {}
     what = note or gguf_file.name
     size_mb = gguf_file.stat().st_size / 2**20
     logging.getLogger(__name__).info("converting %s to %s (once)", gguf_file, final)
@@ -266,7 +376,7 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         quantized = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **unpack
         )
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as err:
         raise MonoscopeError(f"transformers {_version('transformers')} could not convert {gguf_file}: {_first_line(err)}") from err
