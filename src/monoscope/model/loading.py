@@ -13,8 +13,10 @@ import shutil
 import struct
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -374,10 +376,11 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     logging.getLogger(__name__).info("converting %s to %s (once)", gguf_file, final)
     print(f"monoscope: converting {what} ({size_mb:,.0f} MB GGUF) to safetensors once -> {final}", file=sys.stderr, flush=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **unpack
-        )
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            quantized = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **unpack
+            )
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as err:
         raise MonoscopeError(f"transformers {_version('transformers')} could not convert {gguf_file}: {_first_line(err)}") from err
     config = quantized.config
@@ -409,6 +412,29 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file's metadata with gguf-py three times in a conversion (tokenizer, config,
+    weights); for a 262k-token vocabulary each parse takes 10-80 s. Inside this block `gguf.GGUFReader`
+    hands out one (read-only, memory-mapped) reader per file, so the file is parsed once."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def once(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = once
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _version(package: str) -> str:
