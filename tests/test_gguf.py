@@ -139,16 +139,11 @@ def test_cli_harvest_takes_a_gguf_file(gguf_files, home, text_corpus, tmp_path):
 
 
 @pytest.mark.embedded
-def test_the_embedded_gguf_by_path_is_the_embedded_model(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
+def test_the_embedded_gguf_by_path_is_the_embedded_model():
     gguf_file = loading.embedded_gguf_path()
-    shared = loading.ensure_embedded_checkpoint()
-    assert loading.ensure_gguf_checkpoint(gguf_file) == shared  # same cache entry, no second copy
-    # and the one conversion path, run afresh on a copy of the file in an empty cache, rebuilds the same weights
-    copy = shutil.copy(gguf_file, tmp_path / "SmolLM2.Q4_1.gguf")
-    monkeypatch.setenv("MONOSCOPE_HOME", str(tmp_path / "home"))
-    fresh = loading.ensure_gguf_checkpoint(copy)
-    assert fresh == tmp_path / "home" / "models" / shared.name
-    a, b = load_file(str(shared / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
+    shared = loading.ensure_embedded_checkpoint()  # converted by the same convert_gguf as any user file
+    assert loading.ensure_gguf_checkpoint(gguf_file) == shared  # found by content hash: no second copy
+    by_path, by_name = load_model(str(gguf_file)), load_model(loading.EMBEDDED_MODEL)
+    a, b = by_path.model.state_dict(), by_name.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert by_path.tokenizer("The Golden Gate Bridge").input_ids == by_name.tokenizer("The Golden Gate Bridge").input_ids
