@@ -15,7 +15,7 @@ import torch
 
 from monoscope.errors import MonoscopeError
 from monoscope.model import load_model
-from monoscope.model import loading
+from monoscope.model import gguf_files
 from tests.conftest import tiny_llama
 from tests.tiny_gguf import write_llama_gguf
 
@@ -35,7 +35,7 @@ def source(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def gguf_files(source, tokenizer, tmp_path_factory):
+def tiny_ggufs(source, tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf")
     return {q: write_llama_gguf(source, tokenizer, folder / f"tiny-{q}.gguf", q) for q in ("F32", "Q8_0")}
 
@@ -45,44 +45,44 @@ def _cached(home) -> list[str]:
     return sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
 
 
-def test_gguf_file_loads_once_into_the_cache_with_the_source_logits(gguf_files, source, tokenizer, home, capsys):
+def test_gguf_file_loads_once_into_the_cache_with_the_source_logits(tiny_ggufs, source, tokenizer, home, capsys):
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = source(ids).logits
-    lm = load_model(str(gguf_files["F32"]))
+    lm = load_model(str(tiny_ggufs["F32"]))
     assert "converting tiny-F32.gguf" in capsys.readouterr().err
-    assert lm.name == str(gguf_files["F32"]) and lm.d_model == 32 and lm.n_layers == 2
+    assert lm.name == str(tiny_ggufs["F32"]) and lm.d_model == 32 and lm.n_layers == 2
     assert lm.tokenizer(TEXT).input_ids == ids[0].tolist()
     with torch.no_grad():
         assert torch.allclose(lm.model(ids).logits, expected, atol=1e-5)  # F32: lossless
     (folder,) = _cached(home)
-    sha = loading.file_sha256(gguf_files["F32"])
+    sha = gguf_files.file_sha256(tiny_ggufs["F32"])
     assert folder == f"gguf-{sha[:20]}"
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((home / "models" / folder).stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
     assert stat.S_IMODE((home / "models" / folder / "model.safetensors").stat().st_mode) == 0o666 & ~umask
     record = json.loads((home / "models" / folder / "monoscope-gguf.json").read_text())
-    assert record["architecture"] == "llama" and record["size"] == gguf_files["F32"].stat().st_size
-    assert json.loads((home / "models" / "gguf-hashes.json").read_text())[str(gguf_files["F32"].resolve())]["sha256"] == sha
+    assert record["architecture"] == "llama" and record["size"] == tiny_ggufs["F32"].stat().st_size
+    assert json.loads((home / "models" / "gguf-hashes.json").read_text())[str(tiny_ggufs["F32"].resolve())]["sha256"] == sha
 
-    again = load_model(str(gguf_files["F32"]))  # from the cache: no second conversion
+    again = load_model(str(tiny_ggufs["F32"]))  # from the cache: no second conversion
     assert "converting" not in capsys.readouterr().err
     assert torch.equal(again.model.lm_head.weight, lm.model.lm_head.weight)
 
-    copy = shutil.copy(gguf_files["F32"], home.parent / "renamed.gguf")  # same content, other name: same cache
+    copy = shutil.copy(tiny_ggufs["F32"], home.parent / "renamed.gguf")  # same content, other name: same cache
     load_model(str(copy))
     assert "converting" not in capsys.readouterr().err and _cached(home) == [folder]
 
-    q8 = load_model(str(gguf_files["Q8_0"]))  # dequantised Q8_0 blocks: close to the source, not equal
+    q8 = load_model(str(tiny_ggufs["Q8_0"]))  # dequantised Q8_0 blocks: close to the source, not equal
     with torch.no_grad():
         err = (q8.model(ids).logits - expected).abs().max()
     assert 0 < float(err) < 0.05
     assert len(_cached(home)) == 2
 
 
-def test_every_bad_file_is_one_clear_line(gguf_files, source, tokenizer, home, tmp_path):
-    data = gguf_files["F32"].read_bytes()
+def test_every_bad_file_is_one_clear_line(tiny_ggufs, source, tokenizer, home, tmp_path):
+    data = tiny_ggufs["F32"].read_bytes()
     cases = {}
     for cut in (len(data) - 100, len(data) // 2, 200, 10):
         path = tmp_path / f"cut{cut}.gguf"
@@ -111,7 +111,7 @@ def test_every_bad_file_is_one_clear_line(gguf_files, source, tokenizer, home, t
     assert _cached(home) == []  # nothing half-made
 
 
-def test_an_interrupted_conversion_leaves_no_cache(gguf_files, home, monkeypatch):
+def test_an_interrupted_conversion_leaves_no_cache(tiny_ggufs, home, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
     def interrupted(*args, **kwargs):
@@ -119,31 +119,31 @@ def test_an_interrupted_conversion_leaves_no_cache(gguf_files, home, monkeypatch
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        load_model(str(gguf_files["F32"]))
+        load_model(str(tiny_ggufs["F32"]))
     leftovers = [p.name for p in (home / "models").iterdir() if p.is_dir()]
     assert leftovers == [], leftovers  # neither a final folder nor a hidden temporary one
     monkeypatch.undo()
     monkeypatch.setenv("MONOSCOPE_HOME", str(home))
-    assert load_model(str(gguf_files["F32"])).d_model == 32  # the next run converts it whole
+    assert load_model(str(tiny_ggufs["F32"])).d_model == 32  # the next run converts it whole
 
 
-def test_cli_harvest_takes_a_gguf_file(gguf_files, home, text_corpus, tmp_path):
+def test_cli_harvest_takes_a_gguf_file(tiny_ggufs, home, text_corpus, tmp_path):
     from monoscope.cli import main
     from monoscope.data import ActivationCache
 
     out = tmp_path / "acts"
-    assert main(["harvest", "--model", str(gguf_files["F32"]), "--hook", "resid_post.1", "--corpus", str(text_corpus),
+    assert main(["harvest", "--model", str(tiny_ggufs["F32"]), "--hook", "resid_post.1", "--corpus", str(text_corpus),
                  "--tokens", "300", "--context-size", "16", "--out", str(out)]) == 0
     cache = ActivationCache(out)
-    assert cache.model_name == str(gguf_files["F32"]) and cache.n_tokens >= 300 and cache.d_model == 32
+    assert cache.model_name == str(tiny_ggufs["F32"]) and cache.n_tokens >= 300 and cache.d_model == 32
 
 
 @pytest.mark.embedded
 def test_the_embedded_gguf_by_path_is_the_embedded_model():
-    gguf_file = loading.embedded_gguf_path()
-    shared = loading.ensure_embedded_checkpoint()  # converted by the same convert_gguf as any user file
-    assert loading.ensure_gguf_checkpoint(gguf_file) == shared  # found by content hash: no second copy
-    by_path, by_name = load_model(str(gguf_file)), load_model(loading.EMBEDDED_MODEL)
+    gguf_file = gguf_files.embedded_gguf_path()
+    shared = gguf_files.ensure_embedded_checkpoint()  # converted by the same convert_gguf as any user file
+    assert gguf_files.ensure_gguf_checkpoint(gguf_file) == shared  # found by content hash: no second copy
+    by_path, by_name = load_model(str(gguf_file)), load_model(gguf_files.EMBEDDED_MODEL)
     a, b = by_path.model.state_dict(), by_name.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert by_path.tokenizer("The Golden Gate Bridge").input_ids == by_name.tokenizer("The Golden Gate Bridge").input_ids
