@@ -35,6 +35,15 @@ def _temp_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+def make_readable(folder: str | os.PathLike) -> None:
+    """Give a folder made with mkdtemp (0700) and its files (some writers make 0600 ones) the modes the umask
+    gives any other folder and file, before it is renamed into a shared cache."""
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~_current_umask())
+    for item in folder.rglob("*"):
+        os.chmod(item, (0o777 & ~_current_umask()) if item.is_dir() else _FILE_MODE)
+
+
 def _commit(tmp: Path, path: Path) -> None:
     try:
         with open(tmp, "rb+") as f:

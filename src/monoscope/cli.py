@@ -28,7 +28,7 @@ def _quiet_transformers() -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m-instruct") -> None:
-    p.add_argument("--model", default=default_model, help="hub id, local folder, or smollm2-135m-instruct (embedded, offline)")
+    p.add_argument("--model", default=default_model, help="hub id, local folder, .gguf file (dequantised once into the cache), or smollm2-135m-instruct (embedded, offline)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
 

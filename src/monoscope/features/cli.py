@@ -49,7 +49,7 @@ def _clean(obj: Any) -> Any:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model to read (default: the one the SAE was trained on)")
+    p.add_argument("--model", default=None, help="model to read: hub id, folder or .gguf file (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="hook point KIND.LAYER (default: the SAE's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")

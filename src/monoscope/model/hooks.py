@@ -1,9 +1,13 @@
 """Named hook points on a model's own modules, and context managers to read or rewrite them.
 
-A hook point is `KIND.LAYER` with KIND one of `resid_pre` (input of block LAYER), `attn_out` (output of its
-attention module), `mlp_out` (output of its MLP) and `resid_post` (output of the block). They are resolved on
-the transformers modules themselves, so no architecture is re-implemented: the block list is found as the
-model's ModuleList with one entry per layer, and the attention/MLP submodules by their usual names.
+A hook point is `KIND.LAYER` with KIND one of `resid_pre` (input of block LAYER), `attn_out` (what its
+attention adds to the residual stream), `mlp_out` (what its MLP adds) and `resid_post` (output of the block).
+They are resolved on the transformers modules themselves, so no architecture is re-implemented: the block
+list is found as the model's ModuleList with one entry per layer, and the attention/MLP submodules by their
+usual names. In post-norm layouts (Gemma 2/3, OLMo 2/3, GLM-4, EXAONE 4: a norm between each sub-block and
+the residual add) `attn_out`/`mlp_out` are the outputs of those norms, as in TransformerLens and Gemma
+Scope, so in every layout where the block is x + attn + mlp (sequential or parallel, dense or MoE),
+resid_post.L = resid_pre.L + attn_out.L + mlp_out.L.
 
 Hooks registered here are always removed when the `with` block ends, even on error (TransformerLens's
 `hooks()` discipline), so a model never keeps a stale hook.
@@ -24,6 +28,10 @@ from ..errors import MonoscopeError
 HOOK_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "mixer")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
+# Norms applied to a sub-block's output before the residual add. `post_attention_layernorm` is one only in a
+# block that also has an MLP post-norm (Gemma, OLMo 2): in Llama-style blocks it is the MLP's input norm.
+_ATTN_POST_NORMS = ("post_self_attn_layernorm", "post_attn_layernorm")
+_MLP_POST_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffw_layernorm", "post_ffn_layernorm", "post_ffn_norm", "post_mlp_norm")
 
 # Other tools' names for the same sites: TransformerLens `blocks.L.hook_resid_post`, sparsify `layers.L`
 # (a block's output), and plain module paths such as `model.layers.L`.
@@ -127,6 +135,24 @@ def _child(block: nn.Module, names: Iterable[str], what: str) -> nn.Module:
     raise MonoscopeError(f"{type(block).__name__} has no {what} submodule among ({children}); this hook kind is not available for it")
 
 
+def _named_child(block: nn.Module, names: Iterable[str]) -> nn.Module | None:
+    return next((child for name in names if isinstance(child := getattr(block, name, None), nn.Module)), None)
+
+
+def post_norms(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(attention post-norm, MLP post-norm) of a block: the norms between each sub-block and the residual add."""
+    mlp_norm = _named_child(block, _MLP_POST_NORMS)
+    attn_norm = _named_child(block, _ATTN_POST_NORMS)
+    if attn_norm is None and mlp_norm is not None:
+        attn_norm = _named_child(block, ("post_attention_layernorm",))
+    return attn_norm, mlp_norm
+
+
+def is_post_norm(model: nn.Module) -> bool:
+    """Whether the model normalises what its sub-blocks write before adding it to the residual stream."""
+    return any(norm is not None for block in find_blocks(model) for norm in post_norms(block))
+
+
 def resolve(model: nn.Module, point: "str | HookPoint") -> tuple[HookPoint, nn.Module, bool]:
     """(hook point, module to hook, whether it is a pre-hook on the module's input)."""
     hp = HookPoint.parse(point)
@@ -138,9 +164,10 @@ def resolve(model: nn.Module, point: "str | HookPoint") -> tuple[HookPoint, nn.M
         return hp, block, True
     if hp.kind == "resid_post":
         return hp, block, False
+    attn_norm, mlp_norm = post_norms(block)
     if hp.kind == "attn_out":
-        return hp, _child(block, _ATTENTION_NAMES, "attention"), False
-    return hp, _child(block, _MLP_NAMES, "MLP"), False
+        return hp, attn_norm or _child(block, _ATTENTION_NAMES, "attention"), False
+    return hp, mlp_norm or _child(block, _MLP_NAMES, "MLP"), False
 
 
 def parse_points(points: "str | HookPoint | Iterable[str | HookPoint]") -> list[HookPoint]:

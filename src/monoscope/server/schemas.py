@@ -313,6 +313,8 @@ class ServerInfo(_Model):
     version: str
     model: str = Field(description="The served model id (as in /v1/models).")
     model_source: str = Field(description="Where the model was loaded from.")
+    ablated_direction: Optional[str] = Field(None, description="The direction projected out of the residual stream at every layer "
+                                             "(`serve --ablate-direction`), or null.")
     saes: list[SAEInfo]
     vectors: list[VectorInfo]
     limits: Limits

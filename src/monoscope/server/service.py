@@ -105,10 +105,20 @@ class Service:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_body_bytes: int = S.MAX_BODY_BYTES,
         truncate_prompt: bool = False,
+        ablate_direction: tuple[str, torch.Tensor] | None = None,
     ):
         if not saes:
             raise MonoscopeError("serve needs at least one SAE (--sae DIR)")
         self.lm = lm
+        # Hooked directional ablation for the life of the service: every forward pass (chat, scan, attribution)
+        # sees the model with the direction projected out of its residual stream, as a baked model would be.
+        self._hooks = contextlib.ExitStack()
+        self.ablated_direction = None
+        if ablate_direction is not None:
+            from ..steer.ablation import directional_ablation
+
+            self.ablated_direction = ablate_direction[0]
+            self._hooks.enter_context(directional_ablation(lm.model, ablate_direction[1]))
         self.saes: dict[str, ServedSAE] = {s.id: s for s in saes}
         self.vectors: dict[str, Any] = dict(vectors or {})
         self.model_source = model_source or str(lm.name)
@@ -132,10 +142,12 @@ class Service:
         dtype: str = "auto",
         vectors: Sequence[str] = (),
         served_name: str | None = None,
+        ablate_direction: str | None = None,
         **kwargs: Any,
     ) -> "Service":
         """Load SAE folders (`DIR` or `NAME=DIR`), the model they read (or `model`), their feature databases and
-        steering vector files (`FILE` or `NAME=FILE`)."""
+        steering vector files (`FILE` or `NAME=FILE`); `ablate_direction` (`FILE` or `FILE:HOOK`) is projected
+        out of the model's residual stream for as long as the service runs."""
         from ..features.store import FeatureStore, default_db_path
         from ..model import load_model
         from ..steer import load_steering_sae
@@ -160,6 +172,11 @@ class Service:
                 if m and not same_model(m, name):
                     raise MonoscopeError(f"SAE {sae_name!r} reads {m}, not {name}: serve SAEs of one model at a time (or pass --model)")
         lm = load_model(name, device=device, dtype=dtype)
+        ablation = None
+        if ablate_direction:
+            from ..steer.ablation import load_direction
+
+            ablation = load_direction(ablate_direction, lm.d_model)
         served = []
         for sae_name, path, sae, hook in loaded_saes:
             check_sae_fits(sae, lm.model, hook, lm)
@@ -175,10 +192,11 @@ class Service:
 
             for vec_name, vec_path in _names(vectors, "vector", strip_suffix=True):
                 loaded_vectors[vec_name] = SteeringVector.load(vec_path)
-        return cls(lm, served, vectors=loaded_vectors, served_name=served_name, model_source=name, **kwargs)
+        return cls(lm, served, vectors=loaded_vectors, served_name=served_name, model_source=name, ablate_direction=ablation, **kwargs)
 
     def close(self) -> None:
         self.worker.close()
+        self._hooks.close()
         for s in self.saes.values():
             if s.store is not None:
                 with contextlib.suppress(Exception):
@@ -201,7 +219,7 @@ class Service:
 
     def info(self, auth: bool) -> S.ServerInfo:
         return S.ServerInfo(
-            version=__version__, model=self.served_name, model_source=self.model_source,
+            version=__version__, model=self.served_name, model_source=self.model_source, ablated_direction=self.ablated_direction,
             saes=[s.info() for s in self.saes.values()],
             vectors=[S.VectorInfo(id=k, hook_points=list(v.hooks), model=getattr(v, "model", None)) for k, v in self.vectors.items()],
             limits=S.Limits(max_body_bytes=self.max_body_bytes, max_prompt_chars=S.MAX_PROMPT_CHARS, max_tokens=self.max_tokens_limit,
@@ -442,6 +460,8 @@ def _example(e: Any) -> S.ExampleOut:
 def _served_name(name: str) -> str:
     path = Path(name).expanduser()
     try:
+        if path.is_file():
+            return path.resolve().stem  # a GGUF file: its name without .gguf
         if path.exists():
             return path.resolve().name
     except OSError:

@@ -2,14 +2,18 @@
 
 Hooked: x' = x - (x.r) r for unit r at every residual-stream site of every layer and position: each block's
 input (resid_pre.L) and what its attention and MLP write (attn_out.L, mlp_out.L), so no component along r
-ever enters the stream.
+ever enters the stream. In post-norm families (Gemma 2/3, OLMo 2: sub-block outputs normalised before the
+residual add) attn_out/mlp_out are the normalised outputs, i.e. what is actually added, so the hooked form
+is exact there too.
 
 Baked in (`orthogonalize_weights`): the same model with every matrix that writes into the residual stream
 replaced by W - r r^T W (its outputs lose their r component): token (and, for GPT-2, position) embeddings,
 attention output projections and MLP down projections, with their biases. A tied LM head is untied first
 and keeps the original embedding, because the unembedding reads the stream after the final norm, whose
-gain can put an r component back. The result is a plain transformers checkpoint (`save_orthogonalized`)
-that behaves like the hooked model in any tool, llama.cpp included after conversion.
+gain can put an r component back. MoE blocks have every expert's down projection (and a shared expert's)
+orthogonalised. The result is a plain transformers checkpoint (`save_orthogonalized`) that behaves like the
+hooked model in any tool, llama.cpp included after conversion. Post-norm families are refused: a norm after
+the output projection rescales its output per token and puts back what the weights removed.
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MonoscopeError
-from ..model import edit, find_blocks
+from ..model import edit, find_blocks, is_post_norm
 
 _ATTN_OUT = ("o_proj", "out_proj", "c_proj", "dense", "wo")
 _MLP_OUT = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "fc_out")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
-# Architectures that normalise what attention / the MLP write before adding it to the stream: orthogonal
-# weights would not give orthogonal writes, and the hook sites would not be the writes either.
-_POST_NORM_TYPES = ("gemma2", "gemma3", "gemma3_text", "olmo2", "cohere2")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
+HOOKED_HINT = "apply it at run time instead: `monoscope steer --ablate-direction FILE` or `monoscope serve --ablate-direction FILE` (preview with `ablate-direction --prompt`)"
 
 
 def unit(direction: Tensor, width: int | None = None) -> Tensor:
@@ -52,11 +55,13 @@ def _width(model: nn.Module) -> int:
     return width
 
 
-def _check_architecture(model: nn.Module) -> None:
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", "")
-    if model_type in _POST_NORM_TYPES or any(name.endswith("post_feedforward_layernorm") for name, _ in model.named_modules()):
-        raise MonoscopeError(f"{model_type or type(model).__name__} normalises attention/MLP outputs before the residual add; directional ablation is not supported for it")
+def check_bakeable(model: nn.Module) -> None:
+    if is_post_norm(model):
+        model_type = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
+        raise MonoscopeError(
+            f"cannot bake the ablation into {model_type} weights: it normalises attention/MLP outputs before the residual add, "
+            f"so no weight edit removes the direction exactly; {HOOKED_HINT}"
+        )
 
 
 def ablation_points(model: nn.Module) -> list[str]:
@@ -71,7 +76,6 @@ def ablation_points(model: nn.Module) -> list[str]:
 def directional_ablation(model: Any, direction: Tensor) -> Iterator[None]:
     """Project `direction` out of the residual stream everywhere during forward passes inside the block."""
     module = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
-    _check_architecture(module)
     r = unit(direction, _width(module)).to(next(module.parameters()).device)
 
     def project(x: Tensor) -> Tensor:
@@ -125,7 +129,7 @@ def _orthogonalize_output(module: nn.Module, r: Tensor, width: int) -> None:
 @torch.no_grad()
 def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
     """Rewrite `model` in place so nothing it writes into the residual stream has a component along `direction`."""
-    _check_architecture(model)
+    check_bakeable(model)
     width = _width(model)
     r = unit(direction, width)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
@@ -154,8 +158,38 @@ def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
         attn = _child(block, _ATTN_NAMES, "attention", layer)
         mlp = _child(block, _MLP_NAMES, "MLP", layer)
         _orthogonalize_output(_writer(attn, _ATTN_OUT, "attention", layer), r, width)
-        _orthogonalize_output(_writer(mlp, _MLP_OUT, "MLP", layer), r, width)
+        experts = getattr(mlp, "experts", None)
+        if experts is None:
+            _orthogonalize_output(_writer(mlp, _MLP_OUT, "MLP", layer), r, width)
+            continue
+        if isinstance(experts, nn.ModuleList):
+            for expert in experts:
+                _orthogonalize_output(_writer(expert, _MLP_OUT, "expert", layer), r, width)
+        else:
+            _orthogonalize_experts(experts, r, width, layer)
+        for name in _SHARED_EXPERTS:
+            shared = getattr(mlp, name, None)
+            if isinstance(shared, nn.Module):
+                _orthogonalize_output(_writer(shared, _MLP_OUT, "shared expert", layer), r, width)
     return model
+
+
+@torch.no_grad()
+def _orthogonalize_experts(experts: nn.Module, r: Tensor, width: int, layer: int) -> None:
+    """Fused experts: a `down_proj` Parameter [experts, d_model, d_ff] (F.linear's layout) or [experts, d_ff, d_model]."""
+    w = getattr(experts, "down_proj", None)
+    if not isinstance(w, Tensor) or w.dim() != 3 or width not in w.shape[1:] or w.shape[1] == w.shape[2]:
+        raise MonoscopeError(f"layer {layer}: cannot tell how {type(experts).__name__} writes to the residual stream; baking is not supported for it (the hooked form is)")
+    rr = r.to(device=w.device, dtype=torch.float32)
+    wf = w.float()
+    if w.shape[1] == width:  # y = W_e x
+        w.copy_((wf - rr.view(1, -1, 1) * torch.einsum("d,edf->ef", rr, wf).unsqueeze(1)).to(w.dtype))
+    else:  # y = x W_e
+        w.copy_((wf - (wf @ rr).unsqueeze(-1) * rr).to(w.dtype))
+    bias = getattr(experts, "down_proj_bias", None)
+    if isinstance(bias, Tensor) and bias.shape[-1] == width:
+        bf = bias.float()
+        bias.copy_((bf - (bf @ rr).unsqueeze(-1) * rr).to(bias.dtype))
 
 
 def save_orthogonalized(lm: Any, direction: Tensor, out: str | os.PathLike, *, note: dict | None = None) -> Path:
@@ -173,3 +207,18 @@ def save_orthogonalized(lm: Any, direction: Tensor, out: str | os.PathLike, *, n
     lm.tokenizer.save_pretrained(out)
     (out / "monoscope-ablation.json").write_text(json.dumps({"base_model": getattr(lm, "name", None), "method": "weight orthogonalisation (directional ablation)", **(note or {})}, indent=2) + "\n")
     return out
+
+
+def load_direction(spec: str, width: int | None = None) -> tuple[str, Tensor]:
+    """`FILE` or `FILE:HOOK` (a vector from `monoscope vector make`) -> (description, unit direction), checked
+    against the model's width: the right size, finite, not zero."""
+    from .vectors import SteeringVector
+
+    path, hook = spec, None
+    if not Path(spec).exists() and ":" in spec:
+        path, _, hook = spec.rpartition(":")
+    vector = SteeringVector.load(path)
+    if not hook and len(vector.hooks) > 1:
+        raise MonoscopeError(f"{path} holds directions at {', '.join(vector.hooks)}; pick one as {path}:HOOK")
+    hook, direction = vector.direction(hook or None)
+    return f"{Path(path).name} ({hook})", unit(direction, width)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import MonoscopeError
-from ..model import edit
+from ..model import edit, last_logits, token_logprobs
 from .generation import encode_prompt
 from ..sae.io import sae_hook_point
 from .steering import check_sae_fits
@@ -89,12 +89,12 @@ def _prompt_and_target(lm: Any, prompt: str, target: str | int | list[int], raw:
     return torch.cat([ids, forced], 1), target_ids
 
 
-def _target_scores(logits: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed logits and summed log-probs of the target's tokens, from logits [T, vocab] of prompt + target[:-1]."""
-    n = len(target_ids)
-    rows = logits[-n:].float()
-    index = torch.tensor(target_ids, device=rows.device)[:, None]
-    return rows.gather(1, index).sum(), torch.log_softmax(rows, -1).gather(1, index).sum()
+def _target_scores(model: Any, ids: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed logits and summed log-probs of the target's tokens after prompt + target[:-1] (`ids`); the LM head
+    runs on the target's positions only."""
+    rows = last_logits(model, ids, len(target_ids))[0]
+    index = torch.tensor(target_ids, device=rows.device)
+    return rows.gather(1, index[:, None]).float().sum(), token_logprobs(rows, index).sum()
 
 
 def attribute(
@@ -135,7 +135,7 @@ def attribute(
         return torch.cat([x[:, :skip], (recon + error).to(x.dtype)], 1)
 
     with torch.enable_grad(), edit(model, {hook: splice}):
-        logit, logprob = _target_scores(model(input_ids=ids, use_cache=False).logits[0], target_ids)
+        logit, logprob = _target_scores(model, ids, target_ids)
         (logit if metric == "logit" else logprob).backward()
     codes, error = store["codes"], store["error"]
     scores = (codes * codes.grad).detach()[0].sum(0).float()
@@ -173,7 +173,7 @@ def ablation_effect(
     pick = 0 if metric == "logit" else 1
 
     def score() -> float:
-        return float(_target_scores(model(input_ids=ids, use_cache=False).logits[0], target_ids)[pick])
+        return float(_target_scores(model, ids, target_ids)[pick])
 
     clean = score()
     out = {}

@@ -28,7 +28,7 @@ def _loud_warnings() -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub id, local folder or smollm2-135m-instruct (default: the SAE's model, else the embedded one)")
+    p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or smollm2-135m-instruct (default: the SAE's model, else the embedded one)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
 
@@ -55,6 +55,24 @@ def _open_model(args: argparse.Namespace, sae=None):
     if args.model is None and sae is not None and sae_model_name(sae) and not Path(name).exists() and name.startswith((".", "/", "~")):
         raise MonoscopeError(f"the SAE was trained on {name}, which is not here; pass --model")
     return load_model(name, device=args.device, dtype=args.model_dtype)
+
+
+def _add_ablate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ablate-direction", metavar="FILE[:HOOK]", default=None,
+                   help="project this direction (a vector from `monoscope vector make`) out of the residual stream at every layer "
+                   "and position while generating: hooked directional ablation, exact for every family incl. Gemma 2/3 and OLMo 2")
+
+
+def _ablation(args: argparse.Namespace, lm) -> tuple[str | None, Any]:
+    """(description, context manager applying it) for --ablate-direction, checked against the model."""
+    import contextlib
+
+    from .ablation import directional_ablation, load_direction
+
+    if not getattr(args, "ablate_direction", None):
+        return None, contextlib.nullcontext()
+    label, direction = load_direction(args.ablate_direction, lm.d_model)
+    return label, directional_ablation(lm.model, direction)
 
 
 def _db(args: argparse.Namespace, sae) -> Any:
@@ -112,19 +130,23 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> s
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from .generation import compare
+    from .generation import generate
 
     _loud_warnings()
-    if not args.feature and not args.vector:
-        raise MonoscopeError("nothing to steer with: give --feature ID=clamp:VALUE (with --sae) or --vector FILE:COEF")
+    if not args.feature and not args.vector and not args.ablate_direction:
+        raise MonoscopeError("nothing to steer with: give --feature ID=clamp:VALUE (with --sae), --vector FILE:COEF or --ablate-direction FILE")
     if not args.prompt or not args.prompt.strip():
         raise MonoscopeError("the prompt is empty; pass --prompt with some text")
     sae = _open_sae(args)
     db = _db(args, sae)
     steering = _steering_from_args(args, sae, db)
     lm = _open_model(args, sae)
-    unsteered, steered = compare(lm, args.prompt, steering, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed, raw=args.raw)
+    ablated, ablation = _ablation(args, lm)
+    steering.compile(lm)  # fail on a bad spec before spending time on the unsteered run
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw)
+    unsteered = generate(lm, args.prompt, steering=None, **kw)
+    with ablation:
+        steered = generate(lm, args.prompt, steering=steering, **kw)
     if args.json:
         labels = db.labels([e.feature for e in steering.feature_edits]) if db is not None else {}
         print(json.dumps({
@@ -135,6 +157,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
             "sae": args.sae,
             "features": [{"feature": e.feature, "mode": e.mode, "value": str(e.value), "label": labels.get(e.feature)} for e in steering.feature_edits],
             "vectors": [d.describe() for d in steering.direction_edits],
+            "ablated_direction": ablated,
             "strength": steering.strength,
             "positions": steering.positions,
             "seed": args.seed,
@@ -143,7 +166,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     print(f"prompt: {args.prompt}")
-    print("steering: " + "; ".join(steering.describe()))
+    print("steering: " + ("; ".join(steering.describe()) or "none"))
+    if ablated:
+        print(f"ablated: {ablated} at every layer and position")
     print()
     print(_side_by_side("steered", steered.text, "unsteered", unsteered.text))
     return 0
@@ -163,6 +188,7 @@ def _add_steer(sub) -> None:
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
     p.add_argument("--when", metavar="ID>THRESHOLD", help="apply the feature edits only where feature ID is above THRESHOLD (e.g. 12>0.5 or 12>0.1x)")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
+    _add_ablate_arg(p)
     _add_generation_args(p)
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON object with prompt, unsteered and steered texts")
@@ -313,11 +339,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sae = _open_sae(args)
     db = _db(args, sae)
     lm = _open_model(args, sae)
-    session = ChatSession(lm, sae, db, args)
+    ablated, ablation = _ablation(args, lm)
+    with ablation:
+        return _chat_loop(ChatSession(lm, sae, db, args), args, lm, ablated)
+
+
+def _chat_loop(session: "ChatSession", args: argparse.Namespace, lm, ablated: str | None) -> int:
     for spec in args.feature or []:
         session.command(f"/set {spec.replace('=', ' ', 1)}")
     interactive = sys.stdin.isatty()
-    session.say(f"monoscope chat with {lm.name}" + (f" (SAE {args.sae})" if args.sae else "") + "; /help for commands, /quit to leave")
+    session.say(f"monoscope chat with {lm.name}" + (f" (SAE {args.sae})" if args.sae else "") + (f", {ablated} ablated" if ablated else "")
+                + "; /help for commands, /quit to leave")
     while True:
         if interactive:
             sys.stdout.write("you> ")
@@ -351,6 +383,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--feature", action="append", metavar="ID=MODE:VALUE", help="start with this edit (repeatable)")
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
+    _add_ablate_arg(p)
     _add_generation_args(p, default_tokens=60)
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
@@ -504,7 +537,7 @@ def _add_vector(sub) -> None:
 
 
 def cmd_ablate_direction(args: argparse.Namespace) -> int:
-    from .ablation import directional_ablation, save_orthogonalized
+    from .ablation import check_bakeable, directional_ablation, save_orthogonalized
     from .generation import generate
     from .vectors import SteeringVector
 
@@ -521,6 +554,8 @@ def cmd_ablate_direction(args: argparse.Namespace) -> int:
 
         if not same_model(vector.model, lm.name):
             warnings.warn(f"the vector was made on {vector.model!r} but the model is {lm.name!r}")
+    if args.out:
+        check_bakeable(lm.model)  # before the preview: a post-norm family cannot take --out
     if args.prompt:
         before = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)
         with directional_ablation(lm.model, direction):
@@ -536,10 +571,11 @@ def cmd_ablate_direction(args: argparse.Namespace) -> int:
 def _add_ablate_direction(sub) -> None:
     p = sub.add_parser("ablate-direction", help="remove a direction everywhere (e.g. refusal); write it into the weights",
                        description="Directional ablation: x -> x - (x.r)r at every layer and position, previewed with --prompt, and baked into a "
-                       "new transformers checkpoint with --out (embedding, attention and MLP output weights orthogonalised to r).")
+                       "new transformers checkpoint with --out (embedding, attention and MLP output weights orthogonalised to r). Post-norm "
+                       "families (Gemma 2/3, OLMo 2) cannot be baked exactly: apply it at run time with `steer`/`chat`/`serve --ablate-direction FILE`.")
     p.add_argument("--vector", required=True, help="NAME.safetensors from `monoscope vector make` (e.g. harmful vs harmless prompts)")
     p.add_argument("--hook", default=None, help="which of the vector's hook points to take the direction from (default: its only one)")
-    p.add_argument("--out", default=None, help="write the orthogonalised model to this new folder")
+    p.add_argument("--out", default=None, help="write the orthogonalised model to this new folder (not for post-norm families)")
     p.add_argument("--prompt", default=None, help="compare generations with and without the ablation")
     p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate for --prompt (default: 40)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import MonoscopeError
-from ..model import edit, run_to
+from ..model import edit, last_logits, run_to, token_logprobs
 from ..sae.io import sae_hook_point
 from .steering import check_sae_fits
 
@@ -78,9 +78,9 @@ def _activation_candidates(lm: Any, sae: Any, hook: str, texts: Sequence[str], n
 @torch.inference_mode()
 def _reference_logprob(lm: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Sum of log p(token) over positions >= start of each row: [B]."""
-    logits = lm.model(input_ids=ids, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return logp[:, start - 1 :].sum(1)
+    n = ids.shape[1] - start  # positions start-1 .. T-2 predict the reference's tokens: the LM head runs on those only
+    logits = last_logits(lm.model, ids, n + 1)[:, :-1]
+    return token_logprobs(logits, ids[:, start:]).sum(1)
 
 
 def output_effect(lm: Any, sae: Any, hook: str, values: dict[int, float], references: Sequence[str], *, context: str = DEFAULT_CONTEXT,
