@@ -1,0 +1,385 @@
+"""The pieces of steering toward a concept, measured on generated text.
+
+- `generate_rows`: greedy (or sampled) generation of many prompts in one left-padded batch, each row with its
+  own vector added at the hook point, at the generated positions (default) or at every position but the first
+  real token of its prompt. The steering the user gets (`Steering.add_vector` / feature `add` edits with
+  positions `generated`) computes the same thing one prompt at a time (tested).
+- `ConceptJudge`: how far a completion moved toward a concept: all-MiniLM-L6-v2 cosine between the
+  completion and the concept's text, "mentions" at >= 0.35 (unrelated sentences score 0.0-0.2 against a one-
+  or two-word concept, a sentence about it 0.4 and more).
+- `completion_nll`: the mean negative log-likelihood per token of each completion under the unsteered model
+  (its exp is the completion's perplexity: the fluency cost of a steering).
+- `learn_steering_vector`: one vector at the hook, optimised so that reference texts become likely as answers
+  to neutral chat prompts (the vector added at the answer's positions, as in generation), within a norm bound
+  (a fraction of the hook's typical activation norm: the fluency guard). With `basis` (rows of the SAE's
+  decoder) it learns non-negative weights of those features instead: a feature group with learned strengths
+  that steers exactly like feature `add` edits. The prompt's keys and values do not depend on the vector (it
+  acts at the answer's positions only) and are computed once; each step runs the answers alone on top of them.
+- `hook_norm`: the mean norm of the activation at a hook point over a few neutral chat turns, the unit of every
+  strength here (a strength of 1 adds a vector as long as a typical activation).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import MonoscopeError
+from ..model import edit
+from .generation import Generation, encode_prompt, generation_kwargs
+
+MENTION_THRESHOLD = 0.35
+
+#: Prompts on which `suggest` measures candidates (the concept benchmark reports on other prompts).
+NEUTRAL_PROMPTS = (
+    "Tell me something interesting.",
+    "What is on your mind today?",
+    "Write a few sentences about anything you like.",
+    "Say something nice.",
+)
+
+MAX_REFERENCES = 64
+MAX_REFERENCE_CHARS = 2000
+
+
+def check_references(references: Sequence[str], *, allow_empty: bool = False) -> list[str]:
+    """Non-blank references, stripped; one-line errors for none (unless allowed), too many, or too long."""
+    refs = [r.strip() for r in references if r and r.strip()]
+    if not refs and not allow_empty:
+        raise MonoscopeError("no reference text: give at least one short text about the concept (--reference TEXT)")
+    if len(refs) > MAX_REFERENCES:
+        raise MonoscopeError(f"{len(refs)} reference texts is too many (at most {MAX_REFERENCES}); a handful of short sentences is enough")
+    long = [r for r in refs if len(r) > MAX_REFERENCE_CHARS]
+    if long:
+        raise MonoscopeError(f"a reference text has {len(long[0]):,} characters (at most {MAX_REFERENCE_CHARS:,}); give short sentences about the concept")
+    return refs
+
+
+def check_strength(value: float, name: str = "strength") -> float:
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > 1e3:
+        raise MonoscopeError(f"{name} {value!r} would make the activations NaN or inf; give a finite number (a few units at most)")
+    return value
+
+
+# ---------------------------------------------------------------- batched generation with a vector per row
+
+
+def _pad_left(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = r
+        mask[i, longest - len(r):] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad if pad is not None else 0)
+
+
+@torch.inference_mode()
+def generate_rows(
+    lm: Any,
+    prompts: Sequence[str],
+    *,
+    hook: str | None = None,
+    deltas: Tensor | None = None,
+    positions: str = "generated",
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    raw: bool = False,
+) -> list[Generation]:
+    """Generate from every prompt in one batch; row i gets `deltas[i]` (or one shared [d] vector) added at `hook`.
+
+    `positions`: `generated` (the tokens the model produces) or `all` (also the prompt, its first token left
+    alone). Greedy unless `temperature`/`seed` ask for sampling.
+    """
+    if positions not in ("generated", "all"):
+        raise MonoscopeError(f"positions must be generated or all, got {positions!r}")
+    if not prompts:
+        return []
+    tok = lm.tokenizer
+    encoded = [encode_prompt(tok, p, raw=raw)[0].cpu() for p in prompts]
+    ids, mask = _pad_left(encoded, _pad_id(tok))
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    fns = {}
+    if deltas is not None:
+        if hook is None:
+            raise MonoscopeError("a steering vector needs the hook point it is added at")
+        if not torch.isfinite(deltas).all():
+            raise MonoscopeError("the steering vector has NaN or inf entries; use a smaller strength")
+        delta = deltas.float().to(lm.device)
+        delta = delta.expand(len(prompts), -1) if delta.dim() == 1 else delta
+        if delta.shape[0] != len(prompts):
+            raise MonoscopeError(f"{delta.shape[0]} steering vectors for {len(prompts)} prompts")
+        first_real = mask.argmax(1)
+        prompt_keep = mask.clone()
+        prompt_keep[torch.arange(len(prompts), device=mask.device), first_real] = 0
+        calls = {"n": 0}
+
+        def add(x: Tensor) -> Tensor | None:
+            calls["n"] += 1
+            if calls["n"] == 1:  # the prompt
+                if positions == "generated" or x.shape[1] != prompt_keep.shape[1]:
+                    return None
+                return x + (prompt_keep.unsqueeze(-1) * delta.unsqueeze(1)).to(x.dtype)
+            return x + delta.unsqueeze(1).to(x.dtype)
+
+        fns[hook] = add
+    kw = generation_kwargs(tok, max_new_tokens, temperature, None, seed)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with edit(lm.model, fns):
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, **kw)
+    new = out[:, ids.shape[1]:].cpu()
+    eos = getattr(tok, "eos_token_id", None)
+    results = []
+    for i in range(len(prompts)):
+        row = new[i].tolist()
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        results.append(Generation(text=tok.decode(row, skip_special_tokens=True), ids=row, prompt_ids=encoded[i].tolist()))
+    return results
+
+
+@torch.inference_mode()
+def completion_nll(lm: Any, generations: Sequence[Generation], *, batch_size: int = 32) -> list[float]:
+    """Mean negative log-likelihood per token of each completion given its prompt, under the unsteered model
+    (NaN for an empty completion). exp() of it is the completion's perplexity."""
+    out: list[float] = [math.nan] * len(generations)
+    todo = [i for i, g in enumerate(generations) if g.ids]
+    pad = _pad_id(lm.tokenizer)
+    for lo in range(0, len(todo), batch_size):
+        chunk = todo[lo : lo + batch_size]
+        rows = [torch.tensor(generations[i].prompt_ids + generations[i].ids) for i in chunk]
+        ids, mask = _pad_left(rows, pad)
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
+        for row, i in enumerate(chunk):
+            n = len(generations[i].ids)
+            out[i] = float(-logp[row, -n:].mean())
+    return out
+
+
+def perplexities(lm: Any, generations: Sequence[Generation]) -> np.ndarray:
+    return np.exp(np.asarray(completion_nll(lm, generations), dtype=np.float64))
+
+
+def geometric_mean(values: Sequence[float] | np.ndarray) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr) & (arr > 0)]
+    return float(np.exp(np.log(arr).mean())) if arr.size else math.nan
+
+
+# ---------------------------------------------------------------- judging
+
+
+class ConceptJudge:
+    """Cosine (all-MiniLM-L6-v2) of completions with a concept's text; `mentions` at >= `threshold`."""
+
+    def __init__(self, concept: str, threshold: float = MENTION_THRESHOLD):
+        from ..features.embedding import embed_texts
+
+        self.concept = concept
+        self.threshold = threshold
+        self.vector = embed_texts([concept])[0]
+
+    def similarity(self, texts: Sequence[str]) -> np.ndarray:
+        from ..features.embedding import embed_texts
+
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        return embed_texts([t if t.strip() else "." for t in texts]) @ self.vector
+
+    def mentions(self, texts: Sequence[str]) -> np.ndarray:
+        return self.similarity(texts) >= self.threshold
+
+
+def repetition(text_ids: Sequence[int], n: int = 3) -> float:
+    """Share of repeated n-grams in a completion (0: none; near 1: a loop like 'were were were')."""
+    grams = [tuple(text_ids[i : i + n]) for i in range(len(text_ids) - n + 1)]
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+# ---------------------------------------------------------------- units
+
+
+_NORMS: "weakref.WeakKeyDictionary[Any, dict[str, float]]" = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def hook_norm(lm: Any, hook: str) -> float:
+    """Mean norm of the activation at `hook` over a few neutral chat turns (first token left out)."""
+    from ..model import run_to
+
+    cached = _NORMS.setdefault(lm.model, {})
+    if hook not in cached:
+        norms = []
+        for prompt in NEUTRAL_PROMPTS:
+            ids = encode_prompt(lm.tokenizer, prompt, device=lm.device)
+            x = run_to(lm.model, [hook], ids)[hook][0, 1:].float()
+            norms.append(x.norm(dim=-1))
+        cached[hook] = float(torch.cat(norms).mean())
+    return cached[hook]
+
+
+# ---------------------------------------------------------------- the learned steering vector
+
+
+@dataclass
+class LearnedVector:
+    """A vector learned at `hook` (raw activation units) and how well it fits the references."""
+
+    vector: Tensor  # [d]
+    hook: str
+    max_norm: float
+    loss_before: float  # mean NLL per reference token, unsteered
+    loss_after: float  # the same with the vector
+    steps: int
+    weights: Tensor | None = None  # [m] the basis rows' weights, when learned over a basis (SAE features)
+    history: list[float] = field(default_factory=list)
+
+
+def _training_rows(lm: Any, references: Sequence[str], prompts: Sequence[str], max_rows: int) -> tuple[list[Tensor], list[Tensor]]:
+    tok = lm.tokenizer
+    ref_ids = []
+    eos = getattr(tok, "eos_token_id", None)
+    for ref in references:
+        ids = tok(" " + ref.strip() if not getattr(tok, "chat_template", None) else ref.strip(), add_special_tokens=False,
+                  return_tensors="pt").input_ids[0]
+        if eos is not None and getattr(tok, "chat_template", None):
+            ids = torch.cat([ids, torch.tensor([eos])])
+        if len(ids) >= 2:
+            ref_ids.append(ids[:64])
+    if not ref_ids:
+        raise MonoscopeError("the reference texts encode to no tokens; give short sentences about the concept")
+    prompt_ids = [encode_prompt(tok, p)[0].cpu() for p in prompts]
+    pairs = [(p, r) for r in range(len(ref_ids)) for p in range(len(prompt_ids))]
+    # spread the rows over prompts and references when there are more pairs than rows
+    step = max(1, len(pairs) // max_rows)
+    pairs = pairs[::step][:max_rows]
+    return [prompt_ids[p] for p, _ in pairs], [ref_ids[r] for _, r in pairs]
+
+
+def learn_steering_vector(
+    lm: Any,
+    hook: str,
+    references: Sequence[str],
+    *,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    max_norm: float | None = None,
+    basis: Tensor | None = None,
+    steps: int = 30,
+    lr: float | None = None,
+    max_rows: int = 16,
+) -> LearnedVector:
+    """Learn a vector at `hook` that makes `references` likely as answers to `prompts` (see the module docstring).
+
+    `max_norm`: the bound on the vector's norm (default: the hook's mean activation norm). `basis`: [m, d] rows
+    (SAE decoder rows) to learn non-negative weights over instead of a free vector.
+    """
+    refs = check_references(references)
+    if steps < 1:
+        raise MonoscopeError("steps must be at least 1")
+    model = lm.model
+    bound = float(max_norm) if max_norm is not None else hook_norm(lm, hook)
+    check_strength(bound, "the norm bound")
+    if bound <= 0:
+        raise MonoscopeError("the norm bound must be positive")
+    prompt_rows, answer_rows = _training_rows(lm, refs, prompts, max_rows)
+    pad = _pad_id(lm.tokenizer)
+    device = lm.device
+    p_ids, p_mask = _pad_left(prompt_rows, pad)
+    longest = max(len(a) for a in answer_rows)
+    a_ids = torch.full((len(answer_rows), longest), pad, dtype=torch.long)
+    a_mask = torch.zeros_like(a_ids)
+    for i, a in enumerate(answer_rows):
+        a_ids[i, : len(a)] = a
+        a_mask[i, : len(a)] = 1
+    p_ids, p_mask, a_ids, a_mask = p_ids.to(device), p_mask.to(device), a_ids.to(device), a_mask.to(device)
+    full_mask = torch.cat([p_mask, a_mask], 1)
+    a_pos = p_mask.sum(1, keepdim=True) + torch.arange(longest, device=device).unsqueeze(0)
+    with torch.no_grad():
+        prefix = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp_min(0), use_cache=True)
+    cache = prefix.past_key_values
+    # the answer's first token is predicted at the prompt's last position, before any steering: a constant
+    first_logp = torch.log_softmax(prefix.logits[:, -1].float(), -1).gather(-1, a_ids[:, :1]).squeeze(-1)
+    targets = a_ids[:, 1:]
+    target_mask = a_mask[:, 1:].float()
+    n_tokens = target_mask.sum() + len(answer_rows)
+
+    d = model.get_input_embeddings().weight.shape[1]
+    if basis is not None:
+        basis = basis.detach().float().to(device)
+        if basis.dim() != 2 or basis.shape[1] != d or basis.shape[0] == 0:
+            raise MonoscopeError(f"the basis must be [features, {d}] rows; got {tuple(basis.shape)}")
+        param = torch.zeros(basis.shape[0], device=device, requires_grad=True)
+    else:
+        param = torch.zeros(d, device=device, requires_grad=True)
+
+    def vector() -> Tensor:
+        return param @ basis if basis is not None else param
+
+    step_size = lr if lr is not None else (0.1 * bound / max(1.0, float(basis.norm(dim=1).mean())) if basis is not None else 0.1 * bound)
+    opt = torch.optim.Adam([param], lr=step_size)
+
+    def loss_of(v: Tensor | None) -> Tensor:
+        fns = {} if v is None else {hook: lambda x: x + v.to(x.dtype)}
+        with edit(model, fns):
+            logits = model(input_ids=a_ids, attention_mask=full_mask, position_ids=a_pos, past_key_values=copy.deepcopy(cache),
+                           use_cache=True).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return -((logp * target_mask).sum() + first_logp.sum()) / n_tokens
+
+    with torch.no_grad():
+        before = float(loss_of(None))
+    history = []
+    params_before = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_of(vector())
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if basis is not None:
+                    param.clamp_(min=0)
+                norm = float(vector().norm())
+                if norm > bound:
+                    param.mul_(bound / norm)
+            history.append(float(loss))
+        with torch.no_grad():
+            final = vector().detach()
+            after = float(loss_of(final))
+    finally:
+        for p, flag in zip(model.parameters(), params_before):
+            p.requires_grad_(flag)
+    if not torch.isfinite(final).all():
+        raise MonoscopeError("learning the steering vector diverged (NaN); try a smaller --learning-rate or norm bound")
+    return LearnedVector(final.cpu(), hook, bound, before, after, steps, param.detach().cpu() if basis is not None else None, history)
+
+
+def explain_vector(vector: Tensor, sae: Any, top: int = 8) -> list[tuple[int, float]]:
+    """(feature, cosine) of the SAE decoder rows closest in direction to `vector`, best first."""
+    w = sae.W_dec.detach().float().cpu()
+    v = vector.detach().float().cpu()
+    cos = (w @ v) / (w.norm(dim=1).clamp_min(1e-12) * v.norm().clamp_min(1e-12))
+    order = torch.argsort(cos, descending=True)[:top]
+    return [(int(i), float(cos[i])) for i in order]
