@@ -20,7 +20,8 @@ from typing import Any
 _EXPORTS = {
     "Service": "service",
     "ServedSAE": "service",
-    "ApiError": "service",
+    "ApiError": "errors",
+    "ModelWorker": "worker",
     "create_app": "app",
     "fastapi_app": "app",
     "ServerThread": "runner",

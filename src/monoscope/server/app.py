@@ -28,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import MonoscopeError
 from . import schemas as S
-from .service import ApiError, Cancelled, GenerationJob, Service, default_max_tokens, new_id
+from .errors import ApiError, Cancelled
+from .service import Service, default_max_tokens, new_id
+from .worker import GenerationJob
 
 STATIC_DIR = Path(__file__).with_name("static")
 PROTECTED_PREFIXES = ("/v1", "/api")
@@ -39,7 +41,7 @@ _ERRORS = {
     401: {"model": S.ErrorResponse, "description": "Missing or wrong API key (only when the server runs with one)."},
     404: {"model": S.ErrorResponse, "description": "Unknown feature, SAE or model."},
     413: {"model": S.ErrorResponse, "description": "Body larger than the limit (1 MB by default)."},
-    503: {"model": S.ErrorResponse, "description": "The model's queue is full; retry shortly."},
+    503: {"model": S.ErrorResponse, "description": "The model's queue is full (or the server is shutting down); retry after the Retry-After seconds."},
 }
 
 
@@ -277,7 +279,7 @@ def create_app(service: Service | None, *, api_key: str | None = None, max_body:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await _stream(s, job, request, rid, created, "chat", include_usage)
-        result = await _wait(s.submit(s.run_generation, job), request, job.cancel)
+        result = await _wait(s.generate(job), request, job.cancel)
         return S.ChatCompletion(
             id=rid, created=created, model=s.served_name, steering=applied,
             choices=[S.ChatChoice(message=S.AssistantMessage(content=result.text), finish_reason=result.finish_reason)],
@@ -298,7 +300,7 @@ def create_app(service: Service | None, *, api_key: str | None = None, max_body:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await _stream(s, job, request, rid, created, "completion", include_usage)
-        result = await _wait(s.submit(s.run_generation, job), request, job.cancel)
+        result = await _wait(s.generate(job), request, job.cancel)
         return S.Completion(
             id=rid, created=created, model=s.served_name, steering=applied,
             choices=[S.CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
@@ -477,9 +479,15 @@ def describe_validation(errors: Any) -> tuple[str, str, str | None]:
 async def _stream(s: Service, job: GenerationJob, request: Request, rid: str, created: int, kind: str, include_usage: bool) -> Response:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    job.on_event = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
-    future = s.submit(s.run_generation, job)
-    future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, ("end", f)))
+    def deliver(item: tuple) -> None:  # from the model thread
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutting down): nobody reads this stream any more
+            job.cancel.set()
+
+    job.on_event = deliver
+    future = s.generate(job)
+    future.add_done_callback(lambda f: deliver(("end", f)))
     # Wait until the job starts (or fails) before answering: errors still get their own status code.
     while True:
         try:
@@ -522,7 +530,8 @@ async def _stream(s: Service, job: GenerationJob, request: Request, rid: str, cr
                     if exc is not None:
                         message = exc.message if isinstance(exc, ApiError) else str(exc)
                         code = exc.code if isinstance(exc, ApiError) else "generation_failed"
-                        yield _sse(S.ErrorResponse(error=S.ErrorDetail(message=message, type="server_error", code=code)))
+                        error_type = exc.kind if isinstance(exc, ApiError) else "server_error"
+                        yield _sse(S.ErrorResponse(error=S.ErrorDetail(message=message, type=error_type, param=getattr(exc, "param", None), code=code)))
                     else:
                         result = f.result()
                         yield chunk(None if kind == "chat" else "", finish=result.finish_reason)

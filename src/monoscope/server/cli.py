@@ -35,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"(pass --api-key or set {API_KEY_ENV})", file=sys.stderr)
     bind(args.host, args.port).close()  # fail on a busy port before loading the model
     service = Service.load(args.sae, model=args.model, device=args.device, dtype=args.model_dtype, vectors=args.vector or [],
-                           served_name=args.name, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
+                           served_name=args.name, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+                           max_batch=args.max_batch)
     app = create_app(service, api_key=api_key)
 
     def ready(port: int) -> None:
@@ -72,7 +73,9 @@ def register(sub) -> None:
     p.add_argument("--vector", action="append", metavar="[NAME=]FILE", help="serve a steering vector (.safetensors from `monoscope vector make`); repeatable")
     p.add_argument("--name", default=None, help="model id in /v1/models (default: the model's name, or its folder name)")
     p.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens a request may ask for (default: 1024)")
-    p.add_argument("--max-queue", type=positive_int, default=64, help="model requests that may wait at once before 503 (default: 64)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="model requests that may wait or run at once before 503 (default: 64)")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="completions decoded together; more wait for a free row (default: 16; on a GPU 64-256, see docs/server.md)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],

@@ -305,6 +305,7 @@ class Limits(_Model):
     context_length: Optional[int]
     max_steering_items: int
     max_queue: int
+    max_batch: int = Field(description="Completions decoded together in one batch (more wait for a free row).")
 
 
 class ServerInfo(_Model):
@@ -320,6 +321,8 @@ class ServerInfo(_Model):
 
 class ServerStats(_Model):
     queued: int = Field(description="Model jobs waiting or running.")
+    running: int = Field(description="Completions decoding in the batch now.")
+    peak_batch: int = Field(description="The most completions decoded together so far.")
     generations: int = Field(description="Completions finished.")
     cancelled: int = Field(description="Completions stopped because the client went away.")
     failed: int

@@ -1,13 +1,8 @@
 """What the server serves: one model, its SAE(s) with their feature databases, and steering vectors.
 
-All work on the model (generation, scans, search by example, attribution) runs on one worker thread, in the
-order it arrived (`ModelWorker`): one model, one forward pass at a time, so steering hooks never leak into
-another request's forward pass, and the event loop keeps answering the feature-database endpoints (which
-read SQLite from the web server's thread pool) while the model is busy. At most `max_queue` jobs wait;
-beyond that a request gets 503 at once.
-
-A generation checks a cancel flag after every token (a `StoppingCriteria`): a client that goes away stops
-its generation within one token, and a job whose client left while it waited is skipped.
+Every job that runs the model goes to the `ModelWorker` (worker.py): completions join its continuous batch,
+other model jobs (scan, search by example, attribution) run between two decoding steps. The feature-database
+endpoints read SQLite from the web server's thread pool and never wait for the model.
 """
 
 from __future__ import annotations
@@ -15,78 +10,23 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-
-import torch
+from typing import Any, Callable, Sequence
 
 from .. import __version__
 from ..errors import MonoscopeError
 from . import schemas as S
+from .errors import ApiError, Cancelled
+from .worker import DEFAULT_MAX_BATCH, GenerationJob, GenerationResult, ModelWorker
+
+__all__ = ["ApiError", "Cancelled", "GenerationJob", "GenerationResult", "ModelWorker", "ServedSAE", "Service", "default_max_tokens", "new_id"]
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives no max_tokens (OpenAI completions default to 16; chat to "as many as fit")
 DEFAULT_COMPLETION_TOKENS = 16
-
-
-class ApiError(Exception):
-    """An answer other than 200: status, one-line message, machine-readable code, the field at fault."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None, kind: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.kind = kind or {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-
-
-class Cancelled(Exception):
-    """The client went away before or while its job ran."""
-
-
-# ---------------------------------------------------------------- the model worker
-
-
-class ModelWorker:
-    """One thread runs every model job, first come first served; at most `max_queue` waiting or running."""
-
-    def __init__(self, max_queue: int = 64):
-        self.max_queue = int(max_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monoscope-model")
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._closed = False
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        with self._lock:
-            if self._closed:
-                raise ApiError(503, "the server is shutting down", "shutting_down")
-            if self._pending >= self.max_queue:
-                raise ApiError(503, f"the model is busy ({self._pending} requests waiting); retry in a moment", "queue_full")
-            self._pending += 1
-        try:
-            future = self._executor.submit(fn, *args, **kwargs)
-        except RuntimeError:
-            with self._lock:
-                self._pending -= 1
-            raise ApiError(503, "the server is shutting down", "shutting_down") from None
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, _: Future) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- served SAEs
@@ -146,110 +86,6 @@ def sparkline(counts: Sequence[int], width: int = 32) -> list[int]:
     return [int(sum(counts[i : i + step])) for i in range(0, len(counts), step)]
 
 
-# ---------------------------------------------------------------- generation
-
-
-class _Flags:
-    def __init__(self, cancel: threading.Event):
-        self.cancel = cancel
-        self.stop_hit = False
-
-
-def _stopping(flags: _Flags):
-    from transformers import StoppingCriteria
-
-    class CancelOrStop(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-            done = flags.cancel.is_set() or flags.stop_hit
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    return CancelOrStop()
-
-
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of `text` that could be the start of a stop string (not sent yet)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                best = max(best, n)
-                break
-    return best
-
-
-class _TextStream:
-    """A transformers streamer: decodes the new tokens, cuts at stop strings, hands out text deltas."""
-
-    def __init__(self, tokenizer: Any, flags: _Flags, stops: Sequence[str], on_text: Callable[[str], None] | None):
-        self.tokenizer, self.flags, self.stops, self.on_text = tokenizer, flags, list(stops), on_text
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands the streamer the prompt
-            self._prompt_seen = True
-            return
-        if self.flags.stop_hit:
-            return
-        self.ids.extend(int(t) for t in value.flatten().tolist())
-        if self.on_text is not None or self.stops:
-            self._update(final=False)
-
-    def end(self) -> None:
-        if not self.flags.stop_hit:
-            self._update(final=True)
-
-    def _update(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return  # half a character: wait for the next token
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, final = text[:cut], True
-            self.flags.stop_hit = True
-        self.text = text
-        upto = len(text) if final else len(text) - _holdback(text, self.stops)
-        if self.on_text is not None and upto > self.sent:
-            self.on_text(text[self.sent : upto])
-            self.sent = upto
-
-
-@dataclass
-class GenerationJob:
-    """One completion: the prompt (chat messages or raw text), settings, steering, and where its text goes."""
-
-    messages: list[dict[str, str]] | None
-    prompt: str | None
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    seed: int | None
-    stops: list[str]
-    steering: Any  # Steering or None
-    ignore_eos: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_event: Callable[[tuple], None] | None = None  # ("start", prompt_tokens) and ("text", delta)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # stop | length
-
-
-@dataclass
-class Stats:
-    generations: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    tokens_generated: int = 0
-    last_cancelled_tokens: Optional[int] = None
-
-
 # ---------------------------------------------------------------- the service
 
 
@@ -266,6 +102,7 @@ class Service:
         model_source: str | None = None,
         max_tokens_limit: int = 1024,
         max_queue: int = 64,
+        max_batch: int = DEFAULT_MAX_BATCH,
         max_body_bytes: int = S.MAX_BODY_BYTES,
         truncate_prompt: bool = False,
     ):
@@ -280,10 +117,8 @@ class Service:
         self.max_body_bytes = int(max_body_bytes)
         self.truncate_prompt = truncate_prompt
         self.created = int(time.time())
-        self.worker = ModelWorker(max_queue)
-        self.stats = Stats()
-        self._stats_lock = threading.Lock()
         self.context_length = _context_length(lm.model)
+        self.worker = ModelWorker(lm, max_queue=max_queue, max_batch=max_batch, context_length=self.context_length, truncate_prompt=truncate_prompt)
 
     # ---- loading
 
@@ -370,14 +205,19 @@ class Service:
             saes=[s.info() for s in self.saes.values()],
             vectors=[S.VectorInfo(id=k, hook_points=list(v.hooks), model=getattr(v, "model", None)) for k, v in self.vectors.items()],
             limits=S.Limits(max_body_bytes=self.max_body_bytes, max_prompt_chars=S.MAX_PROMPT_CHARS, max_tokens=self.max_tokens_limit,
-                            context_length=self.context_length, max_steering_items=S.MAX_STEERING_ITEMS, max_queue=self.worker.max_queue),
+                            context_length=self.context_length, max_steering_items=S.MAX_STEERING_ITEMS, max_queue=self.worker.max_queue,
+                            max_batch=self.worker.max_batch),
             auth=auth,
         )
 
+    @property
+    def stats(self) -> Any:
+        return self.worker.stats
+
     def stats_out(self) -> S.ServerStats:
-        st = self.stats
-        return S.ServerStats(queued=self.worker.pending, generations=st.generations, cancelled=st.cancelled, failed=st.failed,
-                             tokens_generated=st.tokens_generated, last_cancelled_tokens=st.last_cancelled_tokens)
+        st = self.worker.stats
+        return S.ServerStats(queued=self.worker.pending, running=self.worker.running, peak_batch=st.peak_batch, generations=st.generations,
+                             cancelled=st.cancelled, failed=st.failed, tokens_generated=st.tokens_generated, last_cancelled_tokens=st.last_cancelled_tokens)
 
     # ---- steering
 
@@ -426,90 +266,12 @@ class Service:
     # ---- jobs
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run a model job (scan, attribution, ...) on the model thread, between two decoding steps."""
         return self.worker.submit(fn, *args)
 
-    def _count(self, **changes: int) -> None:
-        with self._stats_lock:
-            for key, value in changes.items():
-                setattr(self.stats, key, getattr(self.stats, key) + value)
-
-    def run_generation(self, job: GenerationJob) -> GenerationResult:
-        """Runs on the model thread."""
-        try:
-            result = self._generate(job)
-        except Cancelled:
-            self._count(cancelled=1)
-            raise
-        except (ApiError, MonoscopeError):
-            raise
-        except Exception:
-            self._count(failed=1)
-            raise
-        self._count(generations=1, tokens_generated=result.completion_tokens)
-        return result
-
-    def _encode(self, job: GenerationJob) -> torch.Tensor:
-        from ..steer.generation import encode_prompt
-
-        tok = self.lm.tokenizer
-        if job.messages is not None:
-            return encode_prompt(tok, job.messages, device=self.lm.device)
-        assert job.prompt is not None
-        if not job.prompt:
-            raise ApiError(400, "the prompt is empty; give some text to continue", "empty_prompt", "prompt")
-        return encode_prompt(tok, job.prompt, raw=True, device=self.lm.device)
-
-    def _generate(self, job: GenerationJob) -> GenerationResult:
-        from transformers import StoppingCriteriaList
-
-        from ..steer import steer
-
-        if job.cancel.is_set():
-            raise Cancelled()
-        lm = self.lm
-        ids = self._encode(job)
-        n_prompt = int(ids.shape[-1])
-        max_new = job.max_tokens
-        if self.context_length is not None and n_prompt + max_new > self.context_length:
-            room = self.context_length - max_new
-            if not self.truncate_prompt or room < 1:
-                raise ApiError(400, f"This model's maximum context length is {self.context_length} tokens; the prompt has {n_prompt} "
-                                    f"and max_tokens is {max_new}: shorten the prompt or lower max_tokens", "context_length_exceeded", "messages" if job.messages is not None else "prompt")
-            ids = ids[:, -room:]
-            n_prompt = int(ids.shape[-1])
-        flags = _Flags(job.cancel)
-        on_text = None
-        if job.on_event is not None:
-            emit = job.on_event
-
-            def on_text(delta: str) -> None:
-                emit(("text", delta))
-
-        streamer = _TextStream(lm.tokenizer, flags, job.stops, on_text)
-        kw = _generation_kwargs(lm, max_new, job.temperature, job.top_p, job.ignore_eos)
-        context = steer(lm, job.steering) if job.steering is not None else contextlib.nullcontext()
-        with context as handle:
-            if handle is not None:
-                handle.begin(n_prompt)
-            if job.on_event is not None:
-                job.on_event(("start", n_prompt))
-            if job.seed is not None:
-                torch.manual_seed(int(job.seed))
-            with torch.inference_mode():
-                out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_stopping(flags)]), **kw)
-        new = out[0, n_prompt:].tolist()
-        if job.cancel.is_set() and not flags.stop_hit:
-            with self._stats_lock:
-                self.stats.last_cancelled_tokens = len(new)
-            raise Cancelled()
-        text = streamer.text if (on_text is not None or job.stops) else lm.tokenizer.decode(new, skip_special_tokens=True)
-        eos = _eos_ids(lm)
-        if flags.stop_hit or (new and new[-1] in eos and not job.ignore_eos):
-            finish = "stop"
-        else:
-            finish = "length" if len(new) >= max_new else "stop"
-        return GenerationResult(text, n_prompt, len(new), finish)
+    def generate(self, job: GenerationJob) -> Future:
+        """Queue a completion for the batch; the future's result is a `GenerationResult`."""
+        return self.worker.generate(job)
 
     # ---- feature-database endpoints (any thread)
 
@@ -720,33 +482,6 @@ def _context_length(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def _eos_ids(lm: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(lm.tokenizer, "eos_token_id", None), getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(s) for s in source)
-    return ids
-
-
-def _generation_kwargs(lm: Any, max_new: int, temperature: float, top_p: float | None, ignore_eos: bool) -> dict[str, Any]:
-    kw: dict[str, Any] = {"max_new_tokens": int(max_new), "use_cache": True}
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p) if top_p is not None else 1.0, top_k=None)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    tok = lm.tokenizer
-    pad = getattr(tok, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tok, "eos_token_id", None)
-    if pad is not None:
-        kw["pad_token_id"] = pad
-    if ignore_eos:
-        kw["min_new_tokens"] = int(max_new)
-    return kw
 
 
 def default_max_tokens(kind: str, limit: int) -> int:

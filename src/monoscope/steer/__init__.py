@@ -41,6 +41,11 @@ _EXPORTS = {
     "compare": "generation",
     "encode_prompt": "generation",
     "Generation": "generation",
+    "generate_batch": "batch",
+    "BatchEngine": "batch",
+    "SamplingParams": "batch",
+    "Request": "batch",
+    "RowResult": "batch",
     # feature database access
     "FeatureDB": "featuredb",
     "estimate_max_activations": "featuredb",

@@ -43,6 +43,8 @@ class Generation:
     text: str
     ids: list[int]
     prompt_ids: list[int]
+    finish_reason: str = "length"  # stop (EOS or a stop string), length, error (see `generate_batch`)
+    error: str | None = None
 
 
 def generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -91,7 +93,9 @@ def generate(
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, use_cache=use_cache, **kw)
     new = out[0, ids.shape[-1]:].tolist()
-    return Generation(text=tokenizer.decode(new, skip_special_tokens=True), ids=new, prompt_ids=ids[0].tolist())
+    eos = {t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(t, int)}
+    finish = "stop" if new and new[-1] in eos else "length"
+    return Generation(text=tokenizer.decode(new, skip_special_tokens=True), ids=new, prompt_ids=ids[0].tolist(), finish_reason=finish)
 
 
 def compare(lm: Any, prompt: str, steering: Steering, **kw: Any) -> tuple[Generation, Generation]:

@@ -284,6 +284,32 @@ class Steering:
 
 
 @dataclass
+class TokenRoles:
+    """What each token of one forward pass is, bool [B, T] each: a real token (not left padding), a prompt
+    token (else a generated one), the first token of its sequence. Built by `PositionTracker` inside
+    `generate`, and directly by the batch engine, which knows each row's padding and prompt."""
+
+    real: Tensor
+    prompt: Tensor
+    first: Tensor
+
+    def masks(self, skip_first: Tensor) -> Tensor:
+        """Bool [B, T, 3]: which tokens the positions all / prompt / generated edit (rows' `skip_first` [B] or [1])."""
+        editable = self.real & ~(self.first & skip_first.to(self.real.device).view(-1, 1))
+        return torch.stack([editable, editable & self.prompt, editable & ~self.prompt], -1)
+
+    def select(self, rows: Tensor) -> "TokenRoles":
+        return TokenRoles(self.real.index_select(0, rows), self.prompt.index_select(0, rows), self.first.index_select(0, rows))
+
+    @classmethod
+    def whole(cls, batch: int, length: int, device: Any, start: int = 0, prompt_len: int | None = None) -> "TokenRoles":
+        """Unpadded rows whose tokens sit at `start`... of their sequence; the first `prompt_len` are prompt."""
+        where = torch.arange(start, start + length, device=device).expand(batch, length)
+        prompt = where < (prompt_len if prompt_len is not None else start + length)
+        return cls(real=torch.ones_like(prompt), prompt=prompt, first=where == 0)
+
+
+@dataclass
 class _Call:
     """One forward pass of the model: where its tokens sit in the sequence."""
 
@@ -291,11 +317,13 @@ class _Call:
     length: int
     prompt_len: int
     ids: Tensor | None
-    masks: dict = field(default_factory=dict)
+    attention_mask: Tensor | None = None
+    roles: dict = field(default_factory=dict)
 
 
 class PositionTracker:
-    """Follows `generate` through its forward calls: which positions are prompt and which are generated."""
+    """Follows `generate` through its forward calls: which positions are prompt and which are generated (and,
+    from the attention mask, which are left padding)."""
 
     def __init__(self, skip_first: bool = True):
         self.skip_first = skip_first
@@ -335,33 +363,29 @@ class PositionTracker:
         elif length > 1 or self.prompt_len is None:
             self.prompt_len = past + length  # a new chunk of prompt on top of a cache
         self._prev = (past, length, ids.detach() if ids is not None else None)
-        self.current = _Call(start=past, length=length, prompt_len=int(self.prompt_len), ids=ids)
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape == (batch, past + length) else None
+        self.current = _Call(start=past, length=length, prompt_len=int(self.prompt_len), ids=ids, attention_mask=mask)
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.current = None
 
-    def mask(self, positions: str, batch: int, length: int, device: torch.device) -> Tensor | None:
-        """Bool [batch * length] of the positions to edit, or None for all of them."""
+    def roles(self, batch: int, length: int, device: torch.device) -> TokenRoles:
+        """The roles of the tokens of the forward pass now running (a bare forward: all prompt, unpadded)."""
         call = self.current
         if call is None or call.length != length:
-            call = _Call(start=0, length=length, prompt_len=length, ids=None)  # a bare forward: all prompt
-        key = (positions, batch, device)
-        if key in call.masks:
-            return call.masks[key]
-        mask = None
-        if positions != "all":
-            where = torch.arange(call.start, call.start + length, device=device)
-            keep = where < call.prompt_len if positions == "prompt" else where >= call.prompt_len
-            mask = keep.unsqueeze(0).expand(batch, length)
-        if self.skip_first and call.start == 0:
-            first = torch.ones(batch, length, dtype=torch.bool, device=device)
-            first[:, 0] = False
-            mask = first if mask is None else (mask & first)
-        mask = None if mask is None else mask.reshape(-1)
-        if mask is not None and bool(mask.all()):
-            mask = None
-        call.masks[key] = mask
-        return mask
+            return TokenRoles.whole(batch, length, device)
+        key = (batch, device)
+        if key not in call.roles:
+            roles = TokenRoles.whole(batch, length, device, call.start, call.prompt_len)
+            mask = call.attention_mask
+            if mask is not None and not bool(mask.all()):
+                mask = mask.to(device=device, dtype=torch.long)
+                position = mask.cumsum(-1)[:, -length:] - 1
+                roles.real = mask[:, -length:].bool()
+                roles.first = roles.real & (position == 0)
+            call.roles[key] = roles
+        return call.roles[key]
 
 
 def _past_length(cache: Any) -> int:
@@ -384,40 +408,17 @@ def _past_length(cache: Any) -> int:
 
 @dataclass
 class _FeatureGroup:
-    """All feature edits on one SAE at one hook point."""
+    """All feature edits of one spec on one SAE at one hook point (n edits, reading m features)."""
 
     sae: Any
-    needed: Tensor  # LongTensor [m]: features whose activation is read (edits needing f, conditions)
-    edit_features: Tensor  # LongTensor [n]
-    decoder: Tensor  # [n, d] rows of W_dec
+    needed: list[int]  # features whose activation is read (edits needing f, conditions)
+    decoder: Tensor  # [n, d] rows of W_dec (float32)
     kind: Tensor  # [n] 0 clamp, 1 add, 2 multiply, 3 ablate
     values: Tensor  # [n] resolved values (clamp target, add amount, multiplier)
-    positions: list[str]
-    edit_slot: Tensor  # [n] column in `needed` of each edit's own feature (-1: not read)
-    cond_slot: list[int | None]  # column in `needed` of each edit's condition feature
-    cond_threshold: list[float]
-
-    def delta(self, x: Tensor, tracker: PositionTracker, strength: float) -> Tensor:
-        batch, length, d = x.shape[0], x.shape[1], x.shape[-1]
-        flat = x.reshape(-1, d)
-        n_tok = flat.shape[0]
-        codes = feature_codes(self.sae, flat, self.needed) if self.needed.numel() else None
-        own = torch.zeros(n_tok, len(self.positions), dtype=self.decoder.dtype, device=flat.device)
-        if codes is not None:
-            has = self.edit_slot >= 0
-            if has.any():
-                own[:, has] = codes[:, self.edit_slot[has]].to(own.dtype)
-        values = self.values.to(own.dtype)
-        coef = torch.where(self.kind == 0, values - own, torch.where(self.kind == 1, values.expand_as(own), torch.where(self.kind == 2, (values - 1) * own, -own)))
-        for j, positions in enumerate(self.positions):
-            keep = tracker.mask(positions, batch, length, flat.device)
-            slot = self.cond_slot[j]
-            if slot is not None:
-                active = codes[:, slot] > self.cond_threshold[j]
-                keep = active if keep is None else keep & active
-            if keep is not None:
-                coef[:, j] = coef[:, j] * keep.to(coef.dtype)
-        return (strength * coef @ self.decoder).reshape(batch, length, d)
+    where: Tensor  # [n] positions: 0 all, 1 prompt, 2 generated
+    edit_slot: Tensor  # [n] index in `needed` of each edit's own feature (-1: not read)
+    cond_slot: Tensor  # [n] index in `needed` of each edit's condition feature (-1: none)
+    cond_threshold: Tensor  # [n]
 
 
 @dataclass
@@ -427,21 +428,6 @@ class _DirectionPlan:
     value: float
     positions: str
 
-    def apply(self, x: Tensor, tracker: PositionTracker, strength: float) -> Tensor:
-        batch, length, d = x.shape[0], x.shape[1], x.shape[-1]
-        r = self.direction.to(device=x.device, dtype=torch.float32)
-        xf = x.float()
-        if self.mode == "add":
-            change = (strength * self.value) * r.expand(batch, length, d)
-        else:
-            comp = xf @ r  # [B, T]
-            amount = (self.value - 1.0) * comp if self.mode == "orthogonal" else -(comp - self.value).clamp_min(0)
-            change = (strength * amount).unsqueeze(-1) * r
-        keep = tracker.mask(self.positions, batch, length, x.device)
-        if keep is not None:
-            change = change * keep.view(batch, length, 1).to(change.dtype)
-        return (xf + change).to(x.dtype)
-
 
 @dataclass
 class _HookPlan:
@@ -450,24 +436,176 @@ class _HookPlan:
     directions: list[_DirectionPlan]
 
     def make_fn(self, tracker: PositionTracker, steering: Steering):
+        tables = [FeatureTable.build([g], [steering.skip_first]) for g in self.groups]
+        directions = DirectionTable.build([self.directions], [steering.skip_first]) if self.directions else None
+
         def fn(x: Tensor) -> Tensor | None:
             if x.dim() == 2:  # unbatched: [T, d]
                 out = fn(x.unsqueeze(0))
                 return None if out is None else out.squeeze(0)
-            strength = steering.strength
-            out = x
-            if self.groups:
-                delta = None
-                for group in self.groups:
-                    with torch.no_grad():
-                        part = group.delta(x.detach(), tracker, strength)
-                    delta = part if delta is None else delta + part
-                out = x + delta.to(x.dtype)
-            for plan in self.directions:
-                out = plan.apply(out, tracker, strength)
-            return out
+            strength = torch.tensor([steering.strength], dtype=torch.float32, device=x.device)
+            return apply_edits(x, tracker.roles(x.shape[0], x.shape[1], x.device), tables, directions, strength)
 
         return fn
+
+
+# ---------------------------------------------------------------- the edits of many rows at once
+
+
+_CODES = {p: i for i, p in enumerate(("all", "prompt", "generated"))}
+
+
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """values [B, T, m] at index [R, E] (R = B or 1; -1 reads 0) -> [B, T, E]."""
+    batch, length = values.shape[0], values.shape[1]
+    safe = index.clamp_min(0).unsqueeze(1).expand(batch, length, index.shape[-1])
+    out = values.gather(2, safe)
+    return out.masked_fill((index < 0).unsqueeze(1), 0.0)
+
+
+@dataclass
+class FeatureTable:
+    """The feature edits on one SAE at one hook point of R rows (or one spec for every row, R = 1), padded to
+    E edits per row: one encoder GEMM over the union of the features any row reads, then per-row gathers of
+    coefficients and masks, and one [T, E] x [E, d] product per row."""
+
+    sae: Any
+    needed: Tensor  # [m] the union of features read
+    rows: Tensor | None  # [R] rows of the batch these edits belong to (None: every row, R = B or 1)
+    decoder: Tensor  # [R, E, d]
+    kind: Tensor  # [R, E]
+    values: Tensor  # [R, E]
+    where: Tensor  # [R, E]
+    edit_slot: Tensor  # [R, E] into `needed`, -1 none
+    cond_slot: Tensor  # [R, E] into `needed`, -1 none
+    cond_threshold: Tensor  # [R, E]
+    skip_first: Tensor  # [R] bool
+
+    @classmethod
+    def build(cls, groups: "list[_FeatureGroup]", skip_first: "list[bool]", rows: "list[int] | None" = None) -> "FeatureTable":
+        """One table from the groups of several rows (all on the same SAE); `rows` their places in the batch."""
+        sae = groups[0].sae
+        device, width = groups[0].decoder.device, groups[0].decoder.shape[-1]
+        union: dict[int, int] = {}
+        for g in groups:
+            for f in g.needed:
+                union.setdefault(int(f), len(union))
+        n_rows, n_edits = len(groups), max(len(g.kind) for g in groups)
+
+        def padded(fill: float, dtype: torch.dtype) -> Tensor:
+            return torch.full((n_rows, n_edits), fill, dtype=dtype, device=device)
+
+        kind, values, where = padded(1, torch.long), padded(0.0, torch.float32), padded(0, torch.long)
+        edit_slot, cond_slot, threshold = padded(-1, torch.long), padded(-1, torch.long), padded(0.0, torch.float32)
+        decoder = torch.zeros(n_rows, n_edits, width, dtype=torch.float32, device=device)
+        for r, g in enumerate(groups):
+            n = len(g.kind)
+            remap = torch.tensor([union[int(f)] for f in g.needed] + [-1], dtype=torch.long, device=device)  # [-1] -> -1
+            kind[r, :n], values[r, :n], where[r, :n], threshold[r, :n] = g.kind, g.values, g.where, g.cond_threshold
+            edit_slot[r, :n], cond_slot[r, :n] = remap[g.edit_slot], remap[g.cond_slot]
+            decoder[r, :n] = g.decoder
+        return cls(sae=sae, needed=torch.tensor(list(union), dtype=torch.long, device=device),
+                   rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
+                   decoder=decoder, kind=kind, values=values, where=where, edit_slot=edit_slot, cond_slot=cond_slot,
+                   cond_threshold=threshold, skip_first=torch.tensor(skip_first, dtype=torch.bool, device=device))
+
+    def delta(self, x: Tensor, masks: Tensor, strength: Tensor) -> Tensor:
+        """The change [R, T, d] (float32) to x [R, T, d] (this table's rows), masks [R, T, 3], strength [R] or [1]."""
+        batch, length, d = x.shape
+        codes = None
+        if self.needed.numel():
+            codes = feature_codes(self.sae, x.reshape(-1, d), self.needed).view(batch, length, -1).float()
+            own = _gather(codes, self.edit_slot)
+        else:
+            own = torch.zeros(batch, length, self.kind.shape[-1], dtype=torch.float32, device=x.device)
+        values, kind = self.values.unsqueeze(1), self.kind.unsqueeze(1)
+        coef = torch.where(kind == 0, values - own, torch.where(kind == 1, values.expand_as(own), torch.where(kind == 2, (values - 1) * own, -own)))
+        keep = masks.gather(2, self.where.unsqueeze(1).expand(batch, length, self.where.shape[-1]))
+        if codes is not None and bool((self.cond_slot >= 0).any()):
+            active = _gather(codes, self.cond_slot) > self.cond_threshold.unsqueeze(1)
+            keep = keep & (active | (self.cond_slot < 0).unsqueeze(1))
+        coef = strength.view(-1, 1, 1) * (coef * keep.to(coef.dtype))
+        return torch.matmul(coef, self.decoder)
+
+
+_DIRECTION_MODES = {"add": 0, "orthogonal": 1, "cap": 2}
+
+
+@dataclass
+class DirectionTable:
+    """The direction edits at one hook point of R rows, padded to K per row (mode -1: none), applied in order."""
+
+    rows: Tensor | None
+    mode: Tensor  # [R, K]
+    direction: Tensor  # [R, K, d]
+    value: Tensor  # [R, K]
+    where: Tensor  # [R, K]
+    skip_first: Tensor  # [R]
+
+    @classmethod
+    def build(cls, plans: "list[list[_DirectionPlan]]", skip_first: "list[bool]", rows: "list[int] | None" = None) -> "DirectionTable":
+        first = next(p for row in plans for p in row)
+        device, width = first.direction.device, first.direction.numel()
+        n_rows, k = len(plans), max(len(row) for row in plans)
+        mode = torch.full((n_rows, k), -1, dtype=torch.long, device=device)
+        value, where = torch.zeros(n_rows, k, device=device), torch.zeros(n_rows, k, dtype=torch.long, device=device)
+        direction = torch.zeros(n_rows, k, width, device=device)
+        for r, row in enumerate(plans):
+            for j, p in enumerate(row):
+                mode[r, j], value[r, j], where[r, j] = _DIRECTION_MODES[p.mode], p.value, _CODES[p.positions]
+                direction[r, j] = p.direction.to(device=device, dtype=torch.float32)
+        return cls(rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device), mode=mode,
+                   direction=direction, value=value, where=where, skip_first=torch.tensor(skip_first, dtype=torch.bool, device=device))
+
+    def apply(self, x: Tensor, masks: Tensor, strength: Tensor) -> Tensor:
+        """x [R, T, d] with each row's directions applied one after the other (differentiable)."""
+        out = x
+        strength = strength.view(-1, 1)
+        for j in range(self.mode.shape[-1]):
+            mode, value = self.mode[:, j].view(-1, 1), self.value[:, j].view(-1, 1)
+            r = self.direction[:, j]  # [R, d]
+            xf = out.float()
+            comp = torch.matmul(xf, r.unsqueeze(-1)).squeeze(-1)  # [R or B, T]
+            amount = torch.where(mode == 0, value.expand_as(comp),
+                                 torch.where(mode == 1, (value - 1.0) * comp, -(comp - value).clamp_min(0)))
+            keep = masks.gather(2, self.where[:, j].view(-1, 1, 1).expand(masks.shape[0], masks.shape[1], 1)).squeeze(-1)
+            amount = strength * amount * (keep & (mode >= 0)).to(amount.dtype)
+            out = (xf + amount.unsqueeze(-1) * r.unsqueeze(1)).to(x.dtype)
+        return out
+
+
+def apply_edits(x: Tensor, roles: TokenRoles, tables: "list[FeatureTable]", directions: "DirectionTable | None", strength: Tensor) -> Tensor:
+    """x [B, T, d] with feature edits (all read from x, summed) and then direction edits applied; each table
+    touches its own rows only. `strength` is [B] (or [1] for every row)."""
+    out = x
+    if tables:
+        delta = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        with torch.no_grad():
+            for table in tables:
+                rows = table.rows
+                xs = x.detach() if rows is None else x.detach().index_select(0, rows)
+                part = table.delta(xs, _masks_for(roles, table.skip_first, rows), _rows_of(strength, rows))
+                if rows is None:
+                    delta = delta + part
+                else:
+                    delta.index_add_(0, rows, part)
+        out = x + delta.to(x.dtype)
+    if directions is not None:
+        rows = directions.rows
+        if rows is None:
+            out = directions.apply(out, _masks_for(roles, directions.skip_first, None), strength)
+        else:
+            changed = directions.apply(out.index_select(0, rows), _masks_for(roles, directions.skip_first, rows), _rows_of(strength, rows))
+            out = out.index_copy(0, rows, changed)
+    return out
+
+
+def _rows_of(values: Tensor, rows: Tensor | None) -> Tensor:
+    return values if rows is None or values.shape[0] == 1 else values.index_select(0, rows)
+
+
+def _masks_for(roles: TokenRoles, skip_first: Tensor, rows: Tensor | None) -> Tensor:
+    return (roles if rows is None else roles.select(rows)).masks(skip_first)
 
 
 _KIND = {"clamp": 0, "add": 1, "multiply": 2, "ablate": 3}
@@ -535,21 +673,21 @@ class CompiledSteering:
                         mc = maxima.get((sae_id, e.condition.feature))
                         cond_thr.append(e.condition.threshold.resolve(mc, f"the threshold of condition feature {e.condition.feature}"))
                     else:
-                        cond_slot.append(None)
+                        cond_slot.append(-1)
                         cond_thr.append(0.0)
-                idx = torch.tensor([e.feature for e in edits], dtype=torch.long, device=sae.W_dec.device)
+                dev = sae.W_dec.device
+                idx = torch.tensor([e.feature for e in edits], dtype=torch.long, device=dev)
                 plan.groups.append(
                     _FeatureGroup(
                         sae=sae,
-                        needed=torch.tensor(needed, dtype=torch.long, device=sae.W_dec.device),
-                        edit_features=idx,
+                        needed=needed,
                         decoder=sae.W_dec.detach().index_select(0, idx).float(),
-                        kind=torch.tensor([_KIND[e.mode] for e in edits], device=sae.W_dec.device),
-                        values=torch.tensor(values, dtype=torch.float32, device=sae.W_dec.device),
-                        positions=[e.positions or steering.positions for e in edits],
-                        edit_slot=torch.tensor(edit_slot, dtype=torch.long, device=sae.W_dec.device),
-                        cond_slot=cond_slot,
-                        cond_threshold=cond_thr,
+                        kind=torch.tensor([_KIND[e.mode] for e in edits], device=dev),
+                        values=torch.tensor(values, dtype=torch.float32, device=dev),
+                        where=torch.tensor([_CODES[e.positions or steering.positions] for e in edits], dtype=torch.long, device=dev),
+                        edit_slot=torch.tensor(edit_slot, dtype=torch.long, device=dev),
+                        cond_slot=torch.tensor(cond_slot, dtype=torch.long, device=dev),
+                        cond_threshold=torch.tensor(cond_thr, dtype=torch.float32, device=dev),
                     )
                 )
         for d in steering.direction_edits:
