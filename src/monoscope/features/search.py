@@ -42,6 +42,7 @@ class SearchHit:
     words_rank: int | None = None  # rank in the word search (1 = best), None when not found by words
     meaning_rank: int | None = None  # rank in the meaning search
     similarity: float | None = None  # cosine of the query and the feature's closest label
+    label_score: float | None = None  # embedding score of the shown label (heuristic labels: held-out examples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,9 +145,10 @@ def search_features(
             fused[fid] = fused.get(fid, 0.0) + 1.0 / (RRF_K + r)
     best = sorted(fused, key=lambda f: (-fused[f], f))[:limit]
     records = {r.id: r for r in st.features(best)}
+    label_scores = st.label_scores(best)
     return SearchResults([
         SearchHit(fid, fused[fid], records[fid].label, records[fid].density, records[fid].max_activation,
-                  words_rank.get(fid), meaning_rank.get(fid), similarity.get(fid))
+                  words_rank.get(fid), meaning_rank.get(fid), similarity.get(fid), label_scores.get(fid))
         for fid in best if fid in records
     ], notes)
 

@@ -46,6 +46,8 @@ from ..errors import MonoscopeError
 SCHEMA_VERSION = 1
 DB_FILENAME = "features.db"
 EXAMPLE_KINDS = ("top", "quantile", "random")
+#: The source of a feature's token label when its shown heuristic label is a concept label (`monoscope analyze`).
+TOKEN_LABEL_SOURCE = "heuristic-tokens"
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -108,9 +110,9 @@ CREATE VIRTUAL TABLE labels_fts USING fts5(main, promoted, tokenize='porter unic
 CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
     INSERT INTO labels_fts (rowid, main, promoted) VALUES (
         new.id,
-        CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
              THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
-        CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
              THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END);
 END;
 CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
@@ -119,20 +121,21 @@ CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
 END;
 CREATE TRIGGER labels_au AFTER UPDATE OF text ON labels BEGIN
     UPDATE labels_fts SET
-        main = CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        main = CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
                     THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
-        promoted = CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        promoted = CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
                         THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END
     WHERE rowid = new.id;
     DELETE FROM label_embeddings WHERE label_id = old.id;
 END;
 """
 
-# The label shown for a feature: any non-heuristic label before heuristic ones, scored before unscored, then
-# by the mean of its scores, then the newest.
+# The label shown for a feature: any non-heuristic label before heuristic ones (the chosen heuristic label before
+# the token label kept beside a concept label), scored before unscored, then by the mean of its scores, then the
+# newest.
 _BEST_LABEL = """
 SELECT text, source FROM labels WHERE feature_id = ?
-ORDER BY (source != 'heuristic') DESC,
+ORDER BY (source NOT LIKE 'heuristic%') DESC, (source = 'heuristic') DESC,
          (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
          (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
            / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
@@ -329,7 +332,7 @@ def refresh_shown_labels(conn: sqlite3.Connection, feature_ids: Iterable[int] | 
         conn.execute(
             """UPDATE features SET (label, label_source) = (
                    SELECT text, source FROM labels WHERE labels.feature_id = features.id
-                   ORDER BY (source != 'heuristic') DESC,
+                   ORDER BY (source NOT LIKE 'heuristic%') DESC, (source = 'heuristic') DESC,
                             (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
                             (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
                               / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
@@ -546,6 +549,20 @@ class FeatureStore:
             "WHERE feature_id = ? ORDER BY id", (fid,)
         )
         return [Label(*r) for r in rows]
+
+    def label_scores(self, feature_ids: Iterable[int]) -> dict[int, float]:
+        """The embedding score of each feature's shown label (heuristic labels: out of sample, on examples not
+        used to make them), for the features that have one."""
+        ids = [int(i) for i in feature_ids]
+        out: dict[int, float] = {}
+        for lo in range(0, len(ids), 500):
+            chunk = ids[lo : lo + 500]
+            marks = ",".join("?" for _ in chunk)
+            for fid, score in self._query(
+                f"SELECT f.id, l.embedding_score FROM features f JOIN labels l ON l.feature_id = f.id AND l.text = f.label "
+                f"AND l.source = f.label_source WHERE f.id IN ({marks}) AND l.embedding_score IS NOT NULL", chunk):
+                out[int(fid)] = float(score)
+        return out
 
     def _writer(self) -> sqlite3.Connection:
         if self._rw is None:

@@ -1,9 +1,5 @@
 """The pieces of steering toward a concept, measured on generated text.
 
-- `generate_rows`: greedy (or sampled) generation of many prompts in one left-padded batch, each row with its
-  own vector added at the hook point, at the generated positions (default) or at every position but the first
-  real token of its prompt. The steering the user gets (`Steering.add_vector` / feature `add` edits with
-  positions `generated`) computes the same thing one prompt at a time (tested).
 - `ConceptJudge`: how far a completion moved toward a concept: all-MiniLM-L6-v2 cosine between the
   completion and the concept's text, "mentions" at >= 0.35 (unrelated sentences score 0.0-0.2 against a one-
   or two-word concept, a sentence about it 0.4 and more).
@@ -33,7 +29,7 @@ from torch import Tensor
 
 from ..errors import MonoscopeError
 from ..model import edit
-from .generation import Generation, encode_prompt, generation_kwargs
+from .generation import Generation, encode_prompt
 
 MENTION_THRESHOLD = 0.35
 
@@ -69,7 +65,7 @@ def check_strength(value: float, name: str = "strength") -> float:
     return value
 
 
-# ---------------------------------------------------------------- batched generation with a vector per row
+# ---------------------------------------------------------------- fluency
 
 
 def _pad_left(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -89,70 +85,11 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad if pad is not None else 0)
 
 
-@torch.inference_mode()
-def generate_rows(
-    lm: Any,
-    prompts: Sequence[str],
-    *,
-    hook: str | None = None,
-    deltas: Tensor | None = None,
-    positions: str = "generated",
-    max_new_tokens: int = 24,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    raw: bool = False,
-) -> list[Generation]:
-    """Generate from every prompt in one batch; row i gets `deltas[i]` (or one shared [d] vector) added at `hook`.
-
-    `positions`: `generated` (the tokens the model produces) or `all` (also the prompt, its first token left
-    alone). Greedy unless `temperature`/`seed` ask for sampling.
-    """
-    if positions not in ("generated", "all"):
-        raise MonoscopeError(f"positions must be generated or all, got {positions!r}")
-    if not prompts:
-        return []
-    tok = lm.tokenizer
-    encoded = [encode_prompt(tok, p, raw=raw)[0].cpu() for p in prompts]
-    ids, mask = _pad_left(encoded, _pad_id(tok))
-    ids, mask = ids.to(lm.device), mask.to(lm.device)
-    fns = {}
-    if deltas is not None:
-        if hook is None:
-            raise MonoscopeError("a steering vector needs the hook point it is added at")
-        if not torch.isfinite(deltas).all():
-            raise MonoscopeError("the steering vector has NaN or inf entries; use a smaller strength")
-        delta = deltas.float().to(lm.device)
-        delta = delta.expand(len(prompts), -1) if delta.dim() == 1 else delta
-        if delta.shape[0] != len(prompts):
-            raise MonoscopeError(f"{delta.shape[0]} steering vectors for {len(prompts)} prompts")
-        first_real = mask.argmax(1)
-        prompt_keep = mask.clone()
-        prompt_keep[torch.arange(len(prompts), device=mask.device), first_real] = 0
-        calls = {"n": 0}
-
-        def add(x: Tensor) -> Tensor | None:
-            calls["n"] += 1
-            if calls["n"] == 1:  # the prompt
-                if positions == "generated" or x.shape[1] != prompt_keep.shape[1]:
-                    return None
-                return x + (prompt_keep.unsqueeze(-1) * delta.unsqueeze(1)).to(x.dtype)
-            return x + delta.unsqueeze(1).to(x.dtype)
-
-        fns[hook] = add
-    kw = generation_kwargs(tok, max_new_tokens, temperature, None, seed)
-    if seed is not None:
-        torch.manual_seed(seed)
-    with edit(lm.model, fns):
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, **kw)
-    new = out[:, ids.shape[1]:].cpu()
-    eos = getattr(tok, "eos_token_id", None)
-    results = []
-    for i in range(len(prompts)):
-        row = new[i].tolist()
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        results.append(Generation(text=tok.decode(row, skip_special_tokens=True), ids=row, prompt_ids=encoded[i].tolist()))
-    return results
+def _completion_ids(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """A completion's tokens up to (not including) the first EOS."""
+    ids = list(ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
 
 
 @torch.inference_mode()
@@ -160,18 +97,19 @@ def completion_nll(lm: Any, generations: Sequence[Generation], *, batch_size: in
     """Mean negative log-likelihood per token of each completion given its prompt, under the unsteered model
     (NaN for an empty completion). exp() of it is the completion's perplexity."""
     out: list[float] = [math.nan] * len(generations)
-    todo = [i for i, g in enumerate(generations) if g.ids]
+    completions = [_completion_ids(lm.tokenizer, g.ids) for g in generations]
+    todo = [i for i, c in enumerate(completions) if c]
     pad = _pad_id(lm.tokenizer)
     for lo in range(0, len(todo), batch_size):
         chunk = todo[lo : lo + batch_size]
-        rows = [torch.tensor(generations[i].prompt_ids + generations[i].ids) for i in chunk]
+        rows = [torch.tensor(list(generations[i].prompt_ids) + completions[i]) for i in chunk]
         ids, mask = _pad_left(rows, pad)
         ids, mask = ids.to(lm.device), mask.to(lm.device)
         position_ids = (mask.cumsum(1) - 1).clamp_min(0)
         logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
         for row, i in enumerate(chunk):
-            n = len(generations[i].ids)
+            n = len(completions[i])
             out[i] = float(-logp[row, -n:].mean())
     return out
 
@@ -284,14 +222,15 @@ def learn_steering_vector(
     prompts: Sequence[str] = NEUTRAL_PROMPTS,
     max_norm: float | None = None,
     basis: Tensor | None = None,
-    steps: int = 30,
+    steps: int = 12,
     lr: float | None = None,
-    max_rows: int = 16,
+    max_rows: int = 12,
 ) -> LearnedVector:
     """Learn a vector at `hook` that makes `references` likely as answers to `prompts` (see the module docstring).
 
     `max_norm`: the bound on the vector's norm (default: the hook's mean activation norm). `basis`: [m, d] rows
-    (SAE decoder rows) to learn non-negative weights over instead of a free vector.
+    (SAE decoder rows) to learn non-negative weights over instead of a free vector. `lr`: the first step's
+    length as a fraction of the bound (default 0.3), decaying linearly over `steps` normalised gradient steps.
     """
     refs = check_references(references)
     if steps < 1:
@@ -314,9 +253,12 @@ def learn_steering_vector(
     p_ids, p_mask, a_ids, a_mask = p_ids.to(device), p_mask.to(device), a_ids.to(device), a_mask.to(device)
     full_mask = torch.cat([p_mask, a_mask], 1)
     a_pos = p_mask.sum(1, keepdim=True) + torch.arange(longest, device=device).unsqueeze(0)
+    import inspect
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         prefix = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp_min(0), use_cache=True)
-    cache = prefix.past_key_values
+    cache = getattr(prefix, "cache", None) or prefix.past_key_values
     # the answer's first token is predicted at the prompt's last position, before any steering: a constant
     first_logp = torch.log_softmax(prefix.logits[:, -1].float(), -1).gather(-1, a_ids[:, :1]).squeeze(-1)
     targets = a_ids[:, 1:]
@@ -335,14 +277,16 @@ def learn_steering_vector(
     def vector() -> Tensor:
         return param @ basis if basis is not None else param
 
-    step_size = lr if lr is not None else (0.1 * bound / max(1.0, float(basis.norm(dim=1).mean())) if basis is not None else 0.1 * bound)
-    opt = torch.optim.Adam([param], lr=step_size)
+    # normalised gradient steps of a length that decays linearly from `step_size` (activation units for a free
+    # vector; for weights, scaled by the basis rows' mean norm), each followed by the projections
+    row_norm = float(basis.norm(dim=1).mean()) if basis is not None else 1.0
+    step_size = (lr if lr is not None else 0.3) * bound / max(row_norm, 1e-12)
 
     def loss_of(v: Tensor | None) -> Tensor:
         fns = {} if v is None else {hook: lambda x: x + v.to(x.dtype)}
         with edit(model, fns):
-            logits = model(input_ids=a_ids, attention_mask=full_mask, position_ids=a_pos, past_key_values=copy.deepcopy(cache),
-                           use_cache=True).logits[:, :-1].float()
+            logits = model(input_ids=a_ids, attention_mask=full_mask, position_ids=a_pos, use_cache=True,
+                           **{cache_arg: copy.deepcopy(cache)}).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return -((logp * target_mask).sum() + first_logp.sum()) / n_tokens
 
@@ -353,18 +297,17 @@ def learn_steering_vector(
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for _ in range(steps):
-            opt.zero_grad()
+        for step in range(steps):
             loss = loss_of(vector())
-            loss.backward()
-            opt.step()
+            (grad,) = torch.autograd.grad(loss, [param])
             with torch.no_grad():
+                param.sub_(step_size * (1 - step / steps) * grad / grad.norm().clamp_min(1e-12))
                 if basis is not None:
                     param.clamp_(min=0)
                 norm = float(vector().norm())
                 if norm > bound:
                     param.mul_(bound / norm)
-            history.append(float(loss))
+            history.append(float(loss.detach()))
         with torch.no_grad():
             final = vector().detach()
             after = float(loss_of(final))
