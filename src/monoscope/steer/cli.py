@@ -115,16 +115,19 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from .generation import compare
 
     _loud_warnings()
+    if args.reference and args.toward is None:
+        raise MonoscopeError("--reference goes with --toward CONCEPT")
     if not args.feature and not args.vector and not args.toward:
         raise MonoscopeError("nothing to steer with: give --toward CONCEPT or --feature ID=clamp:VALUE (with --sae), or --vector FILE:COEF")
     if args.toward is not None and (args.feature or args.vector):
         raise MonoscopeError("--toward chooses the features (or vector) itself; leave out --feature and --vector")
     if args.toward is not None and not args.sae:
         raise MonoscopeError("--toward needs --sae (the SAE whose features steer)")
-    if args.reference and args.toward is None:
-        raise MonoscopeError("--reference goes with --toward CONCEPT")
     if not args.prompt or not args.prompt.strip():
         raise MonoscopeError("the prompt is empty; pass --prompt with some text")
+    from .spec import check_number
+
+    check_number(args.strength, "--strength")
     sae = _open_sae(args)
     db = _db(args, sae)
     plan = None

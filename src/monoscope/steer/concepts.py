@@ -193,25 +193,63 @@ class LearnedVector:
     history: list[float] = field(default_factory=list)
 
 
-def _training_rows(lm: Any, references: Sequence[str], prompts: Sequence[str], max_rows: int) -> tuple[list[Tensor], list[Tensor]]:
-    tok = lm.tokenizer
-    ref_ids = []
-    eos = getattr(tok, "eos_token_id", None)
-    for ref in references:
-        ids = tok(" " + ref.strip() if not getattr(tok, "chat_template", None) else ref.strip(), add_special_tokens=False,
-                  return_tensors="pt").input_ids[0]
-        if eos is not None and getattr(tok, "chat_template", None):
-            ids = torch.cat([ids, torch.tensor([eos])])
-        if len(ids) >= 2:
-            ref_ids.append(ids[:64])
-    if not ref_ids:
-        raise MonoscopeError("the reference texts encode to no tokens; give short sentences about the concept")
-    prompt_ids = [encode_prompt(tok, p)[0].cpu() for p in prompts]
-    pairs = [(p, r) for r in range(len(ref_ids)) for p in range(len(prompt_ids))]
-    # spread the rows over prompts and references when there are more pairs than rows
-    step = max(1, len(pairs) // max_rows)
-    pairs = pairs[::step][:max_rows]
-    return [prompt_ids[p] for p, _ in pairs], [ref_ids[r] for _, r in pairs]
+class ReferenceObjective:
+    """Mean NLL per token of reference answers to chat prompts, with a vector added at `hook` at the answers'
+    positions (as steering at the generated positions does during generation).
+
+    The prompts' keys and values do not depend on the vector and are computed once; each call runs only the
+    answers on top of a copy of them.
+    """
+
+    def __init__(self, lm: Any, hook: str, references: Sequence[str], prompts: Sequence[str], max_rows: int = 12):
+        import inspect
+
+        self.lm, self.hook, self.model = lm, hook, lm.model
+        tok = lm.tokenizer
+        chat = bool(getattr(tok, "chat_template", None))
+        eos = getattr(tok, "eos_token_id", None)
+        answers = []
+        for ref in references:
+            ids = tok(ref.strip() if chat else " " + ref.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0][:64]
+            if chat and eos is not None:
+                ids = torch.cat([ids, torch.tensor([eos])])
+            if len(ids) >= 2:
+                answers.append(ids)
+        if not answers:
+            raise MonoscopeError("the reference texts encode to no tokens; give short sentences about the concept")
+        prompt_ids = [encode_prompt(tok, p)[0].cpu() for p in prompts]
+        pairs = [(p, r) for r in range(len(answers)) for p in range(len(prompt_ids))]
+        pairs = pairs[:: max(1, len(pairs) // max(1, max_rows))][:max_rows]  # spread over prompts and references
+        device = lm.device
+        pad = _pad_id(tok)
+        p_ids, p_mask = _pad_left([prompt_ids[p] for p, _ in pairs], pad)
+        rows = [answers[r] for _, r in pairs]
+        longest = max(len(a) for a in rows)
+        a_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        a_mask = torch.zeros_like(a_ids)
+        for i, a in enumerate(rows):
+            a_ids[i, : len(a)] = a
+            a_mask[i, : len(a)] = 1
+        p_ids, p_mask, self.a_ids, a_mask = p_ids.to(device), p_mask.to(device), a_ids.to(device), a_mask.to(device)
+        self.full_mask = torch.cat([p_mask, a_mask], 1)
+        self.a_pos = p_mask.sum(1, keepdim=True) + torch.arange(longest, device=device).unsqueeze(0)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            prefix = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp_min(0), use_cache=True)
+        self.cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        # the answer's first token is predicted at the prompt's last position, before any steering: a constant
+        self.first_logp = torch.log_softmax(prefix.logits[:, -1].float(), -1).gather(-1, self.a_ids[:, :1]).squeeze(-1)
+        self.target_mask = a_mask[:, 1:].float()
+        self.n_tokens = self.target_mask.sum() + len(rows)
+        self.rows = len(rows)
+
+    def __call__(self, vector: Tensor | None) -> Tensor:
+        fns = {} if vector is None else {self.hook: lambda x: x + vector.to(x.dtype)}
+        with edit(self.model, fns):
+            logits = self.model(input_ids=self.a_ids, attention_mask=self.full_mask, position_ids=self.a_pos, use_cache=True,
+                                **{self.cache_arg: copy.deepcopy(self.cache)}).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, self.a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return -((logp * self.target_mask).sum() + self.first_logp.sum()) / self.n_tokens
 
 
 def learn_steering_vector(
@@ -235,37 +273,13 @@ def learn_steering_vector(
     refs = check_references(references)
     if steps < 1:
         raise MonoscopeError("steps must be at least 1")
-    model = lm.model
     bound = float(max_norm) if max_norm is not None else hook_norm(lm, hook)
     check_strength(bound, "the norm bound")
     if bound <= 0:
         raise MonoscopeError("the norm bound must be positive")
-    prompt_rows, answer_rows = _training_rows(lm, refs, prompts, max_rows)
-    pad = _pad_id(lm.tokenizer)
+    objective = ReferenceObjective(lm, hook, refs, prompts, max_rows)
     device = lm.device
-    p_ids, p_mask = _pad_left(prompt_rows, pad)
-    longest = max(len(a) for a in answer_rows)
-    a_ids = torch.full((len(answer_rows), longest), pad, dtype=torch.long)
-    a_mask = torch.zeros_like(a_ids)
-    for i, a in enumerate(answer_rows):
-        a_ids[i, : len(a)] = a
-        a_mask[i, : len(a)] = 1
-    p_ids, p_mask, a_ids, a_mask = p_ids.to(device), p_mask.to(device), a_ids.to(device), a_mask.to(device)
-    full_mask = torch.cat([p_mask, a_mask], 1)
-    a_pos = p_mask.sum(1, keepdim=True) + torch.arange(longest, device=device).unsqueeze(0)
-    import inspect
-
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        prefix = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp_min(0), use_cache=True)
-    cache = getattr(prefix, "cache", None) or prefix.past_key_values
-    # the answer's first token is predicted at the prompt's last position, before any steering: a constant
-    first_logp = torch.log_softmax(prefix.logits[:, -1].float(), -1).gather(-1, a_ids[:, :1]).squeeze(-1)
-    targets = a_ids[:, 1:]
-    target_mask = a_mask[:, 1:].float()
-    n_tokens = target_mask.sum() + len(answer_rows)
-
-    d = model.get_input_embeddings().weight.shape[1]
+    d = lm.model.get_input_embeddings().weight.shape[1]
     if basis is not None:
         basis = basis.detach().float().to(device)
         if basis.dim() != 2 or basis.shape[1] != d or basis.shape[0] == 0:
@@ -281,24 +295,15 @@ def learn_steering_vector(
     # vector; for weights, scaled by the basis rows' mean norm), each followed by the projections
     row_norm = float(basis.norm(dim=1).mean()) if basis is not None else 1.0
     step_size = (lr if lr is not None else 0.3) * bound / max(row_norm, 1e-12)
-
-    def loss_of(v: Tensor | None) -> Tensor:
-        fns = {} if v is None else {hook: lambda x: x + v.to(x.dtype)}
-        with edit(model, fns):
-            logits = model(input_ids=a_ids, attention_mask=full_mask, position_ids=a_pos, use_cache=True,
-                           **{cache_arg: copy.deepcopy(cache)}).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return -((logp * target_mask).sum() + first_logp.sum()) / n_tokens
-
     with torch.no_grad():
-        before = float(loss_of(None))
+        before = float(objective(None))
     history = []
-    params_before = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    for p in lm.model.parameters():
         p.requires_grad_(False)
     try:
         for step in range(steps):
-            loss = loss_of(vector())
+            loss = objective(vector())
             (grad,) = torch.autograd.grad(loss, [param])
             with torch.no_grad():
                 param.sub_(step_size * (1 - step / steps) * grad / grad.norm().clamp_min(1e-12))
@@ -310,12 +315,12 @@ def learn_steering_vector(
             history.append(float(loss.detach()))
         with torch.no_grad():
             final = vector().detach()
-            after = float(loss_of(final))
+            after = float(objective(final))
     finally:
-        for p, flag in zip(model.parameters(), params_before):
+        for p, flag in zip(lm.model.parameters(), flags):
             p.requires_grad_(flag)
     if not torch.isfinite(final).all():
-        raise MonoscopeError("learning the steering vector diverged (NaN); try a smaller --learning-rate or norm bound")
+        raise MonoscopeError("learning the steering vector diverged (NaN); try a smaller norm bound")
     return LearnedVector(final.cpu(), hook, bound, before, after, steps, param.detach().cpu() if basis is not None else None, history)
 
 
