@@ -334,10 +334,14 @@ def _finish(
     # the examples (even top ranks and quantile slots); the other half scores them out of sample
     t0 = time.perf_counter()
     offsets = torch.arange(-L, R + 1)
+    # making examples: even top ranks, and even quantile slots whose context is not one of the scoring top
+    # examples' (every top example has its own context); scoring examples: the rest, from other contexts
     n_slots = cfg.n_top + B * Sq
-    making = torch.zeros(n_slots, dtype=torch.bool)
-    making[0 : cfg.n_top : 2] = True
-    making[cfg.n_top :: 2] = True
+    scoring_top_ctx = acc.top.context[:, 1::2]
+    q_in_scoring = (q_ctx.unsqueeze(-1) == scoring_top_ctx.unsqueeze(1)).any(-1) & (q_ctx >= 0)
+    making_mask = torch.zeros(d_sae, n_slots, dtype=torch.bool)
+    making_mask[:, 0 : cfg.n_top : 2] = True
+    making_mask[:, cfg.n_top :: 2] = ~q_in_scoring[:, 0::2]
     words_vocab = None
     if cfg.embeddings:
         from .embedding import embeddings_available, english_words
@@ -372,10 +376,10 @@ def _finish(
         if words_vocab is None:
             fire_all.extend(characteristic_tokens(acts, toks, fmax, acc.unigram, n_tokens, n=3))
             continue
-        fire_tokens.extend(characteristic_tokens(acts[:, making], toks[:, making], fmax, acc.unigram, n_tokens, n=3))
+        making = making_mask[lo : lo + chunk]
+        fire_tokens.extend(characteristic_tokens(acts * making.unsqueeze(-1), toks, fmax, acc.unigram, n_tokens, n=3))
         peak_value = torch.cat([acc.top.value[lo : lo + chunk], q_val[lo : lo + chunk]], 1).float()
-        weight = torch.where(ctx >= 0, peak_value / fmax.float().clamp_min(1e-12).unsqueeze(1), torch.zeros_like(peak_value))
-        weight[:, ~making] = 0
+        weight = torch.where((ctx >= 0) & making, peak_value / fmax.float().clamp_min(1e-12).unsqueeze(1), torch.zeros_like(peak_value))
         shared.extend(shared_words(toks, weight, token_word, word_idf, n=3))
     dead = [int(n_active[f]) == 0 for f in range(d_sae)]
     promoted = [[text(t) for t in up_i[f, :3].tolist()] for f in range(d_sae)]
@@ -429,10 +433,11 @@ def _finish(
         score_neg: list[list[str]] = []
         top_ctx_l, top_peak_l = acc.top.context.tolist(), acc.top.peak.tolist()
         q_ctx_l, q_peak_l = q_ctx.tolist(), q_peak.tolist()
+        q_making = making_mask[:, cfg.n_top :].tolist()
         for f in range(d_sae):
             top_m = [chunk_of(c, p) for c, p in zip(top_ctx_l[f][0::2], top_peak_l[f][0::2]) if c >= 0]
             top_s = [chunk_of(c, p) for c, p in zip(top_ctx_l[f][1::2], top_peak_l[f][1::2]) if c >= 0]
-            qm = [chunk_of(c, p) for i, (c, p) in enumerate(zip(q_ctx_l[f], q_peak_l[f])) if c >= 0 and i % 2 == 0][::-1]
+            qm = [chunk_of(c, p) for i, (c, p) in enumerate(zip(q_ctx_l[f], q_peak_l[f])) if c >= 0 and q_making[f][i]][::-1]
             qs = [chunk_of(c, p) for i, (c, p) in enumerate(zip(q_ctx_l[f], q_peak_l[f])) if c >= 0 and i % 2 == 1][::-1]
             made_from = {c for c, _ in top_m + qm}
             make_pos.append([chunk_text(k) for k in pick(top_m, qm, set())])
