@@ -336,25 +336,28 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print("\nnext:")
     print(f"  monoscope serve --sae {sae_dir}                     # browse, scan and steer in the web UI at http://127.0.0.1:8000")
     print(f"  monoscope features search --sae {sae_dir} \"python code\"")
+    print(f"  monoscope steer --sae {sae_dir} --toward \"the ocean\" --prompt \"Tell me a story\" --max-new-tokens 40")
     print(f"  monoscope steer --sae {sae_dir} --feature ID=clamp:8x --prompt \"Tell me a story\" --max-new-tokens 40")
     print(f"  monoscope chat --sae {sae_dir}                      # /set ID 8x between turns")
     return 0
 
 
 def _print_sample_features(db: Path, n: int = 8) -> None:
-    """A handful of features whose heuristic labels hold best (embedding score), as a first taste."""
+    """A handful of features whose labels hold best on held-out examples (embedding score), as a first taste."""
     from .features import FeatureStore
 
     store = FeatureStore(db)
-    scored = []
-    for record in store.features():
-        if 1e-3 <= record.density <= 0.05 and record.label:
-            best = max((lab.embedding_score or 0.0 for lab in store.labels(record.id)), default=0.0)
-            scored.append((best, record))
-    scored.sort(key=lambda pair: -pair[0])
-    print(f"\nsome features (of {len(store.features()):,}), by how well their label holds:")
+    records = [r for r in store.features() if 1e-3 <= r.density <= 0.05 and r.label]
+    held = store.label_scores([r.id for r in records])
+    scored = sorted(((held[r.id], r) for r in records if r.id in held), key=lambda pair: -pair[0])
+    print(f"\nsome features (of {store.n_features:,}), by how well their label tells held-out examples from random text "
+          "(embedding score: 0.5 chance, 1 perfect):")
     for score, record in scored[:n]:
         print(f"  #{record.id:<6} density {record.density:6.2%}  score {score:.2f}  {record.label}")
+    if held:
+        values = sorted(held.values())
+        print(f"  all {len(values):,} scored labels: median {values[len(values) // 2]:.2f}, "
+              f"{sum(v >= 0.8 for v in values) / len(values):.0%} at 0.8 or more")
 
 
 def _add_quickstart(sub) -> None:

@@ -395,6 +395,7 @@ def _finish(
 
     # ---- label embeddings; the label kept and its score
     label_vectors = None
+    example_vectors = None
     scores: list[float] = [math.nan] * d_sae
     token_scores: list[float] = [math.nan] * d_sae
     embedding_model = None
@@ -481,6 +482,13 @@ def _finish(
                 scores[f] = holds(best, score_pos[f], score_neg[f])
                 token_scores[f] = scores[f] if best == options[0] else holds(options[0], score_pos[f], score_neg[f])
         label_vectors = vectors[[index[t] for t in labels]]
+        # what each feature fires on, for search by meaning: the mean of its activating texts' embeddings
+        example_vectors = np.zeros((d_sae, vectors.shape[1]), dtype=np.float32)
+        for f in range(d_sae):
+            texts = make_pos[f] + score_pos[f]
+            if texts and not dead[f]:
+                mean = vectors[[index[t] for t in texts]].mean(0)
+                example_vectors[f] = mean / max(float(np.linalg.norm(mean)), 1e-12)
         token_vectors = vectors[[index[t] for t in token_labels]]
         timings["embeddings"] = time.perf_counter() - t0
 
@@ -586,6 +594,9 @@ def _finish(
         if label_vectors is not None:
             builder.insert("label_embeddings", ("label_id", "model", "vector"),
                            ((f + 1, embedding_model, label_vectors[f].astype("<f4").tobytes()) for f in range(d_sae)))
+        if example_vectors is not None:
+            builder.insert("example_embeddings", ("feature_id", "vector"),
+                           ((f, example_vectors[f].astype("<f4").tobytes()) for f in range(d_sae) if not dead[f]))
         # a concept label shown: its token label stays searchable and readable beside it
         extra = [f for f in range(d_sae) if labels[f] != token_labels[f]]
         builder.insert("labels", ("id", "feature_id", "source", "text", "embedding_score", "created"),

@@ -19,6 +19,9 @@ Schema version 1 (docs/feature-db.md describes every column):
     labels_fts(main, promoted)              FTS5 index (porter, unicode61) of labels.text, rowid = labels.id;
                                             a heuristic label's promoted tokens (after ' → ') in `promoted`
     label_embeddings(label_id, model, vector)   float32 [384] of each label (meta embedding_model)
+    example_embeddings(feature_id, vector)  float32 [384]: the normalised mean embedding of the texts a feature
+                                            fires on most (absent in databases analysed without embeddings
+                                            or by an earlier monoscope)
 
 Writers build the whole file under a temporary name in the same folder and rename it into place when it is
 complete (`StoreBuilder`), so readers never see a half-written database; readers open it read-only
@@ -106,6 +109,7 @@ CREATE TABLE labels (
 );
 CREATE INDEX labels_by_feature ON labels (feature_id);
 CREATE TABLE label_embeddings (label_id INTEGER PRIMARY KEY, model TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE TABLE example_embeddings (feature_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE VIRTUAL TABLE labels_fts USING fts5(main, promoted, tokenize='porter unicode61');
 CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
     INSERT INTO labels_fts (rowid, main, promoted) VALUES (
@@ -376,6 +380,7 @@ class FeatureStore:
         self._tokens: dict[int, str] | None = None
         self._contexts: dict[int, np.ndarray] = {}
         self._vectors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._example_vectors: tuple[np.ndarray, np.ndarray] | None = None
         self.token_dtype = np.dtype(self.meta.get("token_dtype", "<u2"))
         self.acts_dtype = np.dtype(self.meta.get("acts_dtype", "<f2"))
 
@@ -660,6 +665,20 @@ class FeatureStore:
         with self._lock:
             self._vectors = (ids, fids, matrix)
         return self._vectors
+
+    def example_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(feature ids, unit vectors [n, 384]) of what each feature fires on: the mean embedding of its top
+        and quantile examples' texts. Empty when the database has none (older, or analysed --no-embeddings)."""
+        with self._lock:
+            if self._example_vectors is None:
+                try:
+                    rows = self._query("SELECT feature_id, vector FROM example_embeddings ORDER BY feature_id")
+                except sqlite3.OperationalError:  # a database from before the table existed
+                    rows = []
+                fids = np.array([r[0] for r in rows], dtype=np.int64)
+                matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1) if rows else np.zeros((0, 384), np.float32)
+                self._example_vectors = (fids, matrix)
+            return self._example_vectors
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size

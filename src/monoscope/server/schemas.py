@@ -429,6 +429,7 @@ class SearchHitOut(_Model):
     words_rank: Optional[int] = None
     meaning_rank: Optional[int] = None
     similarity: Optional[float] = None
+    examples_rank: Optional[int] = Field(None, description="Rank by the cosine of the query and the texts the feature fires on most.")
     label_score: Optional[float] = Field(None, description="Embedding score of the label (heuristic labels: on held-out examples).")
     sparkline: list[int] = Field(default_factory=list)
 

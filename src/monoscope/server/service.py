@@ -333,7 +333,7 @@ class Service:
             _, counts = store.histogram(h.feature_id)
             out.append(S.SearchHitOut(id=h.feature_id, score=float(h.score), label=h.label, density=float(h.density),
                                       max_activation=float(h.max_activation), words_rank=h.words_rank, meaning_rank=h.meaning_rank,
-                                      similarity=_num(h.similarity), label_score=_num(h.label_score), sparkline=sparkline(counts)))
+                                      similarity=_num(h.similarity), examples_rank=h.examples_rank, label_score=_num(h.label_score), sparkline=sparkline(counts)))
         return S.SearchResponse(sae=served.id, query=query, mode=used, hits=out)  # type: ignore[arg-type]
 
     def feature_map(self, served: ServedSAE) -> S.MapResponse:
