@@ -1,10 +1,13 @@
-"""TopK SAE training speed: monoscope vs the machine's GEMM limit vs EleutherAI's sparsify, in one run.
+"""TopK SAE training, time to quality: monoscope vs EleutherAI's sparsify (and the machine's GEMM limit), in one run.
 
-    .venv/bin/python benchmarks/bench_sae_step.py            # d_in 576, d_sae 4608, k 32, batch 4096
+    .venv/bin/python benchmarks/bench_sae_step.py --activations runs/quickstart/activations   # real activations
+    .venv/bin/python benchmarks/bench_sae_step.py            # synthetic; d_in 576, d_sae 4608, k 32, batch 4096
 
-1. Synthetic activations with realistic structure (sparse non-negative combinations of power-law-frequent
-   unit directions + offset + noise, E||x|| = sqrt(d_in); `monoscope.sae.synthetic`) are saved once to a
-   safetensors file: a pool of training batches and a held-out set. No LLM is needed.
+1. Activations: with --activations, a harvest cache split by context (a seeded hash, as in
+   bench_optimizers.py): training batches come from 80 % of the contexts, held-out FVU is measured on the
+   `report` tenth, never trained on. Without it, synthetic activations with realistic structure (sparse
+   non-negative combinations of power-law-frequent unit directions + offset + noise, E||x|| = sqrt(d_in);
+   `monoscope.sae.synthetic`). Either way they are saved once to a safetensors file both trainers read.
 2. The limit: a training step can be no faster than its one forward-encoder GEMM
    ([batch, d_in] @ [d_in, d_sae], 2 * d_in * d_sae FLOPs per token, dense fp32). That GEMM is timed on
    its own before and after, and also right before every training step of both trainers.
@@ -18,9 +21,12 @@
 The two trainers take turns, --block steps each, every step preceded by a probe GEMM: on a shared
 machine other processes come and go, and alternating keeps the comparison fair. Reported: tokens/s = batch /
 median step time; "of limit" = median over steps of (probe GEMM time / step time).
-Both train the same number of steps on the same batches; held-out FVU (1 - explained variance over the
-whole held-out set) is computed the same way for both. Targets: monoscope >= 50% of the limit and >= 1.5x
-sparsify's tokens/s at equal or lower FVU.
+Both train the same number of steps on the same batches, each with its default optimiser; held-out FVU
+(1 - explained variance over the whole held-out set) is computed the same way for both, every --eval-every
+steps (outside the timed steps; schedule-free trainers are scored at their averaged weights, without
+touching the training state). Reported: FVU after equal steps, and time to quality: the training time
+(sum of step times) each trainer needs to first reach a held-out FVU, for sparsify's final FVU and looser
+levels. Targets: held-out FVU <= sparsify's at >= 1.5x its tokens/s.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from monoscope.sae import TrainConfig, evaluate_reconstruction, train_sae  # noqa: E402
+from monoscope.sae import TrainConfig, evaluate_reconstruction, load_train_log, train_sae  # noqa: E402
 from monoscope.sae.synthetic import SyntheticActivations  # noqa: E402
 
 PEER_SCRIPT = r'''
@@ -52,7 +59,7 @@ from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.sign_sgd import SignSGD
 
-path, d_sae, k, seed, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, d_sae, k, seed, threads, eval_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(threads)
 data = load_file(path)
 train, held_out = data["train"], data["held_out"]
@@ -68,6 +75,23 @@ did_fire = torch.zeros(d_sae, dtype=torch.bool)
 probe_x, probe_w = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
 print(json.dumps({"ready": True}), flush=True)
 step = 0
+curve = []
+
+
+@torch.no_grad()
+def held_out_fvu():
+    # the averaged weights x = lerp(y, z, 1 - 1/momentum), computed on a copy: training state untouched
+    saved = [p.detach().clone() for p in sae.parameters()]
+    for p in sae.parameters():
+        z = opt.state[p].get("z")
+        if z is not None:
+            p.lerp_(z, 1 - 1 / 0.95)
+    x_hat = torch.cat([sae(x=chunk).sae_out for chunk in held_out.split(4096)])
+    for p, value in zip(sae.parameters(), saved):
+        p.copy_(value)
+    err = (held_out.double() - x_hat.double()).pow(2).sum(1).mean()
+    var = held_out.double().pow(2).sum(1).mean() - held_out.double().mean(0).pow(2).sum()
+    return float(err / var)
 
 
 def one_step():
@@ -96,6 +120,8 @@ def one_step():
         did_fire.zero_()
     step_s = time.perf_counter() - start
     step += 1
+    if step % eval_every == 0:
+        curve.append((step, held_out_fvu()))
     return step_s, gemm_s
 
 
@@ -104,12 +130,9 @@ for line in sys.stdin:
         break
     timings = [one_step() for _ in range(int(line.split()[1]))]
     print(json.dumps({"step_s": [t[0] for t in timings], "gemm_s": [t[1] for t in timings]}), flush=True)
-opt.eval()
-with torch.no_grad():
-    x_hat = torch.cat([sae(x=chunk).sae_out for chunk in held_out.split(4096)])
-    err = (held_out.double() - x_hat.double()).pow(2).sum(1).mean()
-    var = held_out.double().pow(2).sum(1).mean() - held_out.double().mean(0).pow(2).sum()
-print(json.dumps({"fvu": float(err / var), "lr": lr, "steps": step}), flush=True)
+if not curve or curve[-1][0] != step:
+    curve.append((step, held_out_fvu()))
+print(json.dumps({"fvu": curve[-1][1], "curve": curve, "lr": lr, "steps": step}), flush=True)
 '''
 
 
@@ -155,10 +178,11 @@ def ensure_peer_venv(venv: Path) -> Path:
 class Peer:
     """sparsify in its own environment, stepping when told to, so both trainers see the same machine."""
 
-    def __init__(self, python: Path, data_path: Path, d_sae: int, k: int, seed: int) -> None:
+    def __init__(self, python: Path, data_path: Path, d_sae: int, k: int, seed: int, eval_every: int) -> None:
         env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
         self.process = subprocess.Popen(
-            [str(python), "-c", PEER_SCRIPT, str(data_path), str(d_sae), str(k), str(seed), str(torch.get_num_threads())],
+            [str(python), "-c", PEER_SCRIPT, str(data_path), str(d_sae), str(k), str(seed), str(torch.get_num_threads()),
+             str(eval_every)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         self.step_s: list[float] = []
@@ -185,10 +209,10 @@ class Peer:
         self.step_s.extend(reply["step_s"])
         self.gemm_s.extend(reply["gemm_s"])
 
-    def finish(self) -> float:
-        fvu = self._send("finish")["fvu"]
+    def finish(self) -> dict:
+        reply = self._send("finish")
         self.process.wait()
-        return fvu
+        return reply
 
 
 class TimedBatches:
@@ -233,15 +257,50 @@ def summarise(step_s: list[float], gemm_s: list[float], batch: int) -> dict:
     }
 
 
+def real_activations(path: Path, cache: Path, batch: int, pool: int, held_out_tokens: int, seed: int) -> None:
+    """Training pool and held-out set from a harvest cache split by context (see bench_optimizers.py)."""
+    from bench_optimizers import split_by_context
+
+    from monoscope.data import ActivationCache
+
+    data = split_by_context(ActivationCache(cache), seed)
+    train = data["train"][torch.randperm(data["train"].shape[0], generator=torch.Generator().manual_seed(seed))]
+    pool = min(pool, train.shape[0] // batch)
+    held_out = data["report"][:held_out_tokens]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"train": train[: pool * batch].reshape(pool, batch, -1).contiguous(), "held_out": held_out.contiguous()}, str(path))
+
+
+def training_seconds(step_s: list[float], eval_steps: set[int]) -> list[float]:
+    """Cumulative training time after each step; steps that also evaluated count as the median step."""
+    plain = sorted(t for i, t in enumerate(step_s, start=1) if i not in eval_steps)
+    median = plain[len(plain) // 2] if plain else 0.0
+    total, out = 0.0, []
+    for i, t in enumerate(step_s, start=1):
+        total += median if i in eval_steps else t
+        out.append(total)
+    return out
+
+
+def time_to(curve: list[tuple[int, float]], cumulative: list[float], level: float) -> float | None:
+    """Training seconds until the held-out FVU first reaches `level` (None if it never does)."""
+    for step, fvu in curve:
+        if fvu <= level:
+            return cumulative[min(step, len(cumulative)) - 1]
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-in", type=int, default=576)
+    parser.add_argument("--activations", type=Path, default=None, help="a harvest cache (default: synthetic activations)")
+    parser.add_argument("--d-in", type=int, default=576, help="synthetic activations only")
     parser.add_argument("--d-sae", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=150, help="training steps for each trainer")
-    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
-    parser.add_argument("--pool", type=int, default=32, help="distinct training batches (reused cyclically)")
+    parser.add_argument("--steps", type=int, default=86, help="training steps for each trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the speed figures")
+    parser.add_argument("--eval-every", type=int, default=5, help="held-out FVU every this many steps")
+    parser.add_argument("--pool", type=int, default=86, help="distinct training batches (reused cyclically)")
     parser.add_argument("--held-out", type=int, default=16384, help="held-out tokens for FVU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-sae")
@@ -256,40 +315,55 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data_path = args.workdir / f"activations-{args.d_in}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
-    if not data_path.exists():
-        print("generating synthetic activations...", file=sys.stderr)
-        make_activations(data_path, args.d_in, args.batch, args.pool, args.held_out, args.seed)
+    if args.activations is not None:
+        data_path = args.workdir / f"real-{args.activations.resolve().name}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
+        if not data_path.exists():
+            real_activations(data_path, args.activations, args.batch, args.pool, args.held_out, args.seed)
+    else:
+        data_path = args.workdir / f"activations-{args.d_in}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
+        if not data_path.exists():
+            print("generating synthetic activations...", file=sys.stderr)
+            make_activations(data_path, args.d_in, args.batch, args.pool, args.held_out, args.seed)
     data = load_file(str(data_path))
     train, held_out = data["train"], data["held_out"]
-    print(f"activations: {tuple(train.shape)} training pool, {held_out.shape[0]} held-out tokens, "
-          f"mean norm {float(held_out.norm(dim=1).mean()):.2f} (sqrt(d_in) = {args.d_in ** 0.5:.2f}); "
+    d_in = train.shape[-1]
+    print(f"activations ({args.activations or 'synthetic'}): {tuple(train.shape)} training pool, {held_out.shape[0]} held-out tokens, "
+          f"mean norm {float(held_out.norm(dim=1).mean()):.2f} (sqrt(d_in) = {d_in ** 0.5:.2f}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    flops_per_token = 2 * args.d_in * args.d_sae
-    gflops_before = measure_gemm(args.batch, args.d_in, args.d_sae)
+    flops_per_token = 2 * d_in * args.d_sae
+    gflops_before = measure_gemm(args.batch, d_in, args.d_sae)
 
     peer = None
     if not args.skip_peer:
-        peer = Peer(ensure_peer_venv(args.peer_venv), data_path, args.d_sae, args.k, args.seed)
-    cfg = TrainConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch,
+        peer = Peer(ensure_peer_venv(args.peer_venv), data_path, args.d_sae, args.k, args.seed, args.eval_every)
+    cfg = TrainConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch,
                       total_tokens=args.steps * args.batch, seed=args.seed)
     batches = TimedBatches(train, args.steps, args.d_sae, peer, args.block)
     with tempfile.TemporaryDirectory() as out:
-        result = train_sae(cfg, batches, out, device="cpu", progress=False,
-                           checkpoint_every_tokens=10 * cfg.total_tokens)
-    ours = summarise(batches.step_s[args.warmup:], batches.gemm_s[args.warmup:len(batches.step_s)], args.batch)
+        result = train_sae(cfg, batches, out, device="cpu", progress=False, checkpoint_every_tokens=10 * cfg.total_tokens,
+                           held_out=held_out, eval_every_tokens=args.eval_every * args.batch)
+        log = load_train_log(out)
+    ours_curve = [(row["step"], row["held_out_fvu"]) for row in log if "held_out_fvu" in row]
     ours_fvu = evaluate_reconstruction(result.sae, held_out.split(4096)).fvu
+    eval_steps = {step for step, _ in ours_curve}
+    ours = summarise([t for i, t in enumerate(batches.step_s, 1) if i > args.warmup and i not in eval_steps],
+                     [g for i, g in enumerate(batches.gemm_s[: len(batches.step_s)], 1) if i > args.warmup and i not in eval_steps], args.batch)
+    ours_seconds = training_seconds(batches.step_s, eval_steps)
+    ours_seconds.append(ours_seconds[-1] + (ours_seconds[-1] / max(1, len(ours_seconds))))  # the last step is not timed
     peer_stats = None
     if peer is not None:
-        peer_fvu = peer.finish()
-        peer_stats = {**summarise(peer.step_s[args.warmup:], peer.gemm_s[args.warmup:], args.batch), "fvu": peer_fvu}
+        reply = peer.finish()
+        peer_curve = [tuple(point) for point in reply["curve"]]
+        peer_stats = {**summarise(peer.step_s[args.warmup:], peer.gemm_s[args.warmup:], args.batch), "fvu": reply["fvu"],
+                      "curve": peer_curve, "seconds": training_seconds(peer.step_s, set())}
 
-    gflops_after = measure_gemm(args.batch, args.d_in, args.d_sae)
+    gflops_after = measure_gemm(args.batch, d_in, args.d_sae)
     best_limit = max(gflops_before, gflops_after) * 1e9 / flops_per_token
 
-    print(f"\nTopK SAE training step, d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}: "
-          f"{args.steps} steps each, the first {args.warmup} not timed; median step times")
+    print(f"\nTopK SAE training, d_in={d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}: {args.steps} steps each on the "
+          f"same batches, each trainer's default optimiser ({cfg.optim.name} for monoscope, signum for sparsify); "
+          f"median step times (steps {args.warmup + 1}+, evaluation steps left out)")
     print(f"  dense fp32 GEMM of the encoder's shape: {gflops_before:.1f} GFLOP/s before, {gflops_after:.1f} after "
           f"-> limit {best_limit:,.0f} tokens/s")
     print(f"  {'':24}{'tokens/s':>10}  {'limit tok/s*':>12}  {'of limit*':>9}  {'held-out FVU':>12}")
@@ -301,17 +375,30 @@ def main() -> None:
               f"{stats['fraction_of_limit']:>9.0%}  {fvu:>12.4f}")
     print("  * limit: one forward-encoder GEMM per step, timed just before each step (same conditions);")
     print("    'of limit' is the median over steps of GEMM time / step time")
-    summary = {"ours_tokens_per_s": ours["tokens_per_s"], "ours_limit_tokens_per_s": ours["limit_tokens_per_s"],
-               "ours_fraction_of_limit": ours["fraction_of_limit"], "ours_fvu": ours_fvu,
+    summary = {"ours_optimizer": cfg.optim.to_dict(), "ours_tokens_per_s": ours["tokens_per_s"], "ours_limit_tokens_per_s": ours["limit_tokens_per_s"],
+               "ours_fraction_of_limit": ours["fraction_of_limit"], "ours_fvu": ours_fvu, "ours_curve": ours_curve,
                "standalone_limit_tokens_per_s": best_limit}
     if peer_stats is not None:
         speedup = ours["tokens_per_s"] / peer_stats["tokens_per_s"]
         paired = ours["fraction_of_limit"] / peer_stats["fraction_of_limit"]
         print(f"  speed-up over sparsify: {speedup:.2f}x in tokens/s ({paired:.2f}x in fraction of the paired limit); "
-              f"held-out FVU {'<=' if ours_fvu <= peer_stats['fvu'] else '>'} sparsify's")
+              f"held-out FVU after {args.steps} steps {ours_fvu:.4f} vs {peer_stats['fvu']:.4f} "
+              f"({'<=' if ours_fvu <= peer_stats['fvu'] else '>'} sparsify's)")
+        print("\n  time to quality (training seconds until the held-out FVU first reaches the level; evaluated every "
+              f"{args.eval_every} steps):")
+        print(f"  {'held-out FVU <=':>18}{'monoscope':>12}{'sparsify':>12}{'sparsify / monoscope':>22}")
+        levels = [peer_stats["fvu"] * factor for factor in (1.0, 1.1, 1.25, 1.5)]
+        times = []
+        for level in levels:
+            ours_t, peer_t = time_to(ours_curve, ours_seconds, level), time_to(peer_stats["curve"], peer_stats["seconds"], level)
+            times.append({"fvu": level, "monoscope_s": ours_t, "sparsify_s": peer_t})
+            ratio = f"{peer_t / ours_t:.2f}x" if ours_t and peer_t else "-"
+            fmt = lambda t: f"{t:.1f} s" if t is not None else "never"  # noqa: E731
+            print(f"  {level:>18.4f}{fmt(ours_t):>12}{fmt(peer_t):>12}{ratio:>22}")
         summary.update({"sparsify_tokens_per_s": peer_stats["tokens_per_s"],
                         "sparsify_fraction_of_limit": peer_stats["fraction_of_limit"], "sparsify_fvu": peer_stats["fvu"],
-                        "speedup": speedup, "speedup_vs_paired_limit": paired})
+                        "sparsify_curve": peer_stats["curve"], "speedup": speedup, "speedup_vs_paired_limit": paired,
+                        "time_to_quality": times})
     print(json.dumps(summary))
 
 

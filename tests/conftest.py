@@ -84,3 +84,14 @@ def text_corpus(tmp_path_factory) -> Path:
     for i in range(6):
         (folder / f"doc{i}.txt").write_text("\n\n".join(SAMPLE_TEXT[j % len(SAMPLE_TEXT)] + f" Note {i}-{j}." for j in range(40)))
     return folder
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A loud line when the peer round-trip tests skipped: a green run then says nothing about SAELens/sparsify."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", []) if "test_interop_peers" in report.nodeid]
+    if not skipped:
+        return
+    reasons = sorted({str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr) for report in skipped})
+    terminalreporter.write_sep("!", f"{len(skipped)} PEER ROUND-TRIP TESTS SKIPPED: SAELens/sparsify interop NOT checked", red=True, bold=True)
+    for reason in reasons:
+        terminalreporter.write_line(f"  {reason}", red=True)

@@ -44,7 +44,12 @@ if mode == "spread":
 else:
     source = Failing() if fail_at >= 0 else data
     try:
-        config = cfg(architecture="jumprelu", target_l0=4.0) if mode == "jumprelu" else cfg()
+        if mode == "jumprelu":
+            config = cfg(architecture="jumprelu", target_l0=4.0)
+        elif mode == "signum":  # schedule-free: its z and averaging counters must stay equal on every rank and resume
+            config = cfg(optimizer={"name": "signum"})
+        else:
+            config = cfg()
         results = train_distributed({"sae": config}, source, out, single=True, progress=False, checkpoint_every_tokens=256 * 10)
     except RuntimeError as err:
         print("FAILED", err)
@@ -122,14 +127,17 @@ def test_data_parallel_jumprelu_with_a_target_l0_keeps_ranks_identical(tmp_path)
 
 def test_data_parallel_resume_equals_uninterrupted(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert _run(tmp_path, whole).returncode == 0
-    failed = _run(tmp_path, resumed, fail_at=17)
+    assert _run(tmp_path, whole, mode="signum").returncode == 0
+    failed = _run(tmp_path, resumed, mode="signum", fail_at=17)
     assert failed.returncode != 0 and (resumed / "checkpoints").is_dir()
-    proc = _run(tmp_path, resumed)
+    proc = _run(tmp_path, resumed, mode="signum")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_sae(whole), load_sae(resumed)
+    assert load_sae(whole).info["training"]["config"]["optimizer"]["name"] == "signum"
     for name, tensor in a.weights().items():
         torch.testing.assert_close(b.weights()[name], tensor, rtol=1e-5, atol=1e-6)
+    rank0, rank1 = (load_file(str(resumed / f"weights-sae-rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # the ranks' averaged weights agree exactly
 
 
 def test_spread_over_ranks(tmp_path):

@@ -102,7 +102,8 @@ def _dense_reference(x, W_enc, b_enc, b_dec, W_dec, rows, cols, n_rows, n_cols):
 
 
 @pytest.mark.parametrize("variable_per_row", [False, True])
-def test_sparse_kernels_match_dense_values_and_gradients(variable_per_row):
+def test_sparse_kernels_match_dense_values_and_gradients(variable_per_row, monkeypatch):
+    monkeypatch.setattr(SparsePattern, "check_invariants", True)  # torch checks every CSR built (sorted columns)
     torch.manual_seed(1)
     B, D, S, K = 40, 12, 50, 4
     params = {
@@ -139,6 +140,10 @@ def test_sparse_kernels_match_dense_values_and_gradients(variable_per_row):
 
     out_sparse, grads_sparse, gx_sparse = run(True)
     out_dense, grads_dense, gx_dense = run(False)
+    for csr in (pattern.csr(torch.ones(pattern.nnz)), pattern.csr_transposed(torch.ones(pattern.nnz))):
+        crow, col = csr.crow_indices(), csr.col_indices()
+        for r in range(crow.numel() - 1):
+            assert bool((col[crow[r] + 1 : crow[r + 1]] > col[crow[r] : crow[r + 1] - 1]).all())
     assert torch.allclose(out_sparse, out_dense, atol=1e-4)
     for name in params:
         assert torch.allclose(grads_sparse[name], grads_dense[name], atol=1e-3, rtol=1e-4), name

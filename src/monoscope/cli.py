@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .argtypes import non_negative_float, positive_int
+from .argtypes import non_negative_float, positive_float, positive_int
 from .errors import MonoscopeError
 
 EXIT_USER_ERROR = 2
@@ -137,6 +137,7 @@ def _sae_info(*, model, context_size, corpus, harvest_contexts, source) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .sae import TrainConfig, train_saes
     from .sae.distributed import describe_memory, setup, shard_corpus, train_distributed
+    from .sae.optim import optimizer_config
 
     dist = setup()  # rank 0 of 1 unless started by torchrun
     say = print if dist.is_main else (lambda *a, **k: None)
@@ -186,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.l1_coefficient is not None:
                 sparsity["l1_coefficient"] = args.l1_coefficient
             cfg = TrainConfig(d_in=d_in, total_tokens=args.tokens, d_sae=d_sae, architecture=args.arch, k=k,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, hook_name=hook, activation_scale=scales[hook],
+                              batch_size=args.batch_size, optimizer=optimizer_config(args.optimizer, args.lr), seed=args.seed,
+                              hook_name=hook, activation_scale=scales[hook],
                               **sparsity)
             name = "." if len(hooks) * len(sweep) == 1 else f"{hook}-{args.arch}-{d_sae}-k{k}"
             configs[name] = cfg
@@ -234,7 +236,8 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (SAELens format: cfg.json + sae_weights.safetensors)")
     p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"], help="architecture (default: topk)")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per step (default: 4096)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
+    p.add_argument("--optimizer", default=None, choices=["adam", "signum", "adam_sf"], help="optimiser: adam (default), signum (schedule-free sign-SGD, sparsify's default) or adam_sf (schedule-free Adam); see docs/sae.md")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimiser's rule, base / sqrt(d_sae / 16384); adam: 8e-4 at 16384 latents for topk/batchtopk, 2e-4 for jumprelu/relu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--l1-coefficient", type=non_negative_float, default=None, help="relu: weight of the L1 penalty, which sets L0 (default: 5)")
     p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
@@ -270,20 +273,27 @@ def cmd_eval(args: argparse.Namespace, loaded=None) -> int:
     context_size = args.context_size or sae.info.get("context_size") or sae.cfg.metadata.get("context_size") or 128
     loaded = loaded if loaded is not None and loaded.name == model_name else load_model(model_name, device=args.device, dtype=args.model_dtype)
     skip = held_out_skip(sae.info, corpus)
-    result = evaluate_sae(sae, loaded, corpus, hook_point=hook, tokens=args.tokens, context_size=int(context_size), skip_contexts=skip)
+    result = evaluate_sae(sae, loaded, corpus, hook_point=hook, tokens=args.tokens, context_size=int(context_size), skip_contexts=skip,
+                          seed=args.sample_seed)
     atomic_write_json(Path(args.sae) / "eval.json", result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.sae}: {hook} of {model_name}, {result['tokens']:,} held-out tokens" + (f" (after the {skip:,} training contexts)" if skip else ""))
+    region = f"contexts {skip:,}-{skip + result['held_out_region_contexts']:,}"
+    print(f"{args.sae}: {hook} of {model_name}, {result['tokens']:,} held-out tokens in {result['contexts']} contexts sampled from "
+          f"{region}" + (" (after the training contexts)" if skip else "") + f"; [95% bootstrap interval over contexts]")
     rows = [
         ("L0", "l0"), ("explained variance", "explained_variance"), ("FVU", "fvu"), ("MSE", "mse"), ("cosine(x, x_hat)", "cosine_similarity"),
         ("shrinkage", "shrinkage"), ("alive latents", "frac_alive"), ("denser than 1%", "frac_dense_1pct"), ("denser than 10%", "frac_dense_10pct"),
         ("CE clean", "ce_clean"), ("CE with SAE", "ce_sae"), ("CE zero-ablated", "ce_zero_ablation"), ("CE mean-ablated", "ce_mean_ablation"),
-        ("ce_loss_score", "ce_loss_score"), ("ce_loss_score (mean abl.)", "ce_loss_score_mean_ablation"), ("KL div score", "kl_div_score"), ("delta loss", "delta_loss"),
+        ("ce_loss_score", "ce_loss_score"), ("delta loss (CE_sae - CE_clean)", "delta_loss"), ("ce_loss_score (mean abl.)", "ce_loss_score_mean_ablation"),
+        ("KL div score", "kl_div_score"),
     ]
+    intervals = result.get("intervals", {})
     for label, key in rows:
-        print(f"  {label:<27}{result[key]:.4f}")
+        low_high = intervals.get(key)
+        spread = f"  [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
+        print(f"  {label:<31}{result[key]:.4f}{spread}")
     print(f"written to {Path(args.sae) / 'eval.json'}")
     return 0
 
@@ -297,6 +307,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
     p.add_argument("--context-size", type=positive_int, default=None, help="default: the SAE's training context size")
     p.add_argument("--seed", type=int, default=None, help="corpus seed (default: the training corpus seed, so held-out text follows the training text)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the held-out contexts sampled across the held-out text and of the bootstrap (default: 0)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 

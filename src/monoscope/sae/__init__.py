@@ -11,10 +11,11 @@ jumprelu, relu -> standard. See docs/sae.md for the recipes and the rules behind
 
 from .base import SAE, SAEConfig
 from .batchtopk import BatchTopKTrainingSAE
-from .config import TRAINING_ARCHITECTURES, TrainConfig, default_lr
+from .config import TRAINING_ARCHITECTURES, TrainConfig
 from .io import load_sae, save_sae
 from .jumprelu import JumpReLUSAE, JumpReLUTrainingSAE
 from .metrics import ReconstructionMetrics, evaluate_reconstruction
+from .optim import OPTIMIZER_NAMES, OptimizerConfig, ScheduleFree, default_lr
 from .registry import inference_class, training_class
 from .relu import ReLUSAE, ReLUTrainingSAE
 from .sparse import SparsePattern, gather_preacts, sparse_decode
@@ -35,6 +36,9 @@ __all__ = [
     "ReLUTrainingSAE",
     "TrainConfig",
     "TRAINING_ARCHITECTURES",
+    "OptimizerConfig",
+    "OPTIMIZER_NAMES",
+    "ScheduleFree",
     "default_lr",
     "save_sae",
     "load_sae",

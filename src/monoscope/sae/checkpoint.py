@@ -1,7 +1,7 @@
 """Training checkpoints: everything needed to continue a run exactly, in safetensors + JSON (no pickle).
 
 Layout: `<out>/checkpoints/step-<step>/` holds one `<run>.safetensors` per SAE (its training-form
-parameters and buffers, Adam's moments and step count, tokens since each latent last fired),
+parameters and buffers, the optimiser's state (Adam's moments and step count, schedule-free's z and counters), tokens since each latent last fired),
 `trainer.safetensors` (RNG states) and `state.json` (step, tokens, data position, each SAE's config).
 `state.json` is written last, atomically: a folder without it is an unfinished checkpoint and is ignored,
 so a crash or a full disk while checkpointing leaves the previous checkpoint as the one to resume from.
@@ -55,15 +55,19 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Tensor]:
-    """Adam's per-parameter state as flat named tensors ("adam.<param>.<field>")."""
+    """The optimiser's per-parameter state as flat named tensors ("optim.<param>.<field>": Adam's moments and
+    step, schedule-free's z), and its per-group counters ("optim_group.<field>") when it keeps any."""
     out: dict[str, Tensor] = {}
     for parameter, state in optimizer.state.items():
         name = names[id(parameter)]
         for key, value in state.items():
             if isinstance(value, Tensor):
-                out[f"adam.{name}.{key}"] = value.detach()
+                out[f"optim.{name}.{key}"] = value.detach()
             else:
-                out[f"adam.{name}.{key}"] = torch.tensor(float(value))
+                out[f"optim.{name}.{key}"] = torch.tensor(float(value))
+    scalar_state = getattr(optimizer, "scalar_state", None)
+    if callable(scalar_state):
+        out.update({f"optim_group.{key}": value for key, value in scalar_state().items()})
     return out
 
 
@@ -71,8 +75,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, named_parameters: dict[s
     """Inverse of `optimizer_tensors`; moments keep the parameter's memory layout, steps stay as Adam keeps them."""
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for name, parameter in named_parameters.items():
-        prefix = f"adam.{name}."
-        fields = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        fields = {}
+        for prefix in (f"optim.{name}.", f"adam.{name}."):  # "adam." in checkpoints written before other optimisers
+            fields.update({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})
         if not fields:
             continue
         group = groups[id(parameter)]
@@ -84,6 +89,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, named_parameters: dict[s
             else:
                 state[key] = torch.empty_like(parameter).copy_(value)
         optimizer.state[parameter] = state
+    load_scalar_state = getattr(optimizer, "load_scalar_state", None)
+    if callable(load_scalar_state):
+        load_scalar_state({key[len("optim_group."):]: value for key, value in tensors.items() if key.startswith("optim_group.")})
 
 
 def save_checkpoint(

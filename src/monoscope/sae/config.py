@@ -1,13 +1,7 @@
 """Training configuration of one SAE, validated on construction; unset defaults are resolved to numbers.
 
 Default rules (each field's comment says why):
-- lr: 2e-4 / sqrt(d_sae / 2**14), the rule sparsify took from Gao et al. (2024): wider SAEs need smaller
-  steps. 2e-4 at 16k latents, 5.7e-4 at 2k, 1e-4 at 65k.
-- lr_warmup_steps: min(1000, 5% of the steps), at least 1: sparsify's 1000-step warm-up, shortened for
-  short runs so they do not spend most of their time warming up.
-- lr decay: linear to 0 over the final 20% of the steps (Anthropic, April 2024 update).
-- Adam: betas (0.9, 0.999) as in SAELens and torch, eps 6.25e-10 as in Gao et al. (the TopK loss is
-  normalised by the batch variance, so gradients are small and a larger eps would damp them).
+- optimizer: see `optim.py` (name, learning-rate rule by width, warm-up, decay).
 - dead_tokens: a latent is dead after this many tokens without firing. 10M as in Gao et al. and sparsify,
   but at most a twentieth of the run (and at least one batch), so short runs also revive dead latents.
 - aux_k: d_in / 2 (Gao et al., appendix B.1), at most d_sae - k.
@@ -18,10 +12,11 @@ Default rules (each field's comment says why):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from ..config import JsonConfig, require
+from .optim import OptimizerConfig
 
 #: Architectures the trainer can train; BatchTopK is saved (and loads) as JumpReLU, ReLU as SAELens's "standard".
 TRAINING_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
@@ -29,9 +24,9 @@ TRAINING_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 DEFAULT_DEAD_TOKENS = 10_000_000
 
 
-def default_lr(d_sae: int) -> float:
-    """2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024, as used by sparsify)."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
+#: Flat optimiser keys of configs saved before the optimiser was nested (all trained with Adam).
+_LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "lr_warmup_steps": "warmup_steps", "lr_decay_fraction": "decay_fraction",
+                          "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_eps": "eps"}
 
 
 @dataclass
@@ -49,13 +44,8 @@ class TrainConfig(JsonConfig):
     hook_name: str = ""  # key of this SAE's activations in a dict stream; also recorded in the saved SAE
     activation_scale: float = 1.0  # raw activations were multiplied by this; folded into the saved weights
 
-    # optimiser and schedule
-    lr: float | None = None
-    lr_warmup_steps: int | None = None
-    lr_decay_fraction: float = 0.2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 6.25e-10
+    # optimiser and schedule (an OptimizerConfig, or its dict; unset values resolved by its rules)
+    optimizer: OptimizerConfig | None = None
     max_grad_norm: float | None = None
 
     # initialisation
@@ -116,15 +106,13 @@ class TrainConfig(JsonConfig):
                 f"k={self.k} must be smaller than d_sae={self.d_sae} (k latents are kept out of d_sae)",
             )
         require(self.activation_scale > 0, f"activation scale must be positive, got {self.activation_scale}")
-        if self.lr is None:
-            self.lr = default_lr(self.d_sae)
-        require(self.lr > 0, f"learning rate must be positive, got {self.lr}")
-        if self.lr_warmup_steps is None:
-            self.lr_warmup_steps = max(1, min(1000, self.total_steps // 20))
-        require(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
-        require(0 <= self.lr_decay_fraction <= 1, f"lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction}")
-        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)")
-        require(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
+        optimizer = self.optimizer
+        if optimizer is None:
+            optimizer = OptimizerConfig()
+        elif isinstance(optimizer, dict):
+            optimizer = OptimizerConfig.from_dict(optimizer)
+        require(isinstance(optimizer, OptimizerConfig), f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}")
+        self.optimizer = optimizer.resolve(self.d_sae, self.total_steps, self.architecture)
         if self.max_grad_norm is None:
             self.max_grad_norm = 1.0 if self.architecture == "relu" else 0.0
         require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
@@ -162,17 +150,30 @@ class TrainConfig(JsonConfig):
         assert self.d_sae is not None
         return self.d_sae
 
+    @property
+    def optim(self) -> OptimizerConfig:
+        """The resolved optimiser config (never None after construction)."""
+        assert isinstance(self.optimizer, OptimizerConfig)
+        return self.optimizer
+
+    @property
+    def lr(self) -> float:
+        """The (peak) learning rate."""
+        assert self.optim.lr is not None
+        return self.optim.lr
+
     def lr_at(self, step: int) -> float:
-        """Learning rate for optimiser step `step` (0-based): linear warm-up, flat, linear decay to 0."""
-        assert self.lr is not None and self.lr_warmup_steps is not None
-        scale = 1.0
-        if self.lr_warmup_steps > 0 and step < self.lr_warmup_steps:
-            scale = (step + 1) / self.lr_warmup_steps
-        decay_steps = int(self.total_steps * self.lr_decay_fraction)
-        decay_start = self.total_steps - decay_steps
-        if decay_steps > 0 and step >= decay_start:
-            scale = min(scale, (self.total_steps - step) / decay_steps)
-        return self.lr * scale
+        """Learning rate for optimiser step `step` (0-based): see `OptimizerConfig.lr_at`."""
+        return self.optim.lr_at(step, self.total_steps)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Also reads configs saved before the optimiser settings were nested (flat `lr`, `adam_*`: Adam)."""
+        data = dict(data)
+        legacy = {new: data.pop(old) for old, new in _LEGACY_OPTIMIZER_KEYS.items() if old in data}
+        if legacy and "optimizer" not in data:
+            data["optimizer"] = {"name": "adam", **legacy}
+        return super().from_dict(data)
 
     def default_name(self) -> str:
         """A folder name for this SAE in a multi-SAE run."""

@@ -27,9 +27,12 @@ Data: `shard_source(source, rank, world, split=...)`.
   agree (one all-reduce of a flag) whether all of them still have data, so they stop together.
 
 Only rank 0 writes logs, checkpoints and the finished SAEs; resuming reads rank 0's newest checkpoint on
-every rank. The numbers differ from a single-process run with the same global batch only through the loss
-normalisation (each rank divides by its own slice's variance) and through the initialisation (rank 0's
-slice of the first batch gives `b_dec`'s geometric median).
+every rank. The numbers differ from a single-process run with the same global batch through the loss
+normalisation (each rank divides by its own slice's variance), the initialisation (rank 0's slice of the
+first batch gives `b_dec`'s geometric median) and, for BatchTopK, the selection itself: each rank keeps the
+k * (its rows) largest pre-activations of its own slice, not of the global batch, and its threshold estimate
+is the smallest activation it selected, averaged over the ranks (the mean of per-rank minima, not the global
+minimum). TopK, JumpReLU and ReLU select per token and are unaffected by the split.
 """
 
 from __future__ import annotations
@@ -336,7 +339,7 @@ class DistributedSAETrainer(SAETrainer):
                 super()._finish(run, complete, started)
             else:
                 run.pending_logs.clear()
-                sae = run.sae.to_inference()
+                sae = run.inference_sae()
                 if run.cfg.activation_scale != 1.0:
                     sae.fold_activation_scale(run.cfg.activation_scale)
                 run.done = True
@@ -398,27 +401,62 @@ def train_distributed(
     raise MonoscopeError(f"unknown distribution mode {mode!r}; use 'data' or 'spread'")
 
 
-def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_bytes: int = 4) -> dict[str, float]:
-    """GiB needed to train one SAE: parameters, gradients and Adam's two moments (4 copies of W_enc + W_dec),
-    the batch's pre-activations [batch, d_sae] (fp32; bf16 autocast halves the GEMM operand) and small buffers."""
+#: Dense [batch, d_sae] fp32 tensors alive at the peak of a JumpReLU / ReLU step (forward saves pre-activations
+#: and codes; the backward adds their gradients and the pseudo-gradient's temporaries). Measured with
+#: benchmarks/bench_memory.py.
+DENSE_STEP_TENSORS = {"jumprelu": 4.75, "relu": 3.0}
+#: Optimiser state, in copies of the parameters, and the temporaries its step allocates (also copies).
+OPTIMIZER_COPIES = {"adam": 2, "signum": 1, "adam_sf": 2}
+OPTIMIZER_STEP_COPIES = {"adam": 1, "signum": 1, "adam_sf": 2}
+
+
+def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_bytes: int = 4, *, architecture: str = "topk",
+                    optimizer: str = "adam", aux: bool = True, multi_topk: bool = False, bf16_preacts: bool = False) -> dict[str, float]:
+    """GiB needed to train one SAE, by term (and "total").
+
+    - weights, gradients (dense, also for the sparse TopK backward), the optimiser's state and its step's temporaries;
+    - the batch [batch, d_in] and its few same-sized temporaries (centred input, reconstruction, residual, grads);
+    - TopK / BatchTopK: the pre-activations [batch, d_sae] (fp32; bf16 under CUDA autocast), the selected pairs
+      and their sparse patterns (~48 bytes a pair), AuxK's copy of the dead latents' pre-activations (up to
+      [batch, d_sae] when most latents are dead) and, with Multi-TopK, a second selection of 4k latents a token;
+    - JumpReLU / ReLU: their dense forward and backward, `DENSE_STEP_TENSORS` tensors of [batch, d_sae].
+    """
     gib = 1024**3
-    weights = 2 * d_in * d_sae * dtype_bytes
-    optimiser = 3 * weights  # grads + Adam m, v
-    pre = batch_size * d_sae * 4
-    other = batch_size * d_in * 4 * 4 + batch_size * k * 12
-    total = weights + optimiser + pre + other
-    return {"weights": weights / gib, "grads_and_adam": optimiser / gib, "preactivations": pre / gib,
-            "other": other / gib, "total": total / gib}
+    params = (2 * d_in * d_sae + d_sae + d_in) * dtype_bytes
+    copies = OPTIMIZER_COPIES.get(optimizer, 2) + OPTIMIZER_STEP_COPIES.get(optimizer, 2)
+    terms = {"weights": params, "grads": params, "optimizer": copies * params, "batch": 6 * batch_size * d_in * 4}
+    dense = batch_size * d_sae * 4
+    if architecture in ("topk", "batchtopk"):
+        terms["preactivations"] = batch_size * d_sae * (2 if bf16_preacts else 4)
+        per_token = 4 * k if architecture == "batchtopk" else k  # BatchTopK first keeps 4k candidates a token
+        terms["selection"] = batch_size * per_token * 48
+        if aux:
+            terms["auxk"] = dense
+        if multi_topk:
+            terms["multi_topk"] = batch_size * 4 * k * 48 + batch_size * d_in * 4
+    else:
+        terms["dense_step"] = int(DENSE_STEP_TENSORS.get(architecture, 6.0) * dense)
+    out = {name: value / gib for name, value in terms.items()}
+    out["total"] = sum(terms.values()) / gib
+    out["grads_and_adam"] = (terms["grads"] + terms["optimizer"]) / gib  # gradients + optimiser (the earlier key)
+    return out
+
+
+def estimate_config_memory(cfg: TrainConfig, world: int = 1, cuda: bool = False) -> dict[str, float]:
+    """`estimate_memory` for one training config, per process when `world` ranks share each batch."""
+    return estimate_memory(cfg.d_in, int(cfg.d_sae or 0), max(1, cfg.batch_size // world), cfg.k, architecture=cfg.architecture,
+                           optimizer=cfg.optim.name, aux=cfg.aux_coefficient > 0, multi_topk=cfg.multi_topk,
+                           bf16_preacts=cuda and cfg.bf16_autocast)
 
 
 def describe_memory(configs: Iterable[TrainConfig], world: int = 1, min_gib: float = 1.0) -> str | None:
     """A line estimating each process's training memory for `configs` (None below `min_gib`), and what to do
     when it will not fit the GPU (bf16 autocast, a smaller batch, more GPUs)."""
     configs = list(configs)
-    total = sum(estimate_memory(c.d_in, int(c.d_sae or 0), max(1, c.batch_size // world), c.k)["total"] for c in configs)
+    total = sum(estimate_config_memory(c, world, torch.cuda.is_available())["total"] for c in configs)
     if total < min_gib:
         return None
-    line = f"memory estimate: {total:.1f} GiB per process (weights, gradients, Adam and one batch's pre-activations)"
+    line = f"memory estimate: {total:.1f} GiB per process (weights, gradients, optimiser state and one batch's activations)"
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         free_gib = free / 1024**3

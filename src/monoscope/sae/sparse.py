@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -37,9 +37,15 @@ with warnings.catch_warnings():
 class SparsePattern:
     """The active (token, latent) pairs of a batch: `rows[n]` is the token, `cols[n]` the latent.
 
-    Pairs are ordered by token (`row_ptr` delimits each token's pairs). The by-latent ordering needed for
-    the weight gradients is computed lazily, in the backward pass.
+    Pairs are ordered by token (`row_ptr` delimits each token's pairs); within a token, `from_topk` keeps
+    top-k's order. The CSR matrices handed to torch always have sorted column indices, as the format asks
+    (some CUDA kernels assume it): `csr` sorts each token's pairs by latent, once, lazily, and `unsort` maps
+    values given in that order back. The by-latent ordering needed for the weight gradients is also computed
+    lazily, in the backward pass.
     """
+
+    #: Ask torch to check every CSR matrix built here (sorted, in-range indices); tests turn it on.
+    check_invariants: ClassVar[bool] = False
 
     rows: Tensor
     cols: Tensor
@@ -48,6 +54,7 @@ class SparsePattern:
     row_ptr: Tensor
     per_row: int | None = None
     _by_col: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    _row_sorted: tuple[Tensor | None, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_topk(cls, indices: Tensor, n_cols: int) -> "SparsePattern":
@@ -60,7 +67,7 @@ class SparsePattern:
 
     @classmethod
     def from_coo(cls, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int) -> "SparsePattern":
-        """Pattern of pairs already sorted by row (token)."""
+        """Pattern of pairs already sorted by (row, col) (token, then latent)."""
         counts = torch.bincount(rows, minlength=n_rows)
         row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
         row_ptr[1:] = counts.cumsum(0)
@@ -83,17 +90,39 @@ class SparsePattern:
             self._by_col = (order, col_ptr, self.rows[order])
         return self._by_col
 
+    def row_sorted(self) -> tuple[Tensor | None, Tensor]:
+        """(permutation putting each token's pairs in increasing latent order, or None if they are; sorted cols)."""
+        if self._row_sorted is None:
+            if self.per_row is None or self.per_row == 1:
+                self._row_sorted = (None, self.cols)
+            else:
+                sorted_cols, order = self.cols.view(self.n_rows, self.per_row).sort(dim=1)
+                offsets = torch.arange(0, self.nnz, self.per_row, device=self.cols.device).unsqueeze(1)
+                self._row_sorted = ((order + offsets).reshape(-1), sorted_cols.reshape(-1))
+        return self._row_sorted
+
     def csr(self, values: Tensor) -> Tensor:
-        """[n_rows, n_cols] CSR matrix holding `values` at the pattern."""
+        """[n_rows, n_cols] CSR matrix holding `values` (given in pattern order) at the pattern."""
+        order, cols = self.row_sorted()
         return torch.sparse_csr_tensor(
-            self.row_ptr, self.cols, values, (self.n_rows, self.n_cols), check_invariants=False
+            self.row_ptr, cols, values if order is None else values[order], (self.n_rows, self.n_cols),
+            check_invariants=self.check_invariants,
         )
+
+    def unsort(self, csr_values: Tensor) -> Tensor:
+        """Values of a `csr` matrix (sorted order) back in pattern order."""
+        order, _ = self.row_sorted()
+        if order is None:
+            return csr_values
+        out = torch.empty_like(csr_values)
+        out[order] = csr_values
+        return out
 
     def csr_transposed(self, values: Tensor) -> Tensor:
         """[n_cols, n_rows] CSR matrix holding `values` (given in token order) at the transposed pattern."""
         order, col_ptr, rows_by_col = self.by_col()
-        return torch.sparse_csr_tensor(
-            col_ptr, rows_by_col, values[order], (self.n_cols, self.n_rows), check_invariants=False
+        return torch.sparse_csr_tensor(  # rows stay in increasing order within a latent: the sort is stable
+            col_ptr, rows_by_col, values[order], (self.n_cols, self.n_rows), check_invariants=self.check_invariants
         )
 
 
@@ -186,7 +215,7 @@ class _SparseDecode(torch.autograd.Function):
             sampled = torch.sparse.sampled_addmm(
                 pattern.csr(torch.zeros_like(values, dtype=W_dec.dtype)), grad_out, W_dec.T, beta=0.0
             )
-            grad_values = sampled.values().to(values.dtype)
+            grad_values = pattern.unsort(sampled.values()).to(values.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.sparse.mm(pattern.csr_transposed(values.to(W_dec.dtype)), grad_out)
         return grad_values, grad_w, None

@@ -56,6 +56,7 @@ from .checkpoint import RunState, list_checkpoints, load_checkpoint, optimizer_t
 from .config import TrainConfig
 from .io import INFO_FILENAME, load_sae, save_sae
 from .metrics import evaluate_reconstruction
+from .optim import OptimizerConfig, evaluation_weights, make_optimizer, optimizer_config
 from .registry import training_class
 from .stream import BatchStream, DataPosition, peek_width
 from .training import StepContext, StepOutput
@@ -84,16 +85,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _make_optimizer(sae: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.Adam(sae.parameters(), **kwargs)
-
-
 class _Run:
     """One SAE being trained: model, optimiser, dead-latent counters, log."""
 
@@ -103,7 +94,7 @@ class _Run:
         self.folder = folder
         self.device = device
         self.sae = training_class(cfg.architecture)(cfg, device=device)
-        self.optimizer = _make_optimizer(self.sae, cfg, device)
+        self.optimizer = make_optimizer(self.sae.parameters(), cfg.optim, device)
         self.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
         self.step = 0
         self.done = False
@@ -112,6 +103,7 @@ class _Run:
         self.last_metrics: dict[str, float] = {}
         self.param_names = {id(p): n for n, p in self.sae.named_parameters()}
         self.checked_width = False
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first step whose loss was NaN/inf
 
     @property
     def key(self) -> str:
@@ -122,6 +114,11 @@ class _Run:
         tensors.update(optimizer_tensors(self.optimizer, self.param_names))
         tensors["tokens_since_fired"] = self.tokens_since_fired
         return tensors
+
+    def inference_sae(self) -> SAE:
+        """The SAE as it is evaluated and saved (schedule-free: the averaged weights), activation scale not folded."""
+        with evaluation_weights(self.optimizer):
+            return self.sae.to_inference()
 
     def restore(self, tensors: dict[str, Tensor]) -> None:
         state = {key[len("sae."):]: value for key, value in tensors.items() if key.startswith("sae.")}
@@ -184,6 +181,9 @@ class SAETrainer:
         same config); with False, an `out_dir` holding a run is an error.
     info: facts recorded in each saved SAE's monoscope.json (model, corpus, ...).
     log_flush_steps: how often the JSONL log and progress bar are updated (every step is logged).
+    finite_check_steps: how often the loss is checked for NaN/inf (default: every step on CPU, every 32 on a GPU,
+        where reading it back waits for the step); the error names the first bad step, and checkpoints, held-out
+        evaluations and saved SAEs are always checked first.
     held_out: activations never trained on (one tensor for every SAE, or {hook name: tensor}), in the units of
         the batches; the SAE's inference form is scored on them every `eval_every_tokens` tokens (default: a tenth
         of the run) and at the end, logged as held_out_fvu, held_out_l0, ... in train_log.jsonl.
@@ -206,6 +206,7 @@ class SAETrainer:
         log_flush_steps: int = 20,
         held_out: Tensor | Mapping[str, Tensor] | None = None,
         eval_every_tokens: int | None = None,
+        finite_check_steps: int | None = None,
     ) -> None:
         if not configs:
             raise MonoscopeError("no SAE to train: give at least one config")
@@ -238,6 +239,10 @@ class SAETrainer:
         if eval_every_tokens is not None and held_out is None:
             raise MonoscopeError("eval_every_tokens needs held-out activations to evaluate on (held_out=...)")
         self.eval_every_steps = max(1, (eval_every_tokens or longest // 10) // self.batch_size)
+        if finite_check_steps is not None and finite_check_steps <= 0:
+            raise MonoscopeError(f"finite_check_steps must be positive, got {finite_check_steps}")
+        # On CPU reading the loss costs nothing; on a GPU it would wait for the step to finish, every step.
+        self.finite_check_steps = finite_check_steps or (1 if self.device.type == "cpu" else 32)
         self.checkpoint_root = self.out_dir / CHECKPOINT_DIRNAME
         self.step = 0
         self.position = DataPosition()
@@ -321,12 +326,16 @@ class SAETrainer:
             self.step += 1
             self.position = stream.position
             bar.update(self.batch_size)
+            if self.step % self.finite_check_steps == 0:
+                self._verify_finite(active)
             if self.step % self.log_flush_steps == 0:
                 self._flush_logs(runs)
                 bar.set_postfix_str(self._postfix(runs), refresh=False)
-            for run in active:
-                if run.step >= run.cfg.total_steps:
-                    self._finish(run, complete=True, started=started)
+            finishing = [run for run in active if run.step >= run.cfg.total_steps]
+            if finishing:
+                self._verify_finite(finishing)
+            for run in finishing:
+                self._finish(run, complete=True, started=started)
             if guard.requested:
                 self._flush_logs(runs)
                 self._checkpoint(runs)
@@ -357,6 +366,22 @@ class SAETrainer:
                 f"training stopped. {self._kept_checkpoint_text()}"
             )
 
+    def _verify_finite(self, runs: Iterable[_Run]) -> None:
+        """Raise if a step since the last check had a non-finite loss (one device sync for all SAEs).
+
+        Called every `finite_check_steps` steps and before anything is checkpointed, evaluated or saved, so a
+        checkpoint never holds weights that a NaN has reached."""
+        pending = [run for run in runs if not run.done]
+        if self.finite_check_steps == 1 or not pending:
+            return
+        firsts = torch.stack([run.first_bad_step for run in pending]).tolist()
+        for run, first in zip(pending, firsts):
+            if first >= 0:
+                raise MonoscopeError(
+                    f"step {first} of {run.name!r}: the loss became NaN or inf; training stopped (NaN/inf in the "
+                    f"activations, or try a lower learning rate). {self._kept_checkpoint_text()}"
+                )
+
     def _kept_checkpoint_text(self) -> str:
         if self._last_checkpoint is not None:
             return f"The last good checkpoint ({self._last_checkpoint}) is kept; fix the activations and rerun to resume."
@@ -381,12 +406,17 @@ class SAETrainer:
         dead_mask = run.tokens_since_fired >= cfg.dead_tokens
         ctx = StepContext(step=run.step, total_steps=cfg.total_steps, dead_mask=dead_mask)
         output = run.sae.training_forward(x, ctx)
-        if not bool(torch.isfinite(output.loss)):
-            self._reject_non_finite(run, x)
-            raise MonoscopeError(
-                f"step {run.step + 1} of {run.name!r}: the loss became {float(output.loss.detach())}; training stopped "
-                f"(try a lower learning rate). {self._kept_checkpoint_text()}"
-            )
+        if self.finite_check_steps == 1:
+            if not bool(torch.isfinite(output.loss)):
+                self._reject_non_finite(run, x)
+                raise MonoscopeError(
+                    f"step {run.step + 1} of {run.name!r}: the loss became {float(output.loss.detach())}; training stopped "
+                    f"(try a lower learning rate). {self._kept_checkpoint_text()}"
+                )
+        else:  # remember the first non-finite step on the device; `_verify_finite` reads it now and then
+            with torch.no_grad():
+                bad = ~torch.isfinite(output.loss.detach()) & (run.first_bad_step < 0)
+                run.first_bad_step.copy_(torch.where(bad, run.step + 1, run.first_bad_step))
         run.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         self._after_backward(run, output)
@@ -405,6 +435,7 @@ class SAETrainer:
         record.update(output.metrics)
         record["dead_frac"] = dead_mask.float().mean()
         if self.held_out is not None and (run.step % self.eval_every_steps == 0 or run.step >= cfg.total_steps):
+            self._verify_finite([run])
             record.update(self._evaluate_held_out(run))
         run.pending_logs.append(record)
 
@@ -412,7 +443,7 @@ class SAETrainer:
     def _evaluate_held_out(self, run: _Run) -> dict[str, float]:
         """SAEBench metrics of the SAE's inference form on the held-out activations (logged as held_out_*)."""
         assert self.held_out is not None
-        metrics = evaluate_reconstruction(run.sae.to_inference(), self.held_out[run.name].split(self.batch_size))
+        metrics = evaluate_reconstruction(run.inference_sae(), self.held_out[run.name].split(self.batch_size))
         assert not isinstance(metrics, tuple)
         return {f"held_out_{key}": float(getattr(metrics, key)) for key in ("fvu", "l0", "mse", "cosine_similarity", "frac_alive")}
 
@@ -467,6 +498,7 @@ class SAETrainer:
     def _checkpoint(self, runs: dict[str, _Run]) -> None:
         if self.step == 0:
             return
+        self._verify_finite(runs.values())
         run_states = {
             name: RunState(tensors={} if run.done else run.checkpoint_tensors(), config=run.cfg.to_dict(), done=run.done)
             for name, run in runs.items()
@@ -544,7 +576,7 @@ class SAETrainer:
 
     def _finish(self, run: _Run, complete: bool, started: float) -> None:
         self._flush_logs({run.name: run})
-        sae = run.sae.to_inference()
+        sae = run.inference_sae()
         if run.cfg.activation_scale != 1.0:
             sae.fold_activation_scale(run.cfg.activation_scale)
         tokens = run.step * self.batch_size
@@ -568,6 +600,7 @@ class SAETrainer:
         run.result = TrainResult(run.name, sae, run.folder, run.step, tokens, complete, dict(run.last_metrics))
 
     def _stream_ended(self, runs: dict[str, _Run], started: float) -> None:
+        self._verify_finite(runs.values())
         self._flush_logs(runs)
         for run in runs.values():
             if not run.done:
@@ -622,6 +655,7 @@ def train_from_batches(
     arch: str = "topk",
     batch_size: int = 4096,
     lr: float | None = None,
+    optimizer: str | OptimizerConfig | None = None,
     seed: int = 0,
     d_in: int | None = None,
     hook_name: str = "",
@@ -635,8 +669,9 @@ def train_from_batches(
 ) -> TrainResult:
     """What `monoscope train` runs: one SAE from a batch source, saved in `out`.
 
-    `d_in` is read from the first batch when not given. Extra keyword arguments set other `TrainConfig`
-    fields (e.g. `multi_topk=True`, `l1_coefficient=3.0`).
+    `d_in` is read from the first batch when not given. `optimizer` is a name ("adam", "signum", "adam_sf")
+    or an `OptimizerConfig`; `lr` overrides its learning rate. Extra keyword arguments set other
+    `TrainConfig` fields (e.g. `multi_topk=True`, `l1_coefficient=3.0`).
     """
     if d_in is None:
         d_in, batches = peek_width(batches, hook_name or None)
@@ -648,7 +683,7 @@ def train_from_batches(
         architecture=arch,
         k=k,
         batch_size=batch_size,
-        lr=lr,
+        optimizer=optimizer_config(optimizer, lr),
         seed=seed,
         hook_name=hook_name,
         activation_scale=activation_scale,
