@@ -12,13 +12,13 @@ Side by side in one run on the embedded model and an SAE with its feature databa
    - sae-clamp: what monoscope offered before (the feature `suggest_features` ranked first by log-prob gain,
      clamped at 2x / 4x / 8x its max activation at every position);
    - suggest: what `monoscope suggest` / `steer --toward` now choose (`plan_steering`: single features and a
-     learned feature group tried by generation on its own prompts, at the generated positions; `features`:
-     the best feature option; `auto`: a learned vector instead when no feature option moves the text);
+     learned feature group tried by generation on its own prompts; `features`: the best feature option;
+     `auto`: a learned vector instead when no feature option moves the text);
    - diffmean: mean activation on the concept's reference sentences minus the mean over the other concepts'
-     (all tokens but the first), at the SAE's hook, at the generated positions, length 0.5 / 1 / 2 x the
-     hook's mean activation norm;
-   - learned-vector: `learn_steering_vector` (free direction, targets: the references and the model's own
-     answers to suggest's prompts with "Talk about CONCEPT."), at 0.5 / 1 x the hook norm.
+     (all tokens but the first), at the SAE's hook, length 0.5 / 1 / 2 x the hook's mean activation norm, at
+     the generated positions or all;
+   - learned-vector: `learn_steering_vector` (free direction, targets: three references and the model's own
+     answers to suggest's prompts with "Talk about CONCEPT."), at 0.5 / 1 x the hook norm, generated or all.
    Judge: the completion's MiniLM cosine with the concept (a mention at >= 0.35; the mean), its perplexity under
    the unsteered model (given the prompt it answered), and its share of repeated trigrams. Strength and
    settings are chosen on the TUNING prompts (the best mention rate whose perplexity is <= 2x, resp. 3x,
@@ -148,6 +148,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sae", default=None, help="SAE folder with features.db (default: runs/quickstart/sae)")
     parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"how many of the {len(CONCEPTS)} concepts (default: all)")
+    parser.add_argument("--steer-concepts", type=int, default=None, help="steer toward only the first N of them (findability uses all)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per completion (default: 32)")
     parser.add_argument("--methods", default="none,prompt,sae-clamp,suggest,diffmean,learned-vector", help="comma-separated methods")
     parser.add_argument("--quick", action="store_true", help="findability and suggest on the TUNING prompts only (to compare SAEs)")
@@ -203,6 +204,7 @@ def main() -> int:
         return rows
 
     plain = lambda p: p  # noqa: E731
+    concepts = concepts[: args.steer_concepts] if args.steer_concepts else concepts
     print(f"[2/3] steering: {len(concepts)} concepts x {len(report_prompts)} report prompts, {args.tokens} greedy tokens"
           + ("" if args.quick else f"; settings chosen on {len(TUNING_PROMPTS)} tuning prompts"), flush=True)
     base_tune = runner.run(rows_for(TUNING_PROMPTS, lambda c: (None, plain))) if not args.quick else None
@@ -266,7 +268,7 @@ def main() -> int:
         def from_option(option, c):
             if option is None:
                 return None
-            s = Steering(sae, positions="generated", max_activations=db)
+            s = Steering(sae, positions=option.positions, max_activations=db)
             for f, v in option.features:
                 s.add(int(f), float(v))
             if option.vector is not None:
@@ -287,24 +289,26 @@ def main() -> int:
             d = means[c] - others
             direction[c] = d / d.norm()
 
-        def dm(strength):
-            return lambda c: (Steering(positions="generated").add_vector(direction[c] * strength * unit, 1.0, hook=hook), plain)
+        def dm(strength, where):
+            return lambda c: (Steering(positions=where).add_vector(direction[c] * strength * unit, 1.0, hook=hook), plain)
 
-        evaluate("diffmean", {f"{s:g}": dm(s) for s in (0.5, 1.0, 2.0)})
+        evaluate("diffmean", {f"{s:g} {w}": dm(s, w) for s in (0.5, 1.0, 2.0) for w in ("generated", "all")})
     if "learned-vector" in methods:
+        from monoscope.steer.batch import generate_batch
+
+        asked = [(c, p) for c in concepts for p in NEUTRAL_PROMPTS]
+        answers = generate_batch(lm, [prompted(c, p) for c, p in asked], max_new_tokens=24, max_batch=64)
         vectors = {}
         for c in concepts:
-            from monoscope.steer.batch import generate_batch
-
-            targets = [g.text for g in generate_batch(lm, [prompted(c, p) for p in NEUTRAL_PROMPTS], max_new_tokens=24)]
-            fit = learn_steering_vector(lm, hook, CONCEPTS[c] + targets, max_norm=unit)
+            targets = [g.text for (cc, _), g in zip(asked, answers) if cc == c and g.text.strip()]
+            fit = learn_steering_vector(lm, hook, CONCEPTS[c][:3] + targets, max_norm=unit)
             vectors[c] = fit.vector / fit.vector.norm().clamp_min(1e-12)
             print(f"  learned {c!r}: loss {fit.loss_before:.3f} -> {fit.loss_after:.3f}", flush=True)
 
-        def lv(strength):
-            return lambda c: (Steering(positions="generated").add_vector(vectors[c] * strength * unit, 1.0, hook=hook), plain)
+        def lv(strength, where):
+            return lambda c: (Steering(positions=where).add_vector(vectors[c] * strength * unit, 1.0, hook=hook), plain)
 
-        evaluate("learned-vector", {f"{s:g}": lv(s) for s in (0.5, 1.0)})
+        evaluate("learned-vector", {f"{s:g} {w}": lv(s, w) for s in (0.5, 1.0) for w in ("generated", "all")})
 
     print(f"[3/3] results on the {len(report_prompts)} report prompts ({len(concepts)} concepts; 95 % bootstrap intervals over (concept, prompt))")
     print(f"  {'method':<20} {'setting':<10} {'bound':<9} {'mention rate':>20} {'similarity':>20} {'ppl ratio':>9} {'repeat':>6}")

@@ -71,14 +71,15 @@ def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae)
     plan = plan_steering(lm, sae, "fox", references=REFS, config=TowardConfig(method="auto", **SMALL))
     assert plan.options and all(math.isfinite(o.similarity) for o in plan.options)
     kinds = {o.kind for o in plan.options}
-    assert "feature" in kinds and len([o for o in plan.options if o.kind == "feature"]) == 2 * len(TowardConfig().strengths)
+    cfg = TowardConfig()
+    assert "feature" in kinds and len([o for o in plan.options if o.kind == "feature"]) == 2 * len(cfg.strengths) * len(cfg.positions)
     for o in plan.options:
         assert len(o.texts) == 2 and o.perplexity > 0
         if o.kind != "vector":  # the added vector's length is the strength in units of the hook's activation norm
             v = sum(val * sae.W_dec[f] for f, val in o.features)
             assert float(v.norm()) == pytest.approx(o.strength * plan.unit, rel=1e-3)
     out = json.loads(json.dumps(plan.to_dict()))
-    assert out["concept"] == "fox" and out["positions"] == "generated" and len(out["options"]) == len(plan.options)
+    assert out["concept"] == "fox" and out["positions"] in ("generated", "all") and len(out["options"]) == len(plan.options)
     if plan.chosen is not None:
         assert plan.chosen in plan.options and plan.chosen.perplexity_ratio <= plan.max_perplexity_ratio
         assert plan.chosen.similarity > plan.unsteered_similarity

@@ -437,7 +437,7 @@ def _add_attribute(sub) -> None:
 def _toward_config(args: argparse.Namespace):
     from .toward import TowardConfig
 
-    return TowardConfig(method=args.method, scale=getattr(args, "scale", 2.0))
+    return TowardConfig(method=args.method)
 
 
 def _suggestion_rows(plan) -> list[dict]:
@@ -483,13 +483,13 @@ def _print_plan(plan, sae_dir: str, concept: str) -> None:
         print(f"nothing found steers toward {concept!r}.")
     elif chosen.kind == "vector":
         print(f"chosen: a learned steering vector at {plan.hook}, strength {chosen.strength:g} (|v| = {chosen.strength:g} x {plan.unit:.3g}), "
-              f"generated positions: mean cosine {chosen.similarity:.3f}, perplexity x{chosen.perplexity_ratio:.2f}")
+              f"{chosen.positions} positions: mean cosine {chosen.similarity:.3f}, perplexity x{chosen.perplexity_ratio:.2f}")
         print("  carried by the SAE features (decoder cosine):")
         for f, c in plan.explanation:
             print(f"    {f:>7}  {c:+.3f}  {plan.labels.get(f) or ''}")
     else:
         what = "one feature" if chosen.kind == "feature" else f"a group of {len(chosen.features)} features (learned weights)"
-        print(f"chosen: {what}, added at the generated positions, strength {chosen.strength:g}: mean cosine {chosen.similarity:.3f}, "
+        print(f"chosen: {what}, added at the {chosen.positions} positions, strength {chosen.strength:g}: mean cosine {chosen.similarity:.3f}, "
               f"mentions {chosen.mention_rate:.0%}, perplexity x{chosen.perplexity_ratio:.2f}")
         for f, v in chosen.features:
             print(f"    {f:>7}  add {v:.4g}  {plan.labels.get(f) or ''}")
@@ -517,7 +517,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
               "the learned steering vector may still work: monoscope suggest --method vector ...")
     else:
         print(f"features that move {lm.name} toward {args.description!r}, tried by generation (mean MiniLM cosine of the completions with it, "
-              "perplexity / unsteered) after a first ranking by log-prob gain:")
+              "perplexity / unsteered) ranked first by their share of a learned group (score):")
         print(f"  {'feature':>7}  {'cosine':>6}  {'ppl x':>5}  {'score':>7}  source      label")
         for r in rows[: args.top]:
             if r["kind"] != "feature":
@@ -532,9 +532,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 def _add_suggest(sub) -> None:
     p = sub.add_parser("suggest", help="find what steers the model toward a concept ('the ocean', 'talk like a pirate')",
-                       description="Find how to steer toward a concept: candidate features from the feature database (search, labels) and from "
-                       "what fires on the references, first ranked by how much adding each raises the log-probability of matching text more than "
-                       "of neutral text, then tried by generation (a few short continuations each, judged by their MiniLM cosine with the concept "
+                       description="Find how to steer toward a concept: candidate features from the feature database (search) and from "
+                       "what fires on the references and on the model's own text about the concept, ranked by their share of a learned feature group "
+                       "that makes that text likely, then tried by generation (a few short continuations each, judged by their MiniLM cosine with the concept "
                        "at a bounded perplexity), alone and as a learned group; with --method vector (or when no feature works, under auto) a "
                        "learned steering vector, explained by the SAE features it points along.")
     p.add_argument("description", help="what to steer toward, e.g. 'the ocean'")
@@ -543,7 +543,7 @@ def _add_suggest(sub) -> None:
     p.add_argument("--method", default="auto", choices=["auto", "features", "vector"],
                    help="features, a learned vector, or auto: features, and a learned vector when none moves the text (default: auto)")
     p.add_argument("--top", type=positive_int, default=10, help="features to show (default: 10)")
-    p.add_argument("--scale", type=positive_float, default=2.0, help="add value of the first (log-prob) ranking, in multiples of each feature's max activation (default: 2)")
+    p.add_argument("--scale", type=positive_float, default=2.0, help="accepted for compatibility: candidates are now ranked by a learned group and by generation, not by a log-prob gain at a fixed add value")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -4,16 +4,18 @@
 1. Targets. The model answers a few neutral chat prompts (`NEUTRAL_PROMPTS`) with "Talk about CONCEPT."
    prepended: its own fluent text about the concept. With the user's references (the concept's name is always
    one) they are what the candidates must make likely.
-2. Candidates: `suggest_features` (the feature database's label search and the features most specific to the
-   references and targets, ranked by how much adding each raises their log-probability more than that of
-   neutral text).
-3. Options, each a vector added at the SAE's hook point at the generated positions (the prompt is read as it
-   is), with its length set by a strength: the added vector's norm as a multiple of the hook's mean activation
-   norm (`hook_norm`), so options of different kinds compare at equal force:
-   - each of the best `shortlist` single features, at each of `strengths`;
-   - a group: non-negative weights over the decoder rows of the best `basis` candidates, learned so that the
-     targets become likely (`learn_steering_vector` with a basis), at each strength; features with a
-     negligible weight are dropped, so the group is a handful of `add` edits;
+2. Candidates: `suggest.candidate_features`: the feature database's search for the concept (labels and what
+   the features fire on) and the features most specific to the references and targets (without a database:
+   the features more active on them than on neutral text). One fit ranks them all: non-negative weights over
+   their decoder rows, learned so that the targets become likely (`learn_steering_vector` with a basis); a
+   candidate's score is its share of the group (weight x decoder norm).
+3. Options, each a vector added at the SAE's hook point, at the generated positions (the prompt is read as it
+   is) or at all of them (the prompt too, its first token left alone), with its length set by a strength: the
+   added vector's norm as a multiple of the hook's mean activation norm (`hook_norm`), so options of different
+   kinds compare at equal force:
+   - each of the `shortlist` best candidates alone, at each of `strengths`;
+   - the group itself (features below `min_weight_share` of the largest dropped, so it is a handful of `add`
+     edits), at each strength;
    - a learned vector (`learn_steering_vector`, free direction) when the method is `vector`, or under `auto`
      when no feature option moves the text; it is explained by the SAE features whose decoder rows point the
      same way.
@@ -56,9 +58,9 @@ class TowardConfig(JsonConfig):
     """How `plan_steering` searches (see the module docstring)."""
 
     method: str = "auto"  # auto (features, a learned vector when none works), features, vector
-    candidates: int = 24  # candidates from each of search and examples
+    candidates: int = 12  # candidates from each of search and examples
     shortlist: int = 4  # single features tried by generation
-    basis: int = 16  # candidates the group's weights are learned over
+    basis: int = 24  # at most this many candidates in the group's fit (0: no group)
     strengths: tuple[float, ...] = (0.5, 1.0)  # added vector's norm / the hook's mean activation norm
     test_tokens: int = 20
     target_tokens: int = 24
@@ -66,8 +68,7 @@ class TowardConfig(JsonConfig):
     max_perplexity_ratio: float = 3.0
     min_gain: float = 0.05  # a feature option "works" when its mean cosine beats unsteered by this much
     min_weight_share: float = 0.02  # group features below this share of the largest weight are dropped
-    positions: str = "generated"
-    scale: float = 2.0  # add value of suggest_features' log-prob ranking, x each feature's max activation
+    positions: tuple[str, ...] = ("generated", "all")  # where options add: generated tokens only, or the prompt too
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -76,7 +77,8 @@ class TowardConfig(JsonConfig):
         require(len(self.strengths) > 0 and all(s > 0 for s in self.strengths), "give at least one positive strength")
         require(self.test_tokens >= 1 and self.target_tokens >= 1 and self.learn_steps >= 1, "token counts and steps must be positive")
         require(self.max_perplexity_ratio > 1, "max_perplexity_ratio must be above 1")
-        require(self.positions in ("generated", "all"), "positions must be generated or all")
+        self.positions = tuple(self.positions) if not isinstance(self.positions, str) else (self.positions,)
+        require(len(self.positions) > 0 and all(p in ("generated", "all") for p in self.positions), "positions must be generated and/or all")
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Option:
     kind: str  # feature / group / vector
     strength: float
     features: list[tuple[int, float]] = field(default_factory=list)
+    positions: str = "generated"
     vector: Tensor | None = None
     similarity: float = math.nan  # mean MiniLM cosine of its completions with the concept
     mention_rate: float = math.nan  # share of completions with cosine >= 0.35
@@ -96,9 +99,9 @@ class Option:
 
     def describe(self) -> str:
         if self.kind == "vector":
-            return f"learned vector, strength {self.strength:g}"
+            return f"learned vector, strength {self.strength:g}, {self.positions} positions"
         feats = ", ".join(f"{f}+{v:.3g}" for f, v in self.features[:6]) + (" ..." if len(self.features) > 6 else "")
-        return f"{self.kind} {feats} (strength {self.strength:g})"
+        return f"{self.kind} {feats} (strength {self.strength:g}, {self.positions} positions)"
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "vector"}
@@ -114,13 +117,12 @@ class SteeringPlan:
 
     concept: str
     hook: str
-    positions: str
     chosen: Option | None
     options: list[Option]
     unsteered_similarity: float
     unsteered_perplexity: float
     unit: float  # the hook's mean activation norm: strength 1 adds a vector this long
-    candidates: list[Any] = field(default_factory=list)  # Suggestions from suggest_features
+    candidates: list[Any] = field(default_factory=list)  # Suggestions; score = the candidate's share of the learned group
     explanation: list[tuple[int, float]] = field(default_factory=list)  # (feature, cosine) of a chosen vector
     labels: dict[int, str] = field(default_factory=dict)
     learned: dict[str, Any] = field(default_factory=dict)  # loss before/after of learned weights/vectors
@@ -131,6 +133,10 @@ class SteeringPlan:
     @property
     def works(self) -> bool:
         return self.chosen is not None
+
+    @property
+    def positions(self) -> str:
+        return self.chosen.positions if self.chosen is not None else "generated"
 
     def steering(self, sae: Any, db: Any = None) -> Any:
         """The chosen option as a `Steering` spec (feature `add` edits, or the vector), at `positions`."""
@@ -163,7 +169,7 @@ class SteeringPlan:
         }
 
 
-def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts: Sequence[str], hook: str, sae: Any, positions: str,
+def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts: Sequence[str], hook: str, sae: Any,
                    tokens: int) -> tuple[float, float]:
     """Generate every option (and the unsteered model) on `prompts` in one batch; fill in each option's effect.
     Returns the unsteered (similarity, perplexity)."""
@@ -172,7 +178,7 @@ def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts:
 
     specs: list[Any] = [None]
     for o in options:
-        s = Steering(sae, positions=positions)
+        s = Steering(sae, positions=o.positions)
         for f, v in o.features:
             s.add(int(f), float(v))
         if o.vector is not None:
@@ -217,7 +223,8 @@ def plan_steering(
     """Choose how to steer `lm` toward `concept` with `sae`'s features or a learned vector (module docstring)."""
     from .batch import generate_batch
     from .featuredb import FeatureDB
-    from .suggest import suggest_features
+    from .steering import check_sae_fits
+    from .suggest import candidate_features
 
     started = time.perf_counter()
     cfg = config or TowardConfig()
@@ -239,30 +246,42 @@ def plan_steering(
     targets = [t for t in targets if t]
     learn_refs = refs[1:] + targets or refs
 
-    candidates = []
-    if cfg.method != "vector":
-        candidates = suggest_features(lm, sae, concept, references=refs[1:] + targets, db=db, top=max(cfg.shortlist, cfg.basis, 1),
-                                      candidates=cfg.candidates, hook=hook, scale=cfg.scale)
-        candidates = [c for c in candidates if c.score > 0 or c.gain > 0]
+    candidates: list[Any] = []
     norms = sae.W_dec.detach().float().norm(dim=1).cpu()
     options: list[Option] = []
     learned: dict[str, Any] = {}
-    for s in candidates[: cfg.shortlist]:
-        for strength in cfg.strengths:
-            options.append(Option("feature", strength, [(s.feature, strength * unit / float(norms[s.feature].clamp_min(1e-12)))]))
-    group_ids = [s.feature for s in candidates[: cfg.basis]]
-    if len(group_ids) >= 2:
-        basis = sae.W_dec.detach().float().cpu()[group_ids]
+    if cfg.method != "vector":
+        check_sae_fits(sae, lm.model, hook, lm)
+        if db is not None:
+            db.check_fits(sae)
+        pool = candidate_features(lm, sae, concept, refs + targets, db=db, candidates=cfg.candidates, hook=hook)
+        candidates = list(pool.values())
+    if len(candidates) >= 2 and cfg.basis >= 2:
+        # one fit ranks them all: non-negative weights over their decoder rows that make the targets likely
+        candidates = candidates[: cfg.basis]
+        ids = [c.feature for c in candidates]
+        basis = sae.W_dec.detach().float().cpu()[ids]
         fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, basis=basis, steps=cfg.learn_steps)
-        learned["group"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps}
-        weights = fit.weights if fit.weights is not None else torch.zeros(len(group_ids))
-        if float(weights.max()) > 0:
-            keep = [(f, float(w)) for f, w in zip(group_ids, weights.tolist()) if w >= cfg.min_weight_share * float(weights.max())]
-            keep.sort(key=lambda fw: -fw[1] * float(norms[fw[0]]))
+        learned["group"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps,
+                            "candidates": len(ids)}
+        weights = fit.weights if fit.weights is not None else torch.zeros(len(ids))
+        share = weights * norms[ids]
+        total = float(share.sum())
+        for c, w in zip(candidates, share.tolist()):
+            c.score = w / total if total > 0 else 0.0
+        candidates.sort(key=lambda c: -c.score)
+        keep = [(ids[i], float(weights[i])) for i in torch.argsort(share, descending=True).tolist()
+                if share[i] >= cfg.min_weight_share * float(share.max()) and share[i] > 0]
+        if keep:
             length = float((torch.tensor([w for _, w in keep]) @ sae.W_dec.detach().float().cpu()[[f for f, _ in keep]]).norm())
             for strength in cfg.strengths:
                 scale = strength * unit / max(length, 1e-12)
-                options.append(Option("group", strength, [(f, w * scale) for f, w in keep]))
+                for where in cfg.positions:
+                    options.append(Option("group", strength, [(f, w * scale) for f, w in keep], positions=where))
+    for c in candidates[: cfg.shortlist]:
+        for strength in cfg.strengths:
+            for where in cfg.positions:
+                options.append(Option("feature", strength, [(c.feature, strength * unit / float(norms[c.feature].clamp_min(1e-12)))], positions=where))
     if not candidates and cfg.method == "features":
         notes.append(f"no SAE feature is a candidate for {concept!r}: nothing in the feature database or the references points to one; "
                      "try the learned vector (--method vector)")
@@ -274,13 +293,14 @@ def plan_steering(
         if length <= 0:
             return
         for strength in cfg.strengths:
-            options.append(Option("vector", strength, vector=fit.vector * (strength * unit / length)))
+            for where in cfg.positions:
+                options.append(Option("vector", strength, vector=fit.vector * (strength * unit / length), positions=where))
 
     if cfg.method == "vector":
         add_vector_options()
     base_sim = base_ppl = math.nan
     if options:
-        base_sim, base_ppl = _score_options(lm, judge, options, TEST_PROMPTS, hook, sae, cfg.positions, cfg.test_tokens)
+        base_sim, base_ppl = _score_options(lm, judge, options, TEST_PROMPTS, hook, sae, cfg.test_tokens)
     chosen = _best(options, cfg.max_perplexity_ratio)
     if cfg.method == "auto" and (chosen is None or chosen.similarity < base_sim + cfg.min_gain):
         if not candidates:
@@ -291,7 +311,7 @@ def plan_steering(
         before = len(options)
         add_vector_options()
         if len(options) > before:
-            sim, ppl = _score_options(lm, judge, options[before:], TEST_PROMPTS, hook, sae, cfg.positions, cfg.test_tokens)
+            sim, ppl = _score_options(lm, judge, options[before:], TEST_PROMPTS, hook, sae, cfg.test_tokens)
             if math.isnan(base_sim):
                 base_sim, base_ppl = sim, ppl
         chosen = _best(options, cfg.max_perplexity_ratio)
@@ -303,5 +323,7 @@ def plan_steering(
     if db is not None:
         wanted = {f for o in options for f, _ in o.features} | {f for f, _ in explanation} | {c.feature for c in candidates}
         labels = db.labels(wanted)
-    return SteeringPlan(concept, hook, cfg.positions, chosen, options, base_sim, base_ppl, unit, candidates, explanation, labels, learned,
+        for c in candidates:
+            c.label = labels.get(c.feature)
+    return SteeringPlan(concept, hook, chosen, options, base_sim, base_ppl, unit, candidates, explanation, labels, learned,
                         notes, time.perf_counter() - started, cfg.max_perplexity_ratio)
