@@ -315,6 +315,12 @@ def _add_eval(sub) -> None:
 # ---------------------------------------------------------------- quickstart
 
 
+#: The quickstart's hook point: a third of the way up SmolLM2-135M's 30 layers. Concept features were as
+#: findable there as at layers 12 and 15 and a little closer to their concepts (docs/steering.md, "Concepts"),
+#: and the harvest stops there, so the same time buys twice the tokens of layer 15.
+QUICKSTART_HOOK = "resid_post.9"
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Harvest -> train -> evaluate on the embedded default, each step resumable, then say what to run next."""
     from .model import EMBEDDED_MODEL, load_model
@@ -323,7 +329,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     acts, sae_dir = out / "activations", out / "sae"
     print(f"monoscope quickstart: {EMBEDDED_MODEL} + starter corpus -> {out}")
     loaded = load_model(EMBEDDED_MODEL)
-    hook = _middle_resid(loaded)
+    hook = args.hook
     print(f"\n[1/4] harvest {args.tokens:,} tokens of {hook} activations")
     harvest_args = build_parser().parse_args(["harvest", "--hook", hook, "--tokens", str(args.tokens), "--out", str(acts)])
     cmd_harvest(harvest_args, loaded=loaded)
@@ -374,8 +380,9 @@ def _print_sample_features(db: Path, n: int = 8) -> None:
 def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus, train a TopK SAE, evaluate it and build its feature database. Every step resumes if interrupted.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    p.add_argument("--tokens", type=positive_int, default=200_000, help="tokens to harvest (default: 200000)")
-    p.add_argument("--train-tokens", type=positive_int, default=1_000_000, help="training tokens, epochs over the harvest (default: 1000000)")
+    p.add_argument("--hook", default=QUICKSTART_HOOK, help=f"hook point (default: {QUICKSTART_HOOK}, chosen by benchmarks/bench_concepts.py)")
+    p.add_argument("--tokens", type=positive_int, default=400_000, help="tokens to harvest (default: 400000)")
+    p.add_argument("--train-tokens", type=positive_int, default=2_000_000, help="training tokens, epochs over the harvest (default: 2000000)")
     p.add_argument("--d-sae", type=positive_int, default=4608, help="latents (default: 4608 = 8 x 576)")
     p.add_argument("--k", type=positive_int, default=32, help="active latents per token (default: 32)")
     p.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out evaluation tokens (default: 8192)")
