@@ -210,6 +210,18 @@ def test_store_layout_and_read_only(analysed):
             store.examples(64)
 
 
+def test_heuristic_labels_carry_held_out_scores(analysed):
+    folder, _ = analysed
+    store = FeatureStore(folder / "features.db")
+    live = [r.id for r in store.features() if not r.dead]
+    scores = store.label_scores(live)
+    assert len(scores) >= len(live) // 2 and all(0.0 <= v <= 1.0 for v in scores.values())
+    for fid in live[:5]:
+        sources = [lab.source for lab in store.labels(fid)]
+        assert sources[0] == "heuristic" and set(sources) <= {"heuristic", "heuristic-tokens"}
+    store.close()
+
+
 def test_labels_search_by_words_and_meaning(tmp_path, analysed):
     import shutil
 

@@ -60,11 +60,13 @@ def test_analyze_search_show_scan(analysed):
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)["results"]
     assert hits[0]["feature_id"] == 0 and "'az'" in hits[0]["label"]
+    assert hits[0]["label_score"] is None  # analysed --no-embeddings: no label scores
 
     shown = run_cli("features", "show", "--sae", sae_dir, "0", "--json")
     assert shown.returncode == 0, shown.stderr
     feature = json.loads(shown.stdout)
     assert feature["id"] == 0 and feature["density"] > 0 and len(feature["neighbours"]) == 10
+    assert "label_score" in feature and feature["label_score"] is None
     assert len(feature["logit_effects"]["up"]) == 10 and sum(feature["histogram"]["counts"]) == feature["n_active"]
     top = feature["examples"]["top"]
     assert top and all(e["tokens"][e["peak"]] == "az" for e in top)

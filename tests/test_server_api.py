@@ -167,6 +167,21 @@ def test_scan_and_attribution(server):
     assert a["tokens"][0]["features"] and all(f["label"] for f in a["tokens"][0]["features"])
 
 
+def test_suggest_steering_toward_a_concept(server):
+    reply = request("POST", server.url + "/api/suggest", {"concept": "fox", "references": ["The quick brown fox jumps."], "method": "features"},
+                    timeout=300)
+    assert reply.status == 200, reply.body
+    r = reply.json()
+    assert r["concept"] == "fox" and r["positions"] in ("generated", "all") and r["hook_point"] == "resid_post.0"
+    if r["works"]:  # features to put in the equalizer as `add` edits, with their value as a multiple of the max activation
+        assert r["kind"] in ("feature", "group") and r["features"] and r["similarity"] > r["unsteered_similarity"]
+        assert all(f["multiple"] is not None and f["multiple"] > 0 for f in r["features"]) and r["perplexity_ratio"] <= 3.0
+    else:
+        assert not r["features"] and r["notes"]
+    bad = request("POST", server.url + "/api/suggest", {"concept": "fox", "references": ["word " * 500]}, timeout=300)
+    assert bad.status == 400 and "characters" in bad.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- concurrency and cancellation
 
 

@@ -316,6 +316,12 @@ def _add_eval(sub) -> None:
 # ---------------------------------------------------------------- quickstart
 
 
+#: The quickstart's hook point: a third of the way up SmolLM2-135M's 30 layers. Concept features were as
+#: findable there as at layers 12 and 15 and a little closer to their concepts (docs/steering.md, "Concepts"),
+#: and the harvest stops there, so the same time buys twice the tokens of layer 15.
+QUICKSTART_HOOK = "resid_post.9"
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Harvest -> train -> evaluate on the embedded default, each step resumable, then say what to run next."""
     from .model import EMBEDDED_MODEL, load_model
@@ -324,7 +330,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     acts, sae_dir = out / "activations", out / "sae"
     print(f"monoscope quickstart: {EMBEDDED_MODEL} + starter corpus -> {out}")
     loaded = load_model(EMBEDDED_MODEL)
-    hook = _middle_resid(loaded)
+    hook = args.hook
     print(f"\n[1/4] harvest {args.tokens:,} tokens of {hook} activations")
     harvest_args = build_parser().parse_args(["harvest", "--hook", hook, "--tokens", str(args.tokens), "--out", str(acts)])
     cmd_harvest(harvest_args, loaded=loaded)
@@ -350,32 +356,36 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print("\nnext:")
     print(f"  monoscope serve --sae {sae_dir}                     # browse, scan and steer in the web UI at http://127.0.0.1:8000")
     print(f"  monoscope features search --sae {sae_dir} \"python code\"")
+    print(f"  monoscope steer --sae {sae_dir} --toward \"the ocean\" --prompt \"Tell me a story\" --max-new-tokens 40")
     print(f"  monoscope steer --sae {sae_dir} --feature ID=clamp:8x --prompt \"Tell me a story\" --max-new-tokens 40")
     print(f"  monoscope chat --sae {sae_dir}                      # /set ID 8x between turns")
     return 0
 
 
 def _print_sample_features(db: Path, n: int = 8) -> None:
-    """A handful of features whose heuristic labels hold best (embedding score), as a first taste."""
+    """A handful of features whose labels hold best on held-out examples (embedding score), as a first taste."""
     from .features import FeatureStore
 
     store = FeatureStore(db)
-    scored = []
-    for record in store.features():
-        if 1e-3 <= record.density <= 0.05 and record.label:
-            best = max((lab.embedding_score or 0.0 for lab in store.labels(record.id)), default=0.0)
-            scored.append((best, record))
-    scored.sort(key=lambda pair: -pair[0])
-    print(f"\nsome features (of {len(store.features()):,}), by how well their label holds:")
+    records = [r for r in store.features() if 1e-3 <= r.density <= 0.05 and r.label]
+    held = store.label_scores([r.id for r in records])
+    scored = sorted(((held[r.id], r) for r in records if r.id in held), key=lambda pair: -pair[0])
+    print(f"\nsome features (of {store.n_features:,}), by how well their label tells held-out examples from random text "
+          "(embedding score: 0.5 chance, 1 perfect):")
     for score, record in scored[:n]:
         print(f"  #{record.id:<6} density {record.density:6.2%}  score {score:.2f}  {record.label}")
+    if held:
+        values = sorted(held.values())
+        print(f"  all {len(values):,} scored labels: median {values[len(values) // 2]:.2f}, "
+              f"{sum(v >= 0.8 for v in values) / len(values):.0%} at 0.8 or more")
 
 
 def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus, train a TopK SAE, evaluate it and build its feature database. Every step resumes if interrupted.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    p.add_argument("--tokens", type=positive_int, default=200_000, help="tokens to harvest (default: 200000)")
-    p.add_argument("--train-tokens", type=positive_int, default=1_000_000, help="training tokens, epochs over the harvest (default: 1000000)")
+    p.add_argument("--hook", default=QUICKSTART_HOOK, help=f"hook point (default: {QUICKSTART_HOOK}, chosen by benchmarks/bench_concepts.py)")
+    p.add_argument("--tokens", type=positive_int, default=400_000, help="tokens to harvest (default: 400000)")
+    p.add_argument("--train-tokens", type=positive_int, default=2_000_000, help="training tokens, epochs over the harvest (default: 2000000)")
     p.add_argument("--d-sae", type=positive_int, default=4608, help="latents (default: 4608 = 8 x 576)")
     p.add_argument("--k", type=positive_int, default=32, help="active latents per token (default: 32)")
     p.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out evaluation tokens (default: 8192)")

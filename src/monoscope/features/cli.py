@@ -169,6 +169,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         effects = store.logit_effects(fid)
         out = {
             **store.feature(fid).to_dict(),
+            "label_score": store.label_scores([fid]).get(fid),
             "model": store.meta.get("model"),
             "hook_point": store.meta.get("hook_point"),
             "tokens_analysed": store.tokens_analysed,

@@ -66,6 +66,19 @@ def embedding_model():
     return _model
 
 
+_WORDS: frozenset[str] | None = None
+
+
+def english_words() -> frozenset[str]:
+    """Whole English words (lower case, alphabetic) of the embedding model's WordPiece vocabulary: ~20k words,
+    offline, used to tell a word from a fragment of one in concept labels."""
+    global _WORDS
+    if _WORDS is None:
+        vocab = embedding_model().tokenizer.get_vocab()
+        _WORDS = frozenset(w for w in vocab if w.isalpha() and w.islower() and not w.startswith("##"))
+    return _WORDS
+
+
 def embed_texts(texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
     """Embeddings of `texts` as float32 [n, 384], each row of unit length; empty texts embed as they are."""
     texts = [str(t) for t in texts]

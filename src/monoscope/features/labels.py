@@ -3,6 +3,11 @@
 A label reads `' bridge', ' Golden' → ' Gate', ' Bridge'`: first the most characteristic tokens the
 feature fires on, then (after the arrow) the tokens its decoder direction promotes most.
 
+Concept labels (`shared_words`) read `ocean, sea, waves`: the English words that the feature's example windows
+share (context words around the activation count, weighted by the activation), TF-IDF against the analysed
+corpus. `monoscope analyze` makes both kinds of label from half of the examples, keeps the one whose
+embedding tells those examples from random text best, and scores it on the other half (out of sample).
+
 Characteristic tokens are scored like TF-IDF over the feature's stored examples (top and quantile windows):
 tf(t) = the feature's activation on tokens t (each divided by the feature's max) as a share of all its
 activation in the examples, idf(t) = log((N + 1) / (count(t) + 1)) with count(t) the token's frequency in
@@ -12,7 +17,7 @@ token gets that token. Up to 3 tokens with a score of at least a quarter of the 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -103,3 +108,91 @@ def heuristic_labels(
         promoted = [] if promoted_ids is None else [token_text(int(t)) for t in promoted_ids[f, :n_promoted].tolist()]
         labels.append(format_label([token_text(t) for t in fire[f]], promoted, dead=int(n_active[f]) == 0))
     return labels
+
+
+# ---------------------------------------------------------------- concept labels: the words the examples share
+
+#: Function words never make a concept label.
+STOPWORDS = frozenset("""
+a about above after again against all almost also although always am among an and another any anyone anything are
+around as at away back be became because become been before being below between both but by came can cannot could
+did do does doing done down during each either else enough even ever every few for from further get gets getting
+give given go goes going gone got had has have having he her here hers herself him himself his how however i if in
+into is it its itself just last least less let like made make makes many may me might more most much must my myself
+never new next no nor not now of off often on once one only onto or other others our ours ourselves out over own
+per perhaps rather really said same say says see seem seen shall she should since so some something still such
+take than that the their theirs them themselves then there therefore these they thing things this those though
+through thus to together too took two under until up upon us use used using very was way we well were what when
+where whether which while who whom whose why will with within without would yet you your yours yourself yourselves
+""".split())
+
+
+def word_table(token_texts: "Sequence[str]", vocabulary: "Collection[str]", min_chars: int = 3) -> tuple[Tensor, list[str]]:
+    """Map token ids to words: a token that is a whole English word (`vocabulary`, lower case) after a space,
+    not a function word, maps to that word's index; any other token to -1. Returns ([vocab] ids, words)."""
+    words: dict[str, int] = {}
+    table = torch.full((len(token_texts),), -1, dtype=torch.long)
+    for tid, text in enumerate(token_texts):
+        if not text or not text.startswith(" "):
+            continue
+        word = text[1:].lower()
+        if len(word) < min_chars or not word.isalpha() or word in STOPWORDS or word not in vocabulary:
+            continue
+        table[tid] = words.setdefault(word, len(words))
+    return table, list(words)
+
+
+@torch.inference_mode()
+def shared_words(
+    token_ids: Tensor,
+    weights: Tensor,
+    token_word: Tensor,
+    word_idf: Tensor,
+    n: int = 3,
+    min_windows: int = 2,
+    min_window_share: float = 0.2,
+    min_share: float = 0.3,
+) -> list[list[int]]:
+    """For each feature, up to n word ids its example windows share, best first.
+
+    token_ids: [F, S, W] token ids of the windows (< 0: none); weights: [F, S] each window's weight (its
+    activation / the feature's max; 0 leaves a window out). A word's score is the weight of the windows it
+    appears in (once per window: context words around the activation count as much as the token that fires),
+    as a share of all the windows' weight, times its idf; it must appear in at least `min_windows` windows and
+    `min_window_share` of them, and score at least `min_share` x the best.
+    """
+    F, S, _ = token_ids.shape
+    n_words = int(word_idf.numel())
+    out: list[list[int]] = [[] for _ in range(F)]
+    if n_words == 0:
+        return out
+    valid = token_ids >= 0
+    words = torch.where(valid, token_word[token_ids.clamp_min(0).clamp_max(token_word.numel() - 1)], torch.full_like(token_ids, -1))
+    f_idx, s_idx, w_idx = torch.nonzero(words >= 0, as_tuple=True)
+    if f_idx.numel() == 0:
+        return out
+    word = words[f_idx, s_idx, w_idx]
+    # one entry per (feature, window, word)
+    key = torch.unique((f_idx * S + s_idx) * n_words + word)
+    fs, word = key // n_words, key % n_words
+    f, s = fs // S, fs % S
+    w = weights[f, s].double()
+    keep = w > 0
+    f, word, w = f[keep], word[keep], w[keep]
+    pair, inverse = torch.unique(f * n_words + word, return_inverse=True)
+    tf = torch.zeros(pair.numel(), dtype=torch.float64).index_add_(0, inverse, w)
+    df = torch.zeros(pair.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(w))
+    pf, pw = pair // n_words, pair % n_words
+    total = weights.double().sum(1).clamp_min(1e-12)
+    windows = (weights > 0).sum(1).double()
+    score = tf / total[pf] * word_idf.double()[pw]
+    ok = (df >= min_windows) & (df >= min_window_share * windows[pf]) & (score > 0)
+    pf, pw, score = pf[ok], pw[ok], score[ok]
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(pf[order], stable=True)]
+    best: dict[int, float] = {}
+    for feature, wid, sc in zip(pf[order].tolist(), pw[order].tolist(), score[order].tolist()):
+        top = best.setdefault(feature, sc)
+        if len(out[feature]) < n and sc >= min_share * top:
+            out[feature].append(wid)
+    return out

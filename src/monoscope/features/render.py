@@ -106,7 +106,10 @@ def render_feature(store: FeatureStore, feature_id: int, *, colour: bool = False
     width = width or terminal_width()
     rec: FeatureRecord = store.feature(feature_id)
     lines = [_title(f"feature {rec.id}", colour) + f"  {store.meta.get('model')} @ {store.meta.get('hook_point')}"]
-    lines.append(f"  label    {rec.label or '-'}" + (f"  ({rec.label_source})" if rec.label_source else ""))
+    score = store.label_scores([rec.id]).get(rec.id)
+    held = " held-out" if (rec.label_source or "").startswith("heuristic") else ""
+    lines.append(f"  label    {rec.label or '-'}" + (f"  ({rec.label_source}" + (f", embedding score{held} {score:.2f})" if score is not None else ")")
+                                                    if rec.label_source else ""))
     lines.append(
         f"  density  {fmt_density(rec.density)} of {store.tokens_analysed:,} tokens ({rec.n_active:,}), in {rec.n_contexts:,} contexts"
         f"   mean {fmt_num(rec.mean_activation)}   max {fmt_num(rec.max_activation)}"
@@ -150,9 +153,10 @@ def render_search(hits: Sequence[Any], width: int | None = None) -> str:
     width = width or terminal_width()
     if not hits:
         return "no matching features"
-    lines = [f"{'feature':>8}  {'score':>6}  {'density':>8}  {'max':>6}  label"]
+    lines = [f"{'feature':>8}  {'score':>6}  {'density':>8}  {'max':>6}  {'holds':>5}  label"]
     for h in hits:
-        lines.append(_trim(f"{h.feature_id:>8}  {h.score:>6.3f}  {fmt_density(h.density):>8}  {fmt_num(h.max_activation):>6}  {h.label or '-'}", width))
+        holds = "-" if getattr(h, "label_score", None) is None else f"{h.label_score:.2f}"
+        lines.append(_trim(f"{h.feature_id:>8}  {h.score:>6.3f}  {fmt_density(h.density):>8}  {fmt_num(h.max_activation):>6}  {holds:>5}  {h.label or '-'}", width))
     return "\n".join(lines)
 
 

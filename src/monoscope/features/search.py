@@ -3,7 +3,10 @@
 - Words: FTS5 over every label (porter stemming, so 'bridges' finds 'bridge'), ranked by bm25; in heuristic
   labels the tokens a feature fires on count more than the tokens it promotes (weights 1 and 0.3).
 - Meaning: cosine between the query's embedding and each label's cached embedding (all-MiniLM-L6-v2).
-- `search_features` fuses both rankings with reciprocal rank fusion (score = sum of 1 / (60 + rank)), one
+- Examples: cosine between the query's embedding and the mean embedding of the texts each feature fires on
+  most (stored by `monoscope analyze`), so a feature about cats is found by "cats" even when its label is a
+  list of tokens.
+- `search_features` fuses the rankings with reciprocal rank fusion (score = sum of 1 / (60 + rank)), one
   hit per feature (its best-ranked label).
 - `features_for_examples`: the features most specific to some example texts, by a standardised mean
   difference: (mean activation per token on the examples - baseline mean) / sqrt(baseline variance +
@@ -42,6 +45,8 @@ class SearchHit:
     words_rank: int | None = None  # rank in the word search (1 = best), None when not found by words
     meaning_rank: int | None = None  # rank in the meaning search
     similarity: float | None = None  # cosine of the query and the feature's closest label
+    examples_rank: int | None = None  # rank by the cosine of the query and the texts the feature fires on
+    label_score: float | None = None  # embedding score of the shown label (heuristic labels: held-out examples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +102,20 @@ def search_meaning(store: FeatureStore, query: str, limit: int = 100) -> list[tu
     return list(out.items())
 
 
+def search_examples_meaning(store: FeatureStore, query: str, limit: int = 100) -> list[tuple[int, float]]:
+    """(feature id, cosine) of the features whose top examples are closest in meaning to `query`, best first."""
+    from .embedding import embed_texts
+
+    fids, matrix = store.example_vectors()
+    if matrix.shape[0] == 0:
+        return []
+    sims = matrix @ embed_texts([query])[0]
+    n = min(sims.shape[0], int(limit))
+    cand = np.argpartition(-sims, n - 1)[:n] if n < sims.shape[0] else np.arange(sims.shape[0])
+    cand = cand[np.argsort(-sims[cand], kind="stable")]
+    return [(int(fids[i]), float(sims[i])) for i in cand]
+
+
 class SearchResults(list):
     """A list of `SearchHit`s, with `notes` on how the search was done (e.g. a fallback to words only)."""
 
@@ -122,6 +141,7 @@ def search_features(
     depth = max(50, limit)
     words = search_words(st, query, depth) if mode in ("hybrid", "words") else []
     meaning: list[tuple[int, float]] = []
+    examples: list[tuple[int, float]] = []
     notes: list[str] = []
     if mode in ("hybrid", "meaning"):
         from .embedding import embeddings_available
@@ -135,18 +155,21 @@ def search_features(
                          "`--mode meaning` embeds them once and saves them")
         else:
             meaning = search_meaning(st, query, depth)
+            examples = search_examples_meaning(st, query, depth)
     fused: dict[int, float] = {}
     words_rank = {fid: r for r, (fid, _) in enumerate(words, 1)}
     meaning_rank = {fid: r for r, (fid, _) in enumerate(meaning, 1)}
+    examples_rank = {fid: r for r, (fid, _) in enumerate(examples, 1)}
     similarity = dict(meaning)
-    for ranks in (words_rank, meaning_rank):
+    for ranks in (words_rank, meaning_rank, examples_rank):
         for fid, r in ranks.items():
             fused[fid] = fused.get(fid, 0.0) + 1.0 / (RRF_K + r)
     best = sorted(fused, key=lambda f: (-fused[f], f))[:limit]
     records = {r.id: r for r in st.features(best)}
+    label_scores = st.label_scores(best)
     return SearchResults([
         SearchHit(fid, fused[fid], records[fid].label, records[fid].density, records[fid].max_activation,
-                  words_rank.get(fid), meaning_rank.get(fid), similarity.get(fid))
+                  words_rank.get(fid), meaning_rank.get(fid), similarity.get(fid), examples_rank.get(fid), label_scores.get(fid))
         for fid in best if fid in records
     ], notes)
 

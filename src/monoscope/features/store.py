@@ -19,6 +19,9 @@ Schema version 1 (docs/feature-db.md describes every column):
     labels_fts(main, promoted)              FTS5 index (porter, unicode61) of labels.text, rowid = labels.id;
                                             a heuristic label's promoted tokens (after ' → ') in `promoted`
     label_embeddings(label_id, model, vector)   float32 [384] of each label (meta embedding_model)
+    example_embeddings(feature_id, vector)  float32 [384]: the normalised mean embedding of the texts a feature
+                                            fires on most (absent in databases analysed without embeddings
+                                            or by an earlier monoscope)
 
 Writers build the whole file under a temporary name in the same folder and rename it into place when it is
 complete (`StoreBuilder`), so readers never see a half-written database; readers open it read-only
@@ -46,6 +49,8 @@ from ..errors import MonoscopeError
 SCHEMA_VERSION = 1
 DB_FILENAME = "features.db"
 EXAMPLE_KINDS = ("top", "quantile", "random")
+#: The source of a feature's token label when its shown heuristic label is a concept label (`monoscope analyze`).
+TOKEN_LABEL_SOURCE = "heuristic-tokens"
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -104,13 +109,14 @@ CREATE TABLE labels (
 );
 CREATE INDEX labels_by_feature ON labels (feature_id);
 CREATE TABLE label_embeddings (label_id INTEGER PRIMARY KEY, model TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE TABLE example_embeddings (feature_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE VIRTUAL TABLE labels_fts USING fts5(main, promoted, tokenize='porter unicode61');
 CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
     INSERT INTO labels_fts (rowid, main, promoted) VALUES (
         new.id,
-        CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
              THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
-        CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
              THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END);
 END;
 CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
@@ -119,20 +125,21 @@ CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
 END;
 CREATE TRIGGER labels_au AFTER UPDATE OF text ON labels BEGIN
     UPDATE labels_fts SET
-        main = CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        main = CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
                     THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
-        promoted = CASE WHEN new.source = 'heuristic' AND instr(new.text, ' → ') > 0
+        promoted = CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
                         THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END
     WHERE rowid = new.id;
     DELETE FROM label_embeddings WHERE label_id = old.id;
 END;
 """
 
-# The label shown for a feature: any non-heuristic label before heuristic ones, scored before unscored, then
-# by the mean of its scores, then the newest.
+# The label shown for a feature: any non-heuristic label before heuristic ones (the chosen heuristic label before
+# the token label kept beside a concept label), scored before unscored, then by the mean of its scores, then the
+# newest.
 _BEST_LABEL = """
 SELECT text, source FROM labels WHERE feature_id = ?
-ORDER BY (source != 'heuristic') DESC,
+ORDER BY (source NOT LIKE 'heuristic%') DESC, (source = 'heuristic') DESC,
          (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
          (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
            / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
@@ -329,7 +336,7 @@ def refresh_shown_labels(conn: sqlite3.Connection, feature_ids: Iterable[int] | 
         conn.execute(
             """UPDATE features SET (label, label_source) = (
                    SELECT text, source FROM labels WHERE labels.feature_id = features.id
-                   ORDER BY (source != 'heuristic') DESC,
+                   ORDER BY (source NOT LIKE 'heuristic%') DESC, (source = 'heuristic') DESC,
                             (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
                             (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
                               / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
@@ -373,6 +380,7 @@ class FeatureStore:
         self._tokens: dict[int, str] | None = None
         self._contexts: dict[int, np.ndarray] = {}
         self._vectors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._example_vectors: tuple[np.ndarray, np.ndarray] | None = None
         self.token_dtype = np.dtype(self.meta.get("token_dtype", "<u2"))
         self.acts_dtype = np.dtype(self.meta.get("acts_dtype", "<f2"))
 
@@ -547,6 +555,20 @@ class FeatureStore:
         )
         return [Label(*r) for r in rows]
 
+    def label_scores(self, feature_ids: Iterable[int]) -> dict[int, float]:
+        """The embedding score of each feature's shown label (heuristic labels: out of sample, on examples not
+        used to make them), for the features that have one."""
+        ids = [int(i) for i in feature_ids]
+        out: dict[int, float] = {}
+        for lo in range(0, len(ids), 500):
+            chunk = ids[lo : lo + 500]
+            marks = ",".join("?" for _ in chunk)
+            for fid, score in self._query(
+                f"SELECT f.id, l.embedding_score FROM features f JOIN labels l ON l.feature_id = f.id AND l.text = f.label "
+                f"AND l.source = f.label_source WHERE f.id IN ({marks}) AND l.embedding_score IS NOT NULL", chunk):
+                out[int(fid)] = float(score)
+        return out
+
     def _writer(self) -> sqlite3.Connection:
         if self._rw is None:
             try:
@@ -643,6 +665,20 @@ class FeatureStore:
         with self._lock:
             self._vectors = (ids, fids, matrix)
         return self._vectors
+
+    def example_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(feature ids, unit vectors [n, 384]) of what each feature fires on: the mean embedding of its top
+        and quantile examples' texts. Empty when the database has none (older, or analysed --no-embeddings)."""
+        with self._lock:
+            if self._example_vectors is None:
+                try:
+                    rows = self._query("SELECT feature_id, vector FROM example_embeddings ORDER BY feature_id")
+                except sqlite3.OperationalError:  # a database from before the table existed
+                    rows = []
+                fids = np.array([r[0] for r in rows], dtype=np.int64)
+                matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1) if rows else np.zeros((0, 384), np.float32)
+                self._example_vectors = (fids, matrix)
+            return self._example_vectors
 
     def size_bytes(self) -> int:
         return self.path.stat().st_size

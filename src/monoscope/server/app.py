@@ -403,6 +403,13 @@ def create_app(service: Service | None, *, api_key: str | None = None, max_body:
         served = s.sae(body.sae)
         return await _wait(s.submit(s.run_attribution, served, body), request, threading.Event())
 
+    @app.post("/api/suggest", response_model=S.SuggestResponse, tags=["model"], responses=_errors(400, 401, 404, 413, 503),
+              summary="What steers the model toward a concept: features (or a learned vector) chosen by their effect on generated text")
+    async def suggest(body: S.SuggestRequest, request: Request) -> S.SuggestResponse:
+        s = svc()
+        served = s.sae(body.sae)
+        return await _wait(s.submit(s.run_suggest, served, body), request, threading.Event())
+
     # ---- the web UI
 
     @app.get("/", include_in_schema=False)

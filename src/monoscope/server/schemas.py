@@ -431,6 +431,8 @@ class SearchHitOut(_Model):
     words_rank: Optional[int] = None
     meaning_rank: Optional[int] = None
     similarity: Optional[float] = None
+    examples_rank: Optional[int] = Field(None, description="Rank by the cosine of the query and the texts the feature fires on most.")
+    label_score: Optional[float] = Field(None, description="Embedding score of the label (heuristic labels: on held-out examples).")
     sparkline: list[int] = Field(default_factory=list)
 
 
@@ -558,3 +560,36 @@ class AttributionResponse(_Model):
     target: str
     metric: str
     tokens: list[TokenAttribution]
+
+
+class SuggestRequest(_Model):
+    concept: str = Field(..., min_length=1, max_length=200, description="What to steer toward, e.g. 'the ocean'.")
+    references: list[str] = Field(default_factory=list, max_length=64, description="Short texts about the concept (each at most 2,000 characters).")
+    sae: Optional[str] = Field(None, max_length=200)
+    method: Literal["auto", "features", "vector"] = Field("features", description="What may steer: SAE features, a learned vector, or auto (features, "
+                                                          "a learned vector when none moves the text).")
+
+
+class SuggestedFeature(_Model):
+    feature: int
+    value: float = Field(description="The value to add, in the feature's activation units.")
+    multiple: Optional[float] = Field(None, description="The same as a multiple of the feature's max activation (the equalizer's `add` value).")
+    label: Optional[str] = None
+
+
+class SuggestResponse(_Model):
+    sae: str
+    concept: str
+    works: bool = Field(description="Whether anything tried moved the completions toward the concept at a bounded perplexity.")
+    kind: Optional[Literal["feature", "group", "vector"]] = None
+    positions: Literal["all", "prompt", "generated"]
+    hook_point: str
+    features: list[SuggestedFeature] = Field(description="The features to add (kind feature or group); for a vector, the SAE features it points along.")
+    vector_cosines: list[float] = Field(default_factory=list, description="For a vector: the cosine of each listed feature's decoder row with it.")
+    strength: Optional[float] = Field(None, description="Norm of the added vector / the hook's mean activation norm.")
+    similarity: Optional[float] = Field(None, description="Mean MiniLM cosine of the steered completions with the concept (on suggest's own prompts).")
+    unsteered_similarity: Optional[float] = None
+    mention_rate: Optional[float] = None
+    perplexity_ratio: Optional[float] = Field(None, description="Perplexity of the steered completions / the unsteered ones.")
+    notes: list[str] = Field(default_factory=list)
+    seconds: float

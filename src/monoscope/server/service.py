@@ -351,7 +351,7 @@ class Service:
             _, counts = store.histogram(h.feature_id)
             out.append(S.SearchHitOut(id=h.feature_id, score=float(h.score), label=h.label, density=float(h.density),
                                       max_activation=float(h.max_activation), words_rank=h.words_rank, meaning_rank=h.meaning_rank,
-                                      similarity=_num(h.similarity), sparkline=sparkline(counts)))
+                                      similarity=_num(h.similarity), examples_rank=h.examples_rank, label_score=_num(h.label_score), sparkline=sparkline(counts)))
         return S.SearchResponse(sae=served.id, query=query, mode=used, hits=out)  # type: ignore[arg-type]
 
     def feature_map(self, served: ServedSAE) -> S.MapResponse:
@@ -407,6 +407,34 @@ class Service:
                                           baseline_mean=float(h.baseline_mean), fired_in=float(h.fired_in), label=h.label,
                                           density=_num(h.density), sparkline=sparkline(counts)))
         return S.ExampleSearchResponse(sae=served.id, hits=out)
+
+    def run_suggest(self, served: ServedSAE, req: S.SuggestRequest) -> S.SuggestResponse:
+        from ..steer.featuredb import FeatureDB
+        from ..steer.toward import TowardConfig, plan_steering
+
+        if not req.concept.strip():
+            raise ApiError(400, "the concept is empty; say what to steer toward, e.g. 'the ocean'", "empty_concept", "concept")
+        try:
+            plan = plan_steering(self.lm, served.sae, req.concept, references=req.references,
+                                 db=FeatureDB(served.store) if served.store is not None else None, config=TowardConfig(method=req.method),
+                                 hook=served.hook)
+        except MonoscopeError as err:
+            raise ApiError(400, str(err), "invalid_suggest", "references") from None
+        chosen = plan.chosen
+        maxima = {r.id: float(r.max_activation) for r in served.store.features([f for f, _ in chosen.features])} \
+            if served.store is not None and chosen is not None else {}
+        if chosen is not None and chosen.kind == "vector":
+            feats = [S.SuggestedFeature(feature=f, value=0.0, label=plan.labels.get(f)) for f, _ in plan.explanation]
+            cosines = [float(c) for _, c in plan.explanation]
+        else:
+            feats = [S.SuggestedFeature(feature=int(f), value=float(v), multiple=(float(v) / maxima[f] if maxima.get(f) else None),
+                                        label=plan.labels.get(f)) for f, v in (chosen.features if chosen is not None else [])]
+            cosines = []
+        return S.SuggestResponse(sae=served.id, concept=req.concept, works=plan.works, kind=chosen.kind if chosen else None, positions=plan.positions,
+                                 hook_point=plan.hook, features=feats, vector_cosines=cosines, strength=chosen.strength if chosen else None,
+                                 similarity=_num(chosen.similarity) if chosen else None, unsteered_similarity=_num(plan.unsteered_similarity),
+                                 mention_rate=_num(chosen.mention_rate) if chosen else None,
+                                 perplexity_ratio=_num(chosen.perplexity_ratio) if chosen else None, notes=plan.notes, seconds=round(plan.seconds, 2))
 
     def run_attribution(self, served: ServedSAE, req: S.AttributionRequest) -> S.AttributionResponse:
         from ..steer.attribution import attribute

@@ -130,23 +130,50 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> s
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from .generation import generate
+    from .generation import compare, generate
 
     _loud_warnings()
-    if not args.feature and not args.vector and not args.ablate_direction:
-        raise MonoscopeError("nothing to steer with: give --feature ID=clamp:VALUE (with --sae), --vector FILE:COEF or --ablate-direction FILE")
+    if args.reference and args.toward is None:
+        raise MonoscopeError("--reference goes with --toward CONCEPT")
+    if not args.feature and not args.vector and not args.toward and not args.ablate_direction:
+        raise MonoscopeError("nothing to steer with: give --toward CONCEPT, --feature ID=clamp:VALUE (with --sae), "
+                             "--vector FILE:COEF or --ablate-direction FILE")
+    if args.toward is not None and (args.feature or args.vector):
+        raise MonoscopeError("--toward chooses the features (or vector) itself; leave out --feature and --vector")
+    if args.toward is not None and not args.sae:
+        raise MonoscopeError("--toward needs --sae (the SAE whose features steer)")
     if not args.prompt or not args.prompt.strip():
         raise MonoscopeError("the prompt is empty; pass --prompt with some text")
+    from .spec import check_number
+
+    check_number(args.strength, "--strength")
     sae = _open_sae(args)
     db = _db(args, sae)
-    steering = _steering_from_args(args, sae, db)
-    lm = _open_model(args, sae)
+    plan = None
+    if args.toward is not None:
+        from .toward import plan_steering
+
+        if not args.toward.strip():
+            raise MonoscopeError("--toward is empty; say what to steer toward, e.g. --toward 'the ocean'")
+        lm = _open_model(args, sae)
+        plan = plan_steering(lm, sae, args.toward, references=args.reference or [], db=db, config=_toward_config(args))
+        if not plan.works:
+            hint = "" if args.method == "vector" else "; try --method vector (a learned steering vector)"
+            raise MonoscopeError(f"found nothing that steers toward {args.toward!r} ({'; '.join(plan.notes) or 'no option moved the text'}){hint}")
+        steering = plan.steering(sae, db)
+        steering.strength = args.strength
+    else:
+        steering = _steering_from_args(args, sae, db)
+        lm = _open_model(args, sae)
     ablated, ablation = _ablation(args, lm)
     steering.compile(lm)  # fail on a bad spec before spending time on the unsteered run
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw)
-    unsteered = generate(lm, args.prompt, steering=None, **kw)
-    with ablation:
-        steered = generate(lm, args.prompt, steering=steering, **kw)
+    if ablated:  # the ablation hooks the whole model, so the two runs cannot share a batch
+        unsteered = generate(lm, args.prompt, steering=None, **kw)
+        with ablation:
+            steered = generate(lm, args.prompt, steering=steering, **kw)
+    else:
+        unsteered, steered = compare(lm, args.prompt, steering, **kw)
     if args.json:
         labels = db.labels([e.feature for e in steering.feature_edits]) if db is not None else {}
         print(json.dumps({
@@ -163,8 +190,12 @@ def cmd_steer(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
             "chat_template": not args.raw and bool(getattr(lm.tokenizer, "chat_template", None)),
+            **({"toward": plan.to_dict()} if plan is not None else {}),
         }, indent=2))
         return 0
+    if plan is not None:
+        _print_plan(plan, args.sae, args.toward)
+        print()
     print(f"prompt: {args.prompt}")
     print("steering: " + ("; ".join(steering.describe()) or "none"))
     if ablated:
@@ -175,7 +206,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _add_steer(sub) -> None:
-    p = sub.add_parser("steer", help="generate with SAE features clamped, nudged or ablated (side by side with unsteered)",
+    p = sub.add_parser("steer", help="generate with SAE features clamped, nudged or ablated, or toward a concept (side by side with unsteered)",
                        description="Generate from a prompt with features turned up, down or off, next to the unsteered text. "
                        "VALUE is a number in the feature's activation units or a multiple of its max activation like 8x "
                        "(from the feature database next to the SAE, else estimated on the starter corpus).")
@@ -183,6 +214,9 @@ def _add_steer(sub) -> None:
     p.add_argument("--feature", action="append", metavar="ID=MODE:VALUE",
                    help="ID=clamp:VALUE, ID=add:VALUE, ID=multiply:M or ID=ablate (ID=VALUE clamps); repeat for several")
     p.add_argument("--vector", action="append", metavar="FILE:COEF", help="add a steering vector (from `monoscope vector make`) times COEF")
+    p.add_argument("--toward", metavar="CONCEPT", help="steer toward a concept with what `monoscope suggest` chooses (features, or a learned vector)")
+    p.add_argument("--reference", action="append", help="with --toward: a short text about the concept (repeatable)")
+    p.add_argument("--method", default="auto", choices=["auto", "features", "vector"], help="with --toward: what may steer (default: auto)")
     p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the model has one)")
     p.add_argument("--strength", type=float, default=1.0, help="global strength multiplying every edit (default: 1)")
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
@@ -437,39 +471,116 @@ def _add_attribute(sub) -> None:
 # ---------------------------------------------------------------- suggest
 
 
+def _toward_config(args: argparse.Namespace):
+    from .toward import TowardConfig
+
+    return TowardConfig(method=args.method)
+
+
+def _suggestion_rows(plan) -> list[dict]:
+    """`suggest --json`: one entry per candidate feature, best first: the chosen option's features (a single
+    feature or a group, `chosen` true, `steer_value` its add value), then the others by measured effect, then
+    by log-prob score. A chosen learned vector is one entry with `feature` null and kind `vector`."""
+    measured: dict[int, Any] = {}
+    for option in plan.options:
+        if option.kind == "feature" and option.features:
+            f = option.features[0][0]
+            if f not in measured or (option.perplexity_ratio <= plan.max_perplexity_ratio and option.similarity > measured[f].similarity):
+                measured[f] = option
+    chosen = plan.chosen
+    chosen_values = {f: v for f, v in chosen.features} if chosen is not None else {}
+    rows = []
+    for s in plan.candidates:
+        row = s.to_dict()
+        option = measured.get(s.feature)
+        row.update(kind="feature", chosen=s.feature in chosen_values, steer_value=chosen_values.get(s.feature, option.features[0][1] if option else None),
+                   positions=plan.positions, strength=option.strength if option else None,
+                   similarity=_num(option.similarity) if option else None, mention_rate=_num(option.mention_rate) if option else None,
+                   perplexity_ratio=_num(option.perplexity_ratio) if option else None)
+        rows.append(row)
+    rows.sort(key=lambda r: (not r["chosen"], r["similarity"] is None, -(r["similarity"] or 0.0), -r["score"]))
+    if chosen is not None and chosen.kind == "vector":
+        rows.insert(0, {"feature": None, "kind": "vector", "chosen": True, "strength": chosen.strength, "positions": plan.positions,
+                        "similarity": _num(chosen.similarity), "mention_rate": _num(chosen.mention_rate),
+                        "perplexity_ratio": _num(chosen.perplexity_ratio), "label": None, "source": "learned",
+                        "explanation": [{"feature": f, "cosine": round(c, 4), "label": plan.labels.get(f)} for f, c in plan.explanation]})
+    return rows
+
+
+def _num(x: float | None) -> float | None:
+    import math
+
+    return None if x is None or not math.isfinite(x) else round(float(x), 4)
+
+
+def _print_plan(plan, sae_dir: str, concept: str) -> None:
+    chosen = plan.chosen
+    print(f"unsteered: mean cosine with {concept!r} {plan.unsteered_similarity:.3f}, perplexity {plan.unsteered_perplexity:.2f}")
+    if chosen is None:
+        print(f"nothing found steers toward {concept!r}.")
+    elif chosen.kind == "vector":
+        print(f"chosen: a learned steering vector at {plan.hook}, strength {chosen.strength:g} (|v| = {chosen.strength:g} x {plan.unit:.3g}), "
+              f"{chosen.positions} positions: mean cosine {chosen.similarity:.3f}, perplexity x{chosen.perplexity_ratio:.2f}")
+        print("  carried by the SAE features (decoder cosine):")
+        for f, c in plan.explanation:
+            print(f"    {f:>7}  {c:+.3f}  {plan.labels.get(f) or ''}")
+    else:
+        what = "one feature" if chosen.kind == "feature" else f"a group of {len(chosen.features)} features (learned weights)"
+        print(f"chosen: {what}, added at the {chosen.positions} positions, strength {chosen.strength:g}: mean cosine {chosen.similarity:.3f}, "
+              f"mentions {chosen.mention_rate:.0%}, perplexity x{chosen.perplexity_ratio:.2f}")
+        for f, v in chosen.features:
+            print(f"    {f:>7}  add {v:.4g}  {plan.labels.get(f) or ''}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    print(f"({plan.seconds:.0f} s)")
+    if chosen is not None:
+        print(f"\ntry: monoscope steer --sae {sae_dir} --toward {json.dumps(concept)} --prompt 'Tell me about your day.'")
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from .suggest import suggest_features
+    from .toward import plan_steering
 
     _loud_warnings()
     sae = _open_sae(args)
     db = _db(args, sae)
     lm = _open_model(args, sae)
-    found = suggest_features(lm, sae, args.description, references=args.reference or [], db=db, top=args.top, scale=args.scale)
+    plan = plan_steering(lm, sae, args.description, references=args.reference or [], db=db, config=_toward_config(args))
+    rows = _suggestion_rows(plan)
     if args.json:
-        print(json.dumps([s.to_dict() for s in found], indent=2))
+        print(json.dumps(rows[: max(args.top, 1 if plan.chosen is None else len(plan.chosen.features) or 1)], indent=2))
         return 0
-    if not found:
-        print("no candidate features: nothing in the SAE fires on the description; add --reference texts")
-        return 0
-    print(f"features that move {lm.name} toward {args.description!r} (log-prob gain per token of matching text when added, "
-          "less any gain on neutral text):")
-    print(f"  {'feature':>7}  {'score':>7}  {'gain':>7}  {'neutral':>7}  source      label")
-    for s in found:
-        print(f"  {s.feature:>7}  {s.score:+.4f}  {s.gain:+.4f}  {s.neutral_gain:+.4f}  {s.source:<10}  {s.label or ''}")
-    best = found[0]
-    print(f"\ntry: monoscope steer --sae {args.sae} --feature {best.feature}=add:{best.value:.3g} --prompt 'Tell me about your day.'")
+    if not plan.candidates:
+        print(f"no candidate features for {args.description!r}: nothing in the feature database or the references points to one; "
+              "the learned steering vector may still work: monoscope suggest --method vector ...")
+    else:
+        print(f"features that move {lm.name} toward {args.description!r}, tried by generation (mean MiniLM cosine of the completions with it, "
+              "perplexity / unsteered) ranked first by their share of a learned group (score):")
+        print(f"  {'feature':>7}  {'cosine':>6}  {'ppl x':>5}  {'score':>7}  source      label")
+        for r in rows[: args.top]:
+            if r["kind"] != "feature":
+                continue
+            sim = f"{r['similarity']:.3f}" if r["similarity"] is not None else "   -  "
+            ratio = f"{r['perplexity_ratio']:.2f}" if r["perplexity_ratio"] is not None else "  -  "
+            print(f"  {r['feature']:>7}  {sim:>6}  {ratio:>5}  {r['score']:+.4f}  {r['source']:<10}  {r['label'] or ''}" + ("  <- chosen" if r["chosen"] else ""))
+        print()
+    _print_plan(plan, args.sae, args.description)
     return 0
 
 
 def _add_suggest(sub) -> None:
-    p = sub.add_parser("suggest", help="propose features to steer toward a description ('talk like a pirate')",
-                       description="Find features to steer with from a description: candidates from the feature database (search, labels) "
-                       "and from what fires on the description, ranked by how much more adding each raises the log-probability of matching text than of neutral text.")
-    p.add_argument("description", help="what to steer toward, e.g. 'talk like a pirate'")
+    p = sub.add_parser("suggest", help="find what steers the model toward a concept ('the ocean', 'talk like a pirate')",
+                       description="Find how to steer toward a concept: candidate features from the feature database (search) and from "
+                       "what fires on the references and on the model's own text about the concept, ranked by their share of a learned feature group "
+                       "that makes that text likely, then tried by generation (a few short continuations each, judged by their MiniLM cosine with the concept "
+                       "at a bounded perplexity), alone and as a learned group; with --method vector (or when no feature works, under auto) a "
+                       "learned steering vector, explained by the SAE features it points along.")
+    p.add_argument("description", help="what to steer toward, e.g. 'the ocean'")
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("--reference", action="append", help="a short text that matches the description (repeatable; the description itself is always one)")
+    p.add_argument("--method", default="auto", choices=["auto", "features", "vector"],
+                   help="features, a learned vector, or auto: features, and a learned vector when none moves the text (default: auto)")
     p.add_argument("--top", type=positive_int, default=10, help="features to show (default: 10)")
-    p.add_argument("--scale", type=positive_float, default=2.0, help="add value while ranking, in multiples of each feature's max activation (default: 2)")
+    p.add_argument("--scale", type=positive_float, default=2.0, help="accepted for compatibility: candidates are now ranked by a learned group and by generation, not by a log-prob gain at a fixed add value")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -117,6 +117,25 @@ def output_effect(lm: Any, sae: Any, hook: str, values: dict[int, float], refere
     return out
 
 
+def candidate_features(lm: Any, sae: Any, phrase: str, texts: Sequence[str], *, db: Any = None, candidates: int = 24, hook: str,
+                       search_mode: str = "hybrid") -> dict[int, Suggestion]:
+    """Candidate features for `phrase` (score 0): with a database, its search for the phrase and the features most
+    specific to `texts` (the phrase, references, ...); without one, the features more active on `texts` than
+    on neutral sentences. `db` is a `FeatureDB` (already checked against the SAE) or None."""
+    pool: dict[int, Suggestion] = {}
+    if db is not None:
+        for f, _ in db.search(phrase, top=candidates, mode=search_mode):
+            pool.setdefault(f, Suggestion(f, 0.0, "search"))
+        from ..features.search import features_for_examples
+
+        for hit in features_for_examples(list(texts), sae=sae, loaded=lm, hook=hook, store=db.store, limit=candidates):
+            pool.setdefault(hit.feature_id, Suggestion(hit.feature_id, 0.0, "examples"))
+    else:
+        for f, _ in _activation_candidates(lm, sae, hook, list(texts), candidates):
+            pool.setdefault(f, Suggestion(f, 0.0, "activation"))
+    return pool
+
+
 def suggest_features(
     lm: Any,
     sae: Any,
@@ -149,20 +168,10 @@ def suggest_features(
     check_sae_fits(sae, lm.model, hook, lm)
     if db is not None and not isinstance(db, FeatureDB):
         db = FeatureDB(db)
-    refs = [phrase, *[r for r in references if r and r.strip()]]
-
-    pool: dict[int, Suggestion] = {}
     if db is not None:
         db.check_fits(sae)
-        for f, _ in db.search(phrase, top=candidates, mode=search_mode):
-            pool.setdefault(f, Suggestion(f, 0.0, "search"))
-        from ..features.search import features_for_examples
-
-        for hit in features_for_examples(refs, sae=sae, loaded=lm, hook=hook, store=db.store, limit=candidates):
-            pool.setdefault(hit.feature_id, Suggestion(hit.feature_id, 0.0, "examples"))
-    else:
-        for f, _ in _activation_candidates(lm, sae, hook, refs, candidates):
-            pool.setdefault(f, Suggestion(f, 0.0, "activation"))
+    refs = [phrase, *[r for r in references if r and r.strip()]]
+    pool = candidate_features(lm, sae, phrase, refs, db=db, candidates=candidates, hook=hook, search_mode=search_mode)
     if not pool:
         return []
 

@@ -133,11 +133,11 @@ def mean_activations(
     chat_template: bool = False,
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Mean activation [d] at each hook over `prompts`: at each prompt's last token, or averaged over its tokens."""
+    """Mean activation [d] at each hook over `prompts`: at each prompt's last token, or averaged over its tokens
+    (the first left out)."""
     if position not in POSITION_MODES:
         raise MonoscopeError(f"unknown position {position!r}; use one of {', '.join(POSITION_MODES)}")
     encoded = _encode_all(lm.tokenizer, prompts, chat_template)
-    bos = getattr(lm.tokenizer, "bos_token_id", None)
     sums = {h: None for h in hooks}
     device = next(lm.model.parameters()).device
     for start in range(0, len(encoded), batch_size):
@@ -156,8 +156,9 @@ def mean_activations(
                 picked = x[torch.arange(len(chunk)), lengths - 1]
             else:
                 weights = mask.clone().float()
-                if bos is not None:
-                    weights[:, 0] = torch.where((ids[:, 0] == bos) & (lengths > 1), 0.0, weights[:, 0])
+                # the first position (BOS or, without one, the first token) is an attention sink whose norm is
+                # many times the others': it would dominate the mean
+                weights[:, 0] = torch.where(lengths > 1, 0.0, weights[:, 0])
                 picked = (x * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
             total = picked.sum(0)
             sums[h] = total if sums[h] is None else sums[h] + total

@@ -29,7 +29,8 @@ export function saeInfo(id = state.sae) {
 
 // ---------------------------------------------------------------- the equalizer
 
-// item: {sae, feature, label, mode, value, enabled}; value is in multiples of the feature's max activation
+// item: {sae, feature, label, mode, value, enabled, positions}; positions (all/prompt/generated) only when set,
+// e.g. by "steer toward"; value is in multiples of the feature's max activation
 // for clamp and add ("8x"), a plain factor for multiply, unused for ablate.
 function load() {
   try {
@@ -51,7 +52,8 @@ export function normalise(preset) {
     const mode = MODES.includes(it.mode) ? it.mode : "clamp";
     let value = Number(it.value === undefined ? defaultValue(mode) : it.value);
     if (!Number.isFinite(value)) throw new Error(`item ${i + 1}: value must be a number`);
-    return { sae: it.sae || null, feature, label: it.label || null, mode, value, enabled: it.enabled !== false };
+    const positions = ["all", "prompt", "generated"].includes(it.positions) ? it.positions : null;
+    return { sae: it.sae || null, feature, label: it.label || null, mode, value, enabled: it.enabled !== false, positions };
   });
   const strength = Number(preset.strength === undefined ? 1 : preset.strength);
   if (!Number.isFinite(strength)) throw new Error("strength must be a number");
@@ -96,6 +98,7 @@ export function steeringItems() {
       if (it.mode === "clamp" || it.mode === "add") item.value = `${it.value}x`;
       else if (it.mode === "multiply") item.value = it.value;
       if (several || it.sae) item.sae = it.sae || state.sae;
+      if (it.positions) item.positions = it.positions;
       return item;
     });
 }

@@ -2,7 +2,7 @@
 // each prompt is answered twice with the same settings and seed, without and with steering, side by side: both
 // requests are sent at once, and the server decodes them together as two rows of one batch.
 
-import { get, stream } from "../api.js";
+import { get, post, stream } from "../api.js";
 import {
   MODES, addToEqualizer, defaultValue, deletePreset, equalizer, exportPreset, onEqualizer, presets, replaceEqualizer,
   saveEqualizer, savePreset, state, steeringItems,
@@ -41,11 +41,12 @@ export async function renderChat(main) {
   strengthValue.textContent = `${fmt(equalizer.strength)}×`;
   const items = h("div", { class: "eq-items", id: "eq-items" });
   const addBox = featurePicker();
+  const towardBox = towardPicker();
   const presetBar = presetControls();
   panel.append(
     h("div", { class: "row between" }, h("h3", {}, "Equalizer"), h("button", { class: "small ghost", title: "remove every feature", onclick: () => { equalizer.items.splice(0); equalizer.strength = 1; strength.value = 1; strengthValue.textContent = "1×"; saveEqualizer("remove"); } }, "reset")),
     h("div", { class: "strength" }, h("label", { for: "strength" }, "strength"), strength, strengthValue),
-    addBox, items, presetBar);
+    towardBox, addBox, items, presetBar);
 
   const looked = new Set(); // features whose label was looked up (found or not)
   const key = (it) => `${it.sae || state.sae}:${it.feature}`;
@@ -132,6 +133,38 @@ export async function renderChat(main) {
     input.addEventListener("input", run);
     input.addEventListener("keydown", (e) => { if (e.key === "Escape") { input.value = ""; list.hidden = true; } });
     return h("div", { class: "picker-box" }, input, list);
+  }
+
+  // "steer toward a concept": the server tries features by generation and returns the group that moves the
+  // completions toward it (at the generated positions); it replaces the equalizer's items.
+  function towardPicker() {
+    const input = h("input", { type: "text", placeholder: "steer toward a concept, e.g. the ocean", id: "eq-toward", "aria-label": "steer toward a concept" });
+    const status = h("p", { class: "muted small", id: "eq-toward-status" });
+    const button = h("button", { class: "small primary", id: "eq-toward-go", onclick: () => go() }, "find");
+    async function go() {
+      const concept = input.value.trim();
+      if (!concept) { status.textContent = "type a concept first"; return; }
+      button.disabled = true;
+      status.textContent = `trying features for “${concept}” (about a minute)…`;
+      try {
+        const r = await post("/api/suggest", { concept, sae: state.sae, method: "features" });
+        if (!r.works) {
+          status.textContent = (r.notes.join(" ") || `nothing found steers toward “${concept}”.`) + " The CLI's learned vector may work: monoscope steer --toward … --method vector";
+          return;
+        }
+        const fresh = r.features.filter((f) => f.multiple !== null).map((f) => ({ sae: state.sae, feature: f.feature, label: f.label, mode: "add",
+          value: Math.round(f.multiple * 100) / 100, positions: r.positions, enabled: true }));
+        equalizer.items.splice(0, equalizer.items.length, ...fresh);
+        saveEqualizer("load");
+        status.textContent = `${fresh.length} feature${fresh.length === 1 ? "" : "s"} (${r.kind}): closeness ${fmt(r.unsteered_similarity)} → ${fmt(r.similarity)}, perplexity ×${fmt(r.perplexity_ratio)}`;
+      } catch (err) {
+        status.textContent = err.message || String(err);
+      } finally {
+        button.disabled = false;
+      }
+    }
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+    return h("div", { class: "toward-box" }, h("div", { class: "row" }, input, button), status);
   }
 
   function presetControls() {

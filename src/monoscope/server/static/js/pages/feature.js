@@ -25,7 +25,11 @@ function scoreChips(label) {
   if (!label) return [];
   const chips = [];
   for (const [key, name] of [["detection", "detection"], ["fuzzing", "fuzzing"], ["embedding_score", "embedding"]]) {
-    if (label[key] !== null && label[key] !== undefined) chips.push(h("span", { class: "chip score", title: `${name} score of the label (0.5 = chance, 1 = perfect)` }, `${name} ${label[key].toFixed(2)}`));
+    if (label[key] === null || label[key] === undefined) continue;
+    const held = key === "embedding_score" && label.source.startsWith("heuristic");
+    const title = held ? "how well the label's embedding tells held-out examples (not used to make it) from random text (0.5 = chance, 1 = perfect)"
+      : `${name} score of the label (0.5 = chance, 1 = perfect)`;
+    chips.push(h("span", { class: "chip score", title, "data-score": key }, `${name}${held ? " (held out)" : ""} ${label[key].toFixed(2)}`));
   }
   return chips;
 }

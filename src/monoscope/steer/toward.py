@@ -1,0 +1,329 @@
+"""Steer toward a concept with what actually moves generation there: `plan_steering` behind `monoscope suggest`,
+`monoscope steer --toward` and the UI's equalizer.
+
+1. Targets. The model answers a few neutral chat prompts (`NEUTRAL_PROMPTS`) with "Talk about CONCEPT."
+   prepended: its own fluent text about the concept. With the user's references (the concept's name is always
+   one) they are what the candidates must make likely.
+2. Candidates: `suggest.candidate_features`: the feature database's search for the concept (labels and what
+   the features fire on) and the features most specific to the references and targets (without a database:
+   the features more active on them than on neutral text). One fit ranks them all: non-negative weights over
+   their decoder rows, learned so that the targets become likely (`learn_steering_vector` with a basis); a
+   candidate's score is its share of the group (weight x decoder norm).
+3. Options, each a vector added at the SAE's hook point, at the generated positions (the prompt is read as it
+   is) or at all of them (the prompt too, its first token left alone), with its length set by a strength: the
+   added vector's norm as a multiple of the hook's mean activation norm (`hook_norm`), so options of different
+   kinds compare at equal force:
+   - each of the `shortlist` best candidates alone, at each of `strengths`;
+   - the group itself (features below `min_weight_share` of the largest dropped, so it is a handful of `add`
+     edits), at each strength;
+   - a learned vector (`learn_steering_vector`, free direction) when the method is `vector`, or under `auto`
+     when no feature option moves the text; it is explained by the SAE features whose decoder rows point the
+     same way.
+4. Measured effect: every option generates `test_tokens` tokens from each of `TEST_PROMPTS` (other prompts than
+   the targets', so a strength is not chosen on the text it was learned from), all in one batch with the
+   unsteered rows; the judge is all-MiniLM-L6-v2's cosine of each completion with the concept, the cost its
+   perplexity under the unsteered model. The chosen option is the one with the highest mean cosine whose
+   perplexity (geometric mean) is at most `max_perplexity_ratio` x unsteered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import JsonConfig, require
+from ..errors import MonoscopeError
+from ..sae.io import sae_hook_point
+from .concepts import (ConceptJudge, LearnedVector, NEUTRAL_PROMPTS, check_references, check_strength, completion_nll,
+                       explain_vector, geometric_mean, hook_norm, learn_steering_vector, repetition)
+
+#: Prompts on which options are compared (not those the targets and learned weights come from).
+TEST_PROMPTS = ("Can you help me with something?", "Tell me about your day.")
+METHODS = ("auto", "features", "vector")
+
+
+def prompted(concept: str, prompt: str) -> str:
+    """The prompting baseline: the user's message with "Talk about CONCEPT." in front."""
+    return f"Talk about {concept}. {prompt}"
+
+
+@dataclass
+class TowardConfig(JsonConfig):
+    """How `plan_steering` searches (see the module docstring)."""
+
+    method: str = "auto"  # auto (features, a learned vector when none works), features, vector
+    candidates: int = 12  # candidates from each of search and examples
+    shortlist: int = 4  # single features tried by generation
+    basis: int = 24  # at most this many candidates in the group's fit (0: no group)
+    strengths: tuple[float, ...] = (0.5, 1.0)  # added vector's norm / the hook's mean activation norm
+    test_tokens: int = 20
+    target_tokens: int = 24
+    learn_steps: int = 12
+    max_perplexity_ratio: float = 3.0
+    min_gain: float = 0.05  # a feature option "works" when its mean cosine beats unsteered by this much
+    min_weight_share: float = 0.02  # group features below this share of the largest weight are dropped
+    positions: tuple[str, ...] = ("generated", "all")  # where options add: generated tokens only, or the prompt too
+
+    def __post_init__(self) -> None:
+        require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        require(self.candidates >= 1 and self.shortlist >= 0 and self.basis >= 0, "candidates must be >= 1; shortlist and basis >= 0")
+        self.strengths = tuple(check_strength(s) for s in self.strengths)
+        require(len(self.strengths) > 0 and all(s > 0 for s in self.strengths), "give at least one positive strength")
+        require(self.test_tokens >= 1 and self.target_tokens >= 1 and self.learn_steps >= 1, "token counts and steps must be positive")
+        require(self.max_perplexity_ratio > 1, "max_perplexity_ratio must be above 1")
+        self.positions = tuple(self.positions) if not isinstance(self.positions, str) else (self.positions,)
+        require(len(self.positions) > 0 and all(p in ("generated", "all") for p in self.positions), "positions must be generated and/or all")
+
+
+@dataclass
+class Option:
+    """One steering tried: `features` [(feature, add value in activation units)] or a `vector`, its measured effect."""
+
+    kind: str  # feature / group / vector
+    strength: float
+    features: list[tuple[int, float]] = field(default_factory=list)
+    positions: str = "generated"
+    vector: Tensor | None = None
+    similarity: float = math.nan  # mean MiniLM cosine of its completions with the concept
+    mention_rate: float = math.nan  # share of completions with cosine >= 0.35
+    perplexity: float = math.nan  # geometric mean over its completions, under the unsteered model
+    perplexity_ratio: float = math.nan  # / the unsteered completions' perplexity
+    repetition: float = math.nan  # mean share of repeated trigrams
+    texts: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.kind == "vector":
+            return f"learned vector, strength {self.strength:g}, {self.positions} positions"
+        feats = ", ".join(f"{f}+{v:.3g}" for f, v in self.features[:6]) + (" ..." if len(self.features) > 6 else "")
+        return f"{self.kind} {feats} (strength {self.strength:g}, {self.positions} positions)"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "vector"}
+        out["features"] = [{"feature": int(f), "value": float(v)} for f, v in self.features]
+        for key in ("similarity", "mention_rate", "perplexity", "perplexity_ratio", "repetition"):
+            out[key] = None if not math.isfinite(out[key]) else round(float(out[key]), 4)
+        return out
+
+
+@dataclass
+class SteeringPlan:
+    """What `plan_steering` chose, the options it compared, and how long it took."""
+
+    concept: str
+    hook: str
+    chosen: Option | None
+    options: list[Option]
+    unsteered_similarity: float
+    unsteered_perplexity: float
+    unit: float  # the hook's mean activation norm: strength 1 adds a vector this long
+    candidates: list[Any] = field(default_factory=list)  # Suggestions; score = the candidate's share of the learned group
+    explanation: list[tuple[int, float]] = field(default_factory=list)  # (feature, cosine) of a chosen vector
+    labels: dict[int, str] = field(default_factory=dict)
+    learned: dict[str, Any] = field(default_factory=dict)  # loss before/after of learned weights/vectors
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    max_perplexity_ratio: float = 3.0
+
+    @property
+    def works(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def positions(self) -> str:
+        return self.chosen.positions if self.chosen is not None else "generated"
+
+    def steering(self, sae: Any, db: Any = None) -> Any:
+        """The chosen option as a `Steering` spec (feature `add` edits, or the vector), at `positions`."""
+        from .steering import Steering
+
+        if self.chosen is None:
+            raise MonoscopeError(f"nothing was found that steers toward {self.concept!r}")
+        steering = Steering(sae, positions=self.positions, max_activations=db)
+        for feature, value in self.chosen.features:
+            steering.add(int(feature), float(value))
+        if self.chosen.vector is not None:
+            steering.add_vector(self.chosen.vector, 1.0, hook=self.hook, label=f"toward {self.concept}")
+        return steering
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(x: float) -> float | None:
+            return None if not math.isfinite(x) else round(float(x), 4)
+
+        chosen = self.chosen.to_dict() if self.chosen is not None else None
+        if chosen is not None:
+            for f in chosen["features"]:
+                f["label"] = self.labels.get(f["feature"])
+        return {
+            "concept": self.concept, "hook": self.hook, "positions": self.positions, "works": self.works,
+            "chosen": chosen,
+            "explanation": [{"feature": f, "cosine": round(c, 4), "label": self.labels.get(f)} for f, c in self.explanation],
+            "unsteered_similarity": num(self.unsteered_similarity), "unsteered_perplexity": num(self.unsteered_perplexity),
+            "unit": num(self.unit), "options": [o.to_dict() for o in self.options], "learned": self.learned,
+            "notes": self.notes, "seconds": round(self.seconds, 1),
+        }
+
+
+def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts: Sequence[str], hook: str, sae: Any,
+                   tokens: int) -> tuple[float, float]:
+    """Generate every option (and the unsteered model) on `prompts` in one batch; fill in each option's effect.
+    Returns the unsteered (similarity, perplexity)."""
+    from .batch import generate_batch
+    from .steering import Steering
+
+    specs: list[Any] = [None]
+    for o in options:
+        s = Steering(sae, positions=o.positions)
+        for f, v in o.features:
+            s.add(int(f), float(v))
+        if o.vector is not None:
+            s.add_vector(o.vector, 1.0, hook=hook)
+        specs.append(s)
+    rows = [(i, p) for i in range(len(specs)) for p in prompts]
+    gens = generate_batch(lm, [p for _, p in rows], steerings=[specs[i] for i, _ in rows], max_new_tokens=tokens,
+                          max_batch=max(16, len(rows)))
+    texts = [g.text for g in gens]
+    sims = judge.similarity(texts)
+    nll = np.asarray(completion_nll(lm, gens), dtype=np.float64)
+    ppl = np.exp(nll)
+    per = {i: [j for j, (k, _) in enumerate(rows) if k == i] for i in range(len(specs))}
+    base_sim, base_ppl = float(sims[per[0]].mean()), geometric_mean(ppl[per[0]])
+    for n, o in enumerate(options, 1):
+        idx = per[n]
+        o.similarity = float(sims[idx].mean())
+        o.mention_rate = float((sims[idx] >= judge.threshold).mean())
+        failed = any(gens[j].finish_reason == "error" for j in idx)
+        o.perplexity = math.inf if failed else geometric_mean(ppl[idx])
+        o.perplexity_ratio = o.perplexity / base_ppl if math.isfinite(base_ppl) and base_ppl > 0 else math.nan
+        o.repetition = float(np.mean([repetition(gens[j].ids) for j in idx]))
+        o.texts = [texts[j] for j in idx]
+    return base_sim, base_ppl
+
+
+def _best(options: Sequence[Option], max_ratio: float) -> Option | None:
+    fluent = [o for o in options if math.isfinite(o.perplexity_ratio) and o.perplexity_ratio <= max_ratio and math.isfinite(o.similarity)]
+    return max(fluent, key=lambda o: (o.similarity, -len(o.features))) if fluent else None
+
+
+def plan_steering(
+    lm: Any,
+    sae: Any,
+    concept: str,
+    *,
+    references: Sequence[str] = (),
+    db: Any = None,
+    config: TowardConfig | None = None,
+    hook: str | None = None,
+) -> SteeringPlan:
+    """Choose how to steer `lm` toward `concept` with `sae`'s features or a learned vector (module docstring)."""
+    from .batch import generate_batch
+    from .featuredb import FeatureDB
+    from .steering import check_sae_fits
+    from .suggest import candidate_features
+
+    started = time.perf_counter()
+    cfg = config or TowardConfig()
+    concept = (concept or "").strip()
+    if not concept:
+        raise MonoscopeError("the concept is empty; say what to steer toward, e.g. 'the ocean'")
+    refs = check_references([concept, *references])
+    hook = hook or sae_hook_point(sae)
+    if hook is None:
+        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
+    if db is not None and not isinstance(db, FeatureDB):
+        db = FeatureDB(db)
+    unit = hook_norm(lm, hook)
+    judge = ConceptJudge(concept)
+    notes: list[str] = []
+
+    targets = [g.text.strip() for g in generate_batch(lm, [prompted(concept, p) for p in NEUTRAL_PROMPTS], max_new_tokens=cfg.target_tokens,
+                                                      max_batch=len(NEUTRAL_PROMPTS))]
+    targets = [t for t in targets if t]
+    learn_refs = refs[1:] + targets or refs
+
+    candidates: list[Any] = []
+    norms = sae.W_dec.detach().float().norm(dim=1).cpu()
+    options: list[Option] = []
+    learned: dict[str, Any] = {}
+    if cfg.method != "vector":
+        check_sae_fits(sae, lm.model, hook, lm)
+        if db is not None:
+            db.check_fits(sae)
+        pool = candidate_features(lm, sae, concept, refs + targets, db=db, candidates=cfg.candidates, hook=hook)
+        candidates = list(pool.values())
+    if len(candidates) >= 2 and cfg.basis >= 2:
+        # one fit ranks them all: non-negative weights over their decoder rows that make the targets likely
+        candidates = candidates[: cfg.basis]
+        ids = [c.feature for c in candidates]
+        basis = sae.W_dec.detach().float().cpu()[ids]
+        fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, basis=basis, steps=cfg.learn_steps)
+        learned["group"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps,
+                            "candidates": len(ids)}
+        weights = fit.weights if fit.weights is not None else torch.zeros(len(ids))
+        share = weights * norms[ids]
+        total = float(share.sum())
+        for c, w in zip(candidates, share.tolist()):
+            c.score = w / total if total > 0 else 0.0
+        candidates.sort(key=lambda c: -c.score)
+        keep = [(ids[i], float(weights[i])) for i in torch.argsort(share, descending=True).tolist()
+                if share[i] >= cfg.min_weight_share * float(share.max()) and share[i] > 0]
+        if keep:
+            length = float((torch.tensor([w for _, w in keep]) @ sae.W_dec.detach().float().cpu()[[f for f, _ in keep]]).norm())
+            for strength in cfg.strengths:
+                scale = strength * unit / max(length, 1e-12)
+                for where in cfg.positions:
+                    options.append(Option("group", strength, [(f, w * scale) for f, w in keep], positions=where))
+    for c in candidates[: cfg.shortlist]:
+        for strength in cfg.strengths:
+            for where in cfg.positions:
+                options.append(Option("feature", strength, [(c.feature, strength * unit / float(norms[c.feature].clamp_min(1e-12)))], positions=where))
+    if not candidates and cfg.method == "features":
+        notes.append(f"no SAE feature is a candidate for {concept!r}: nothing in the feature database or the references points to one; "
+                     "try the learned vector (--method vector)")
+
+    def add_vector_options() -> None:
+        fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, steps=cfg.learn_steps)
+        learned["vector"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps}
+        length = float(fit.vector.norm())
+        if length <= 0:
+            return
+        for strength in cfg.strengths:
+            for where in cfg.positions:
+                options.append(Option("vector", strength, vector=fit.vector * (strength * unit / length), positions=where))
+
+    if cfg.method == "vector":
+        add_vector_options()
+    base_sim = base_ppl = math.nan
+    if options:
+        base_sim, base_ppl = _score_options(lm, judge, options, TEST_PROMPTS, hook, sae, cfg.test_tokens)
+    chosen = _best(options, cfg.max_perplexity_ratio)
+    if cfg.method == "auto" and (chosen is None or chosen.similarity < base_sim + cfg.min_gain):
+        if not candidates:
+            notes.append(f"no SAE feature is a candidate for {concept!r}; a learned steering vector was used instead")
+        else:
+            notes.append(f"no feature option moved the text toward {concept!r} (mean cosine +{cfg.min_gain:g} at perplexity <= "
+                         f"{cfg.max_perplexity_ratio:g}x); a learned steering vector was tried too")
+        before = len(options)
+        add_vector_options()
+        if len(options) > before:
+            sim, ppl = _score_options(lm, judge, options[before:], TEST_PROMPTS, hook, sae, cfg.test_tokens)
+            if math.isnan(base_sim):
+                base_sim, base_ppl = sim, ppl
+        chosen = _best(options, cfg.max_perplexity_ratio)
+    if chosen is not None and chosen.similarity <= base_sim:
+        notes.append(f"nothing tried moved the text toward {concept!r} more than the unsteered model")
+        chosen = None
+    explanation = explain_vector(chosen.vector, sae) if chosen is not None and chosen.vector is not None else []
+    labels: dict[int, str] = {}
+    if db is not None:
+        wanted = {f for o in options for f, _ in o.features} | {f for f, _ in explanation} | {c.feature for c in candidates}
+        labels = db.labels(wanted)
+        for c in candidates:
+            c.label = labels.get(c.feature)
+    return SteeringPlan(concept, hook, chosen, options, base_sim, base_ppl, unit, candidates, explanation, labels, learned,
+                        notes, time.perf_counter() - started, cfg.max_perplexity_ratio)
