@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import positive_float, positive_int
+from ..argtypes import fraction, positive_float, positive_int
 from ..errors import MonoscopeError
 
 
@@ -477,6 +477,67 @@ def cmd_vector_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_range(text: str) -> list[int]:
+    """`12`, `4-20` or `3,5,9` -> layer numbers."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like 12, 4-20 or 3,5,9; got {text!r}") from None
+    if not out or any(v < 0 for v in out):
+        raise argparse.ArgumentTypeError(f"expected non-negative layer numbers, got {text!r}")
+    return out
+
+
+def cmd_vector_refusal(args: argparse.Namespace) -> int:
+    from .refusal import REFUSAL_OPENINGS, builtin_prompts, find_refusal_direction
+    from .vectors import load_prompts
+
+    harmful = load_prompts(args.harmful, args.harmful_file)
+    harmless = load_prompts(args.harmless, args.harmless_file)
+    if not harmful and not harmless:
+        harmful, harmless = builtin_prompts()
+    elif not harmful or not harmless:
+        which = "harmful" if not harmful else "harmless"
+        raise MonoscopeError(f"the {which} prompt set is empty; give --{which} TEXT or --{which}-file FILE (or neither set, for the built-in ones)")
+    from ..model import EMBEDDED_MODEL, load_model
+
+    lm = load_model(args.model or EMBEDDED_MODEL, device=args.device, dtype=args.model_dtype)
+    search = find_refusal_direction(
+        lm, harmful, harmless, layers=args.layers, positions=args.positions, openings=args.refusal_opening or REFUSAL_OPENINGS,
+        val_fraction=args.val_fraction, max_layer_fraction=args.max_layer_fraction, kl_max=args.kl_max, seed=args.seed,
+        progress=not args.json, name=Path(args.out).stem,
+    )
+    tensors, meta = search.vector.save(args.out)
+    if args.json:
+        print(json.dumps({"out": str(tensors), **search.to_dict()}, indent=2, allow_nan=False, default=lambda v: None))
+        return 0
+    c = search.chosen
+    print(f"scored {len(search.candidates)} candidates ({len(set(x.layer for x in search.candidates))} layers x "
+          f"{len(set(x.position for x in search.candidates))} positions) on {search.n_val} held-out prompts")
+    print(f"refusal log-odds ({', '.join(repr(t) for t in search.refusal_tokens[:6])}{', ...' if len(search.refusal_tokens) > 6 else ''}): "
+          f"harmful {search.baseline_harmful:+.2f}, harmless {search.baseline_harmless:+.2f}")
+    print(f"chosen: resid_pre.{c.layer}, position {c.position}: ablated on harmful {c.bypass:+.2f} "
+          f"(drop {search.baseline_harmful - c.bypass:.2f}), added on harmless {c.induce:+.2f}, KL on harmless {c.kl:.3f}")
+    if not search.passed_filters:
+        print("note: no candidate passed the filters (layer, KL, induces refusal); this is the lowest bypass score overall. "
+              "A model that seldom refuses has no clear refusal direction.")
+    best = sorted((x for x in search.candidates if x.passed), key=lambda x: x.bypass)[:5]
+    if best:
+        print("best passing candidates:  layer  pos   bypass  induce     kl")
+        for x in best:
+            print(f"                          {x.layer:5d}  {x.position:3d}  {x.bypass:+7.2f} {x.induce:+7.2f}  {x.kl:.3f}")
+    print(f"wrote {tensors} and {meta}")
+    print(f"next: monoscope ablate-direction --vector {tensors} --prompt '...'")
+    return 0
+
+
 def _add_vector(sub) -> None:
     p = sub.add_parser("vector", help="steering vectors: make a contrastive one, export it for llama.cpp", description="Steering vectors (difference of mean activations between two prompt sets).")
     vsub = p.add_subparsers(dest="vector_command", metavar="ACTION")
@@ -492,6 +553,28 @@ def _add_vector(sub) -> None:
     m.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it)")
     _add_model_args(m)
     m.set_defaults(func=cmd_vector_make)
+    r = vsub.add_parser("refusal", help="find a refusal direction: score every layer and position (Arditi et al.)",
+                        description="Candidate directions mean(harmful) - mean(harmless) at resid_pre.L for each layer L and each of "
+                                    "the last --positions prompt tokens, made on half of the prompts and scored on the other half: the "
+                                    "drop of the refusal log-odds on harmful prompts when the direction is ablated, the rise on "
+                                    "harmless prompts when it is added, and the KL on harmless prompts when it is ablated. The lowest "
+                                    "ablated score among candidates below --max-layer-fraction of the depth, with KL <= --kl-max and "
+                                    "a rise when added, is kept. Without prompt sets, small built-in ones are used.")
+    r.add_argument("--harmful", action="append", help="a prompt the model should refuse (repeatable)")
+    r.add_argument("--harmless", action="append", help="an ordinary prompt (repeatable)")
+    r.add_argument("--harmful-file", action="append", help="file of harmful prompts, one per line")
+    r.add_argument("--harmless-file", action="append", help="file of harmless prompts, one per line")
+    r.add_argument("--layers", type=_layer_range, default=None, help="layers to try, e.g. 4-20 (default: all)")
+    r.add_argument("--positions", type=positive_int, default=5, help="last prompt tokens to try (default: 5)")
+    r.add_argument("--refusal-opening", action="append", default=None, help="a word a refusal starts with (repeatable; default: I, Sorry, As, ...)")
+    r.add_argument("--val-fraction", type=fraction, default=0.5, help="share of the prompts kept for scoring (default: 0.5)")
+    r.add_argument("--max-layer-fraction", type=fraction, default=0.8, help="keep candidates below this fraction of the depth (default: 0.8)")
+    r.add_argument("--kl-max", type=positive_float, default=0.1, help="largest KL on harmless prompts when ablated (default: 0.1)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    r.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it, with the scores)")
+    r.add_argument("--json", action="store_true", help="print every candidate's scores as JSON")
+    _add_model_args(r)
+    r.set_defaults(func=cmd_vector_refusal)
     e = vsub.add_parser("export-gguf", help="write a vector as a llama.cpp control vector (GGUF)", description="llama.cpp adds direction.N to the output of block N: a vector at resid_post.N becomes direction.N (N >= 1).")
     e.add_argument("vector", help="NAME.safetensors from `monoscope vector make`")
     e.add_argument("--out", required=True, help="output .gguf file")
