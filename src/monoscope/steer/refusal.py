@@ -17,7 +17,8 @@ Each candidate is scored on the other (validation) half:
 
 The chosen candidate has the lowest `bypass` among those that pass the filters: layer < `max_layer_fraction`
 of the depth (directions right before the unembedding act on tokens, not on concepts), `kl` <= `kl_max`, and
-`induce` above the harmless prompts' own score. When none passes, the lowest `bypass` overall is taken and
+`induce` above the harmless prompts' own score. To keep the search cheap, `induce` and `kl` are measured for
+the `finalists` with the lowest `bypass` only (Arditi et al. measure them for all). When none passes, the lowest `bypass` overall is taken and
 the result says so (`passed_filters=False`): a small model that almost never refuses gives such results.
 """
 
@@ -54,13 +55,13 @@ class RefusalCandidate:
     layer: int
     position: int  # offset from the end of the prompt: -1 is its last token
     bypass: float
-    induce: float
-    kl: float
+    induce: float | None  # measured for the finalists only
+    kl: float | None
     norm: float
     passed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -114,26 +115,34 @@ def _encode(lm: Any, prompts: Sequence[str], chat_template: bool) -> list[Tensor
     return [encode_prompt(lm.tokenizer, p, raw=not chat_template)[0].cpu() for p in prompts]
 
 
-def _batches(rows: list[Tensor], batch_size: int):
-    """(ids [B, T], mask [B, T], lengths [B]) with right padding: real tokens keep positions 0..n-1."""
+def _batches(rows: list[Tensor], batch_size: int, left: bool = False):
+    """(ids [B, T], mask [B, T], lengths [B]) padded on the right (real tokens keep positions 0..n-1) or, with
+    `left`, on the left (every prompt ends at the last column; position ids then come from the mask)."""
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
         width = max(len(r) for r in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, r in enumerate(chunk):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+            where = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, where] = r
+            mask[i, where] = 1
         yield ids, mask, mask.sum(1)
 
 
 @torch.inference_mode()
 def _last_logits(lm: Any, rows: list[Tensor], batch_size: int) -> Tensor:
-    """Next-token logits [N, V] after each prompt (whatever edits are active)."""
+    """Next-token logits [N, V] after each prompt (whatever edits are active); the LM head runs on the last
+    position only."""
     out = []
-    for ids, mask, lengths in _batches(rows, batch_size):
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
-        out.append(logits[torch.arange(len(lengths)), lengths.to(logits.device) - 1].float().cpu())
+    for ids, mask, _ in _batches(rows, batch_size, left=True):
+        kw = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device),
+              "position_ids": (mask.cumsum(-1) - 1).clamp_min(0).to(lm.device), "use_cache": False}
+        try:
+            logits = lm.model(**kw, logits_to_keep=1).logits
+        except TypeError:  # a model without logits_to_keep
+            logits = lm.model(**kw).logits
+        out.append(logits[:, -1].float().cpu())
     return torch.cat(out)
 
 
@@ -172,12 +181,17 @@ def find_refusal_direction(
     val_fraction: float = 0.5,
     max_layer_fraction: float = 0.8,
     kl_max: float = 0.1,
+    finalists: int = 16,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
     name: str = "refusal",
 ) -> RefusalSearch:
-    """Score every (layer, position) candidate as in Arditi et al. and return the chosen direction."""
+    """Score the (layer, position) candidates as in Arditi et al. and return the chosen direction.
+
+    Every candidate gets its bypass score; the `finalists` with the lowest one below `max_layer_fraction` of
+    the depth also get the induce and KL scores, which decide whether they pass.
+    """
     harmful = [p for p in harmful if isinstance(p, str) and p.strip()]
     harmless = [p for p in harmless if isinstance(p, str) and p.strip()]
     if len(harmful) < 2 or len(harmless) < 2:
@@ -185,8 +199,8 @@ def find_refusal_direction(
                              "candidate directions, the other half score them")
     if not 0.0 < val_fraction < 1.0:
         raise MonoscopeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    if positions < 1:
-        raise MonoscopeError(f"--positions must be at least 1, got {positions}")
+    if positions < 1 or finalists < 1:
+        raise MonoscopeError(f"--positions and --finalists must be at least 1, got {positions} and {finalists}")
     if not (kl_max > 0 and math.isfinite(kl_max)):
         raise MonoscopeError(f"--kl-max must be a positive number, got {kl_max}")
     n_layers = len(find_blocks(lm.model))
@@ -218,35 +232,42 @@ def find_refusal_direction(
     base_safe = refusal_log_odds(base_safe_logits, ref)
 
     candidates: list[RefusalCandidate] = []
-    bar = progress_bar(positions * len(layers), "scoring refusal candidates", "cand", enabled=progress)
-    try:
+    bar = progress_bar(positions * len(layers), "refusal candidates: bypass", "cand", enabled=progress)
+    try:  # stage 1: every candidate's bypass score (ablated, harmful prompts)
         for p in range(positions):
             for li, layer in enumerate(layers):
                 r = diff[p, li]
                 norm = float(r.norm())
-                if not math.isfinite(norm) or norm <= 1e-12:
-                    candidates.append(RefusalCandidate(layer, -(p + 1), math.inf, -math.inf, math.inf, norm))
-                    bar.update(1)
-                    continue
-                with directional_ablation(lm.model, r):
-                    ablated_harm = refusal_log_odds(_last_logits(lm, rows["harm_val"], batch_size), ref)
-                    ablated_safe_logits = _last_logits(lm, rows["safe_val"], batch_size)
-                push = r.to(device=lm.device)
-
-                def add(x: Tensor, push: Tensor = push) -> Tensor:
-                    return x + push.to(x.dtype)
-
-                with edit(lm.model, {f"resid_pre.{layer}": add}):
-                    induced = refusal_log_odds(_last_logits(lm, rows["safe_val"], batch_size), ref)
-                candidates.append(RefusalCandidate(layer, -(p + 1), float(ablated_harm.mean()), float(induced.mean()),
-                                                   _kl(base_safe_logits, ablated_safe_logits), norm))
+                bypass = math.inf
+                if math.isfinite(norm) and norm > 1e-12:
+                    with directional_ablation(lm.model, r):
+                        bypass = float(refusal_log_odds(_last_logits(lm, rows["harm_val"], batch_size), ref).mean())
+                candidates.append(RefusalCandidate(layer, -(p + 1), bypass, None, None, norm))
                 bar.update(1)
     finally:
         bar.close()
 
-    for c in candidates:
-        c.passed = (c.layer < max_layer_fraction * n_layers and c.kl <= kl_max and c.induce > float(base_safe.mean())
-                    and math.isfinite(c.bypass))
+    # stage 2: the finalists (lowest bypass among the layers the filter allows) get the induce and KL scores
+    allowed = [c for c in candidates if math.isfinite(c.bypass) and c.layer < max_layer_fraction * n_layers]
+    finalists = sorted(allowed, key=lambda c: c.bypass)[:finalists]
+    bar = progress_bar(len(finalists), "refusal candidates: induce, KL", "cand", enabled=progress)
+    try:
+        for c in finalists:
+            r = diff[-c.position - 1, layers.index(c.layer)]
+            with directional_ablation(lm.model, r):
+                c.kl = _kl(base_safe_logits, _last_logits(lm, rows["safe_val"], batch_size))
+            push = r.to(device=lm.device)
+
+            def add(x: Tensor, push: Tensor = push) -> Tensor:
+                return x + push.to(x.dtype)
+
+            with edit(lm.model, {f"resid_pre.{c.layer}": add}):
+                c.induce = float(refusal_log_odds(_last_logits(lm, rows["safe_val"], batch_size), ref).mean())
+            c.passed = c.kl <= kl_max and c.induce > float(base_safe.mean())
+            bar.update(1)
+    finally:
+        bar.close()
+
     passing = [c for c in candidates if c.passed]
     pool = passing or [c for c in candidates if math.isfinite(c.bypass)]
     if not pool:
