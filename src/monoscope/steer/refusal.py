@@ -204,7 +204,8 @@ def find_refusal_direction(
     if not (kl_max > 0 and math.isfinite(kl_max)):
         raise MonoscopeError(f"--kl-max must be a positive number, got {kl_max}")
     n_layers = len(find_blocks(lm.model))
-    layers = list(range(n_layers)) if layers is None else sorted({int(layer) for layer in layers})
+    # by default only the layers the filter allows: a direction right before the unembedding is not chosen anyway
+    layers = list(range(max(1, math.ceil(max_layer_fraction * n_layers)))) if layers is None else sorted({int(layer) for layer in layers})
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise MonoscopeError(f"layer(s) {bad or layers} do not exist: the model has {n_layers} layers (0-{n_layers - 1})")
