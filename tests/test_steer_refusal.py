@@ -38,10 +38,11 @@ def test_search_scores_every_candidate_and_keeps_the_best(tiny_llama_dir):
     assert hook == f"resid_pre.{search.chosen.layer}"
     assert search.vector.meta["position"] == search.chosen.position
     # bypass was measured on the validation half; re-measure on exactly those prompts through a separate path
-    assert all(math.isfinite(c.kl) and c.kl >= 0 for c in search.candidates)  # 4 candidates < 16 finalists: all scored
-    few = find_refusal_direction(lm, HARMFUL, HARMLESS, positions=2, openings=["bad", "The"], kl_max=10.0, finalists=1, progress=False)
-    scored = [c for c in few.candidates if c.kl is not None]
-    assert len(scored) == 1 and scored[0].bypass == min(c.bypass for c in few.candidates)
+    assert all(math.isfinite(c.kl) and c.kl >= 0 for c in search.candidates)
+    # a KL bound below every candidate's: induce is measured for none, and the gentlest candidate is kept
+    strict = find_refusal_direction(lm, HARMFUL, HARMLESS, positions=2, openings=["bad", "The"], kl_max=1e-12, progress=False)
+    assert not strict.passed_filters and all(c.induce is None for c in strict.candidates)
+    assert strict.chosen.kl == min(c.kl for c in strict.candidates)
     assert search.n_train == 6 and search.n_val == 6
 
 

@@ -511,8 +511,7 @@ def cmd_vector_refusal(args: argparse.Namespace) -> int:
     lm = load_model(args.model or EMBEDDED_MODEL, device=args.device, dtype=args.model_dtype)
     search = find_refusal_direction(
         lm, harmful, harmless, layers=args.layers, positions=args.positions, openings=args.refusal_opening or REFUSAL_OPENINGS,
-        val_fraction=args.val_fraction, max_layer_fraction=args.max_layer_fraction, kl_max=args.kl_max, finalists=args.finalists,
-        seed=args.seed,
+        val_fraction=args.val_fraction, max_layer_fraction=args.max_layer_fraction, kl_max=args.kl_max, seed=args.seed,
         progress=not args.json, name=Path(args.out).stem,
     )
     tensors, meta = search.vector.save(args.out)
@@ -529,15 +528,16 @@ def cmd_vector_refusal(args: argparse.Namespace) -> int:
     print(f"chosen: resid_pre.{c.layer}, position {c.position}: ablated on harmful {c.bypass:+.2f} "
           f"(drop {search.baseline_harmful - c.bypass:.2f}), added on harmless {induce}, KL on harmless {kl}")
     if not search.passed_filters:
-        print("note: no candidate passed the filters (layer, KL, induces refusal); this is the lowest bypass score overall. "
-              "A model that seldom refuses has no clear refusal direction.")
+        print("note: no candidate passed the filters (layer, KL, induces refusal); this is the lowest bypass among those with a "
+              "small KL (or the smallest KL). A model that seldom refuses has no clear refusal direction.")
     best = sorted((x for x in search.candidates if x.passed), key=lambda x: x.bypass)[:5]
     if not best:
-        best = sorted((x for x in search.candidates if x.kl is not None), key=lambda x: x.bypass)[:5]
+        best = sorted(search.candidates, key=lambda x: x.kl)[:5]
     if best:
-        print(f"{'best passing finalists:' if search.passed_filters else 'lowest-bypass finalists:':<26}layer  pos   bypass  induce     kl")
+        print(f"{'best passing candidates:' if search.passed_filters else 'gentlest candidates:':<26}layer  pos   bypass  induce     kl")
         for x in best:
-            print(f"{'':>26}{x.layer:5d}  {x.position:3d}  {x.bypass:+7.2f} {x.induce:+7.2f}  {x.kl:.3f}")
+            induce_x = "      -" if x.induce is None else f"{x.induce:+7.2f}"
+            print(f"{'':>26}{x.layer:5d}  {x.position:3d}  {x.bypass:+7.2f} {induce_x}  {x.kl:.3f}")
     print(f"wrote {tensors} and {meta}")
     print(f"next: monoscope ablate-direction --vector {tensors} --prompt '...'")
     return 0
@@ -575,7 +575,6 @@ def _add_vector(sub) -> None:
     r.add_argument("--val-fraction", type=fraction, default=0.5, help="share of the prompts kept for scoring (default: 0.5)")
     r.add_argument("--max-layer-fraction", type=fraction, default=0.8, help="keep candidates below this fraction of the depth (default: 0.8)")
     r.add_argument("--kl-max", type=positive_float, default=0.1, help="largest KL on harmless prompts when ablated (default: 0.1)")
-    r.add_argument("--finalists", type=positive_int, default=16, help="candidates with the lowest bypass score that get the induce and KL scores (default: 16)")
     r.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     r.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it, with the scores)")
     r.add_argument("--json", action="store_true", help="print every candidate's scores as JSON")

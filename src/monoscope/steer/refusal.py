@@ -17,9 +17,9 @@ Each candidate is scored on the other (validation) half:
 
 The chosen candidate has the lowest `bypass` among those that pass the filters: layer < `max_layer_fraction`
 of the depth (directions right before the unembedding act on tokens, not on concepts), `kl` <= `kl_max`, and
-`induce` above the harmless prompts' own score. To keep the search cheap, `induce` and `kl` are measured for
-the `finalists` with the lowest `bypass` only (Arditi et al. measure them for all). When none passes, the lowest `bypass` overall is taken and
-the result says so (`passed_filters=False`): a small model that almost never refuses gives such results.
+`induce` above the harmless prompts' own score (`induce` is measured only where `kl` passes). When none passes, the lowest `bypass` among the candidates
+that pass the KL filter is taken (else the lowest `kl`), and the result says so (`passed_filters=False`): a
+small model that almost never refuses gives such results.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class RefusalCandidate:
     layer: int
     position: int  # offset from the end of the prompt: -1 is its last token
     bypass: float
-    induce: float | None  # measured for the finalists only
-    kl: float | None
+    induce: float | None  # measured where kl <= kl_max only
+    kl: float
     norm: float
     passed: bool = False
 
@@ -181,17 +181,12 @@ def find_refusal_direction(
     val_fraction: float = 0.5,
     max_layer_fraction: float = 0.8,
     kl_max: float = 0.1,
-    finalists: int = 16,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
     name: str = "refusal",
 ) -> RefusalSearch:
-    """Score the (layer, position) candidates as in Arditi et al. and return the chosen direction.
-
-    Every candidate gets its bypass score; the `finalists` with the lowest one below `max_layer_fraction` of
-    the depth also get the induce and KL scores, which decide whether they pass.
-    """
+    """Score the (layer, position) candidates as in Arditi et al. and return the chosen direction."""
     harmful = [p for p in harmful if isinstance(p, str) and p.strip()]
     harmless = [p for p in harmless if isinstance(p, str) and p.strip()]
     if len(harmful) < 2 or len(harmless) < 2:
@@ -199,8 +194,8 @@ def find_refusal_direction(
                              "candidate directions, the other half score them")
     if not 0.0 < val_fraction < 1.0:
         raise MonoscopeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    if positions < 1 or finalists < 1:
-        raise MonoscopeError(f"--positions and --finalists must be at least 1, got {positions} and {finalists}")
+    if positions < 1:
+        raise MonoscopeError(f"--positions must be at least 1, got {positions}")
     if not (kl_max > 0 and math.isfinite(kl_max)):
         raise MonoscopeError(f"--kl-max must be a positive number, got {kl_max}")
     n_layers = len(find_blocks(lm.model))
@@ -233,47 +228,46 @@ def find_refusal_direction(
     base_safe = refusal_log_odds(base_safe_logits, ref)
 
     candidates: list[RefusalCandidate] = []
-    bar = progress_bar(positions * len(layers), "refusal candidates: bypass", "cand", enabled=progress)
-    try:  # stage 1: every candidate's bypass score (ablated, harmful prompts)
+    bar = progress_bar(positions * len(layers), "refusal candidates: bypass, KL", "cand", enabled=progress)
+    try:  # stage 1: ablated, every candidate's bypass (harmful prompts) and KL (harmless prompts)
         for p in range(positions):
             for li, layer in enumerate(layers):
                 r = diff[p, li]
                 norm = float(r.norm())
-                bypass = math.inf
+                bypass, kl = math.inf, math.inf
                 if math.isfinite(norm) and norm > 1e-12:
                     with directional_ablation(lm.model, r):
                         bypass = float(refusal_log_odds(_last_logits(lm, rows["harm_val"], batch_size), ref).mean())
-                candidates.append(RefusalCandidate(layer, -(p + 1), bypass, None, None, norm))
+                        kl = _kl(base_safe_logits, _last_logits(lm, rows["safe_val"], batch_size))
+                candidates.append(RefusalCandidate(layer, -(p + 1), bypass, None, kl, norm))
                 bar.update(1)
     finally:
         bar.close()
 
-    # stage 2: the finalists (lowest bypass among the layers the filter allows) get the induce and KL scores
-    allowed = [c for c in candidates if math.isfinite(c.bypass) and c.layer < max_layer_fraction * n_layers]
-    finalists = sorted(allowed, key=lambda c: c.bypass)[:finalists]
-    bar = progress_bar(len(finalists), "refusal candidates: induce, KL", "cand", enabled=progress)
+    # stage 2: the candidates that leave harmless prompts alone (KL) get the induce score (added, harmless prompts)
+    gentle = [c for c in candidates if math.isfinite(c.bypass) and c.kl <= kl_max and c.layer < max_layer_fraction * n_layers]
+    bar = progress_bar(len(gentle), "refusal candidates: induce", "cand", enabled=progress)
     try:
-        for c in finalists:
-            r = diff[-c.position - 1, layers.index(c.layer)]
-            with directional_ablation(lm.model, r):
-                c.kl = _kl(base_safe_logits, _last_logits(lm, rows["safe_val"], batch_size))
-            push = r.to(device=lm.device)
+        for c in gentle:
+            push = diff[-c.position - 1, layers.index(c.layer)].to(device=lm.device)
 
             def add(x: Tensor, push: Tensor = push) -> Tensor:
                 return x + push.to(x.dtype)
 
             with edit(lm.model, {f"resid_pre.{c.layer}": add}):
                 c.induce = float(refusal_log_odds(_last_logits(lm, rows["safe_val"], batch_size), ref).mean())
-            c.passed = c.kl <= kl_max and c.induce > float(base_safe.mean())
+            c.passed = c.induce > float(base_safe.mean())
             bar.update(1)
     finally:
         bar.close()
 
     passing = [c for c in candidates if c.passed]
-    pool = passing or [c for c in candidates if math.isfinite(c.bypass)]
-    if not pool:
+    finite = [c for c in candidates if math.isfinite(c.bypass)]
+    if not finite:
         raise MonoscopeError("every candidate direction is zero: the harmful and harmless prompts give the same activations")
-    chosen = min(pool, key=lambda c: c.bypass)
+    # without a passing candidate: the lowest bypass among those that leave harmless prompts alone, else the gentlest
+    chosen = (min(passing, key=lambda c: c.bypass) if passing else min(gentle, key=lambda c: c.bypass) if gentle
+              else min(finite, key=lambda c: c.kl))
     direction = diff[-chosen.position - 1, layers.index(chosen.layer)]
     hook = f"resid_pre.{chosen.layer}"
     model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
