@@ -120,3 +120,22 @@ def test_suggestions_rank_by_output_effect(lm):
     assert by_feature[10].neutral_gain > by_feature[10].gain and by_feature[10].score < 0  # favours any text, not the reference
     with pytest.raises(MonoscopeError, match="empty"):
         suggest_features(lm, sae, "  ")
+
+
+def test_map_by_ablation_ranks_every_active_feature_by_its_exact_effect(lm):
+    from monoscope.steer.attribution import map_by_ablation
+
+    prompt, target, hook = CASES[0]
+    sae = make_sae(hook=hook, model=lm.name, k=8, seed=3)
+    result = map_by_ablation(lm, sae, prompt, target, max_features=12)
+    feats = [f.feature for f in result.features]
+    assert 4 <= len(feats) <= 12 and len(set(feats)) == len(feats)
+    exact = ablation_effect(lm, sae, prompt, target, feats)
+    assert [f.ablation for f in result.features] == pytest.approx([exact[f] for f in feats], abs=1e-5)
+    assert [abs(f.ablation) for f in result.features] == sorted((abs(f.ablation) for f in result.features), reverse=True)
+    attr = {f.feature: f.attribution for f in attribute(lm, sae, prompt, target, top=12).features}
+    assert all(f.attribution == pytest.approx(attr[f.feature], abs=1e-6) for f in result.features)
+    assert result.spearman == pytest.approx(spearman([f.ablation for f in result.features], [f.attribution for f in result.features]), abs=1e-6)
+    assert 0.0 <= result.top_overlap <= 1.0
+    with pytest.raises(MonoscopeError, match="at least 1"):
+        map_by_ablation(lm, sae, prompt, target, max_features=0)

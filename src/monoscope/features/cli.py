@@ -188,6 +188,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_family(args: argparse.Namespace) -> int:
+    from .family import feature_family, open_store_if_any
+    from .loading import open_sae
+
+    source = open_sae(args.sae, args.device)
+    others = [(str(d), open_sae(d, args.device)) for d in args.across]
+    store = open_store_if_any(args.sae) if not args.no_coactivation else None
+    loaded = hook = None
+    if store is not None:
+        from .loading import open_sae_and_model
+
+        source, loaded, hook = open_sae_and_model(args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype)
+    family = feature_family(source, args.id, others, source_name=str(args.sae), top=args.top, store=store,
+                            other_stores=[open_store_if_any(d) for d, _ in others], loaded=loaded, hook=hook)
+    if args.json:
+        _print_json(_clean(family.to_dict()))
+        return 0
+    from .render import render_family
+
+    print(render_family(family))
+    return 0
+
+
 def _add_features(sub) -> None:
     p = sub.add_parser("features", help="search and show features of an analysed SAE",
                        description="Browse the feature database that `monoscope analyze` wrote.")
@@ -215,6 +238,19 @@ def _add_features(sub) -> None:
     sh.add_argument("--examples", type=_positive_int, default=5, help="top examples to show (default: 5)")
     sh.add_argument("--json", action="store_true", help="print JSON")
     sh.set_defaults(func=cmd_show)
+
+    fa = fsub.add_parser("family", help="a feature's closest features in wider (or narrower) SAEs of the same hook point",
+                         description="Feature splitting: for a feature of one SAE, its closest features in each other SAE of "
+                                     "the same model and hook point, by decoder cosine and, when the SAE has a feature "
+                                     "database, by co-activation on the analysed tokens (runs the model). Sorted by cosine.")
+    fa.add_argument("--sae", required=True, help="the SAE the feature belongs to")
+    fa.add_argument("--across", action="append", required=True, metavar="DIR", help="another SAE of the same model and hook point; repeat for several")
+    fa.add_argument("id", type=_feature_id, help="feature id in --sae")
+    fa.add_argument("--top", type=_positive_int, default=5, help="matches per SAE by each measure (default: 5)")
+    fa.add_argument("--no-coactivation", action="store_true", help="decoder cosine only (does not load the model)")
+    _add_model_args(fa)
+    fa.add_argument("--json", action="store_true", help="print JSON")
+    fa.set_defaults(func=cmd_family)
 
 
 # ---------------------------------------------------------------- scan

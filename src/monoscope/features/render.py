@@ -184,3 +184,22 @@ def render_scan(result: Any, colour: bool = False, width: int | None = None) -> 
     for note in result.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def render_family(family: Any) -> str:
+    """A feature's family in other SAEs: one table per SAE, best decoder cosine first."""
+    head = f"feature #{family.feature} of {family.sae}" + (f": {family.label}" if family.label else "")
+    lines = [head]
+    if family.coactivation_tokens:
+        lines.append(f"co-activation: Pearson r on {family.coactivation_tokens:,} analysed tokens of its examples")
+    else:
+        lines.append("co-activation: not measured (no feature database for the SAE, or --no-coactivation)")
+    for part in family.across:
+        lines.append("")
+        lines.append(f"in {part.sae} ({part.d_sae:,} features):")
+        lines.append(f"  {'feature':>8}  {'cosine':>6}  {'coact':>6}  {'density':>8}  label")
+        for m in part.matches:
+            coact = "" if m.coactivation is None else f"{m.coactivation:6.2f}"
+            density = "" if m.density is None else f"{m.density:8.2e}"
+            lines.append(f"  {'#' + str(m.feature):>8}  {m.cosine:6.2f}  {coact:>6}  {density:>8}  {m.label or ''}")
+    return "\n".join(lines)

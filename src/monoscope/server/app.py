@@ -362,6 +362,13 @@ def create_app(service: Service | None, *, api_key: str | None = None, max_body:
         served = s.sae(sae)
         return S.NeighbourList(sae=served.id, feature=feature_id, neighbours=s.neighbours(served, feature_id))
 
+    @app.get("/api/features/{feature_id}/family", response_model=S.FamilyResponse, tags=["features"], responses=_errors(400, 401, 404),
+             summary="The feature's closest features in the other served SAEs of the same hook point (feature splitting)")
+    def family(feature_id: int = PathParam(..., ge=0, le=2**31), sae: Optional[str] = Query(None, max_length=200),
+               top: int = Query(5, ge=1, le=50, description="Matches per SAE.")) -> S.FamilyResponse:
+        s = svc()
+        return s.family(s.sae(sae), feature_id, top)
+
     @app.get("/api/search", response_model=S.SearchResponse, tags=["features"], responses=_errors(400, 401, 404),
              summary="Search features by the words or the meaning of their labels")
     def search(q: str = Query(..., min_length=1, max_length=500, description="Words to look for."),

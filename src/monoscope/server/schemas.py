@@ -422,6 +422,25 @@ class NeighbourList(_Model):
     neighbours: list[NeighbourOut]
 
 
+class FamilyMatchOut(_Model):
+    id: int
+    cosine: float = Field(description="Cosine of the two features' decoder directions.")
+    label: Optional[str] = None
+    density: Optional[float] = None
+
+
+class FamilyInSAE(_Model):
+    sae: str
+    d_sae: int
+    matches: list[FamilyMatchOut] = Field(description="Closest features in this SAE, best decoder cosine first.")
+
+
+class FamilyResponse(_Model):
+    sae: str
+    feature: int
+    across: list[FamilyInSAE] = Field(description="One entry per other served SAE of the same model and hook point.")
+
+
 class SearchHitOut(_Model):
     id: int
     score: float

@@ -334,6 +334,29 @@ class Service:
         fid = served.check_feature(feature, "feature_id")
         return [S.NeighbourOut(id=n.id, cosine=float(n.cosine), label=n.label) for n in store.neighbours(fid)]
 
+    def family(self, served: ServedSAE, feature: int, top: int) -> S.FamilyResponse:
+        """The feature's closest features (decoder cosine) in every other served SAE of the same model and hook."""
+        from ..features.family import check_same_space, feature_family
+
+        fid = served.check_feature(feature, "feature_id")
+        others = []
+        for other in self.saes.values():
+            if other.id == served.id:
+                continue
+            try:
+                check_same_space(served.sae, other.sae, served.id, other.id)
+            except MonoscopeError:
+                continue  # another hook point or model: no family there
+            others.append(other)
+        across: list[S.FamilyInSAE] = []
+        if others:
+            fam = feature_family(served.sae, fid, [(o.id, o.sae) for o in others], source_name=served.id, top=top,
+                                 other_stores=[o.store for o in others])
+            across = [S.FamilyInSAE(sae=a.sae, d_sae=a.d_sae, matches=[S.FamilyMatchOut(id=m.feature, cosine=m.cosine, label=m.label,
+                                                                                         density=_num(m.density)) for m in a.matches])
+                      for a in fam.across]
+        return S.FamilyResponse(sae=served.id, feature=fid, across=across)
+
     def search(self, served: ServedSAE, query: str, mode: str, limit: int) -> S.SearchResponse:
         from ..features.search import search_features
 

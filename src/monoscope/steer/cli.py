@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import positive_float, positive_int
+from ..argtypes import fraction, positive_float, positive_int
 from ..errors import MonoscopeError
 
 
@@ -433,6 +433,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     sae = _open_sae(args)
     db = _db(args, sae)
     lm = _open_model(args, sae)
+    if args.ablation:
+        return _attribute_by_ablation(args, lm, sae, db)
     result = attribute(lm, sae, args.prompt, args.target, hook=args.hook, top=args.top, metric=args.metric, raw=not args.chat)
     if db is not None:
         labels = db.labels([f.feature for f in result.features])
@@ -453,6 +455,31 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute_by_ablation(args: argparse.Namespace, lm, sae, db) -> int:
+    from .attribution import map_by_ablation
+
+    result = map_by_ablation(lm, sae, args.prompt, args.target, hook=args.hook, metric=args.metric, raw=not args.chat,
+                             max_features=args.max_features)
+    if db is not None:
+        labels = db.labels([f.feature for f in result.features])
+        for f in result.features:
+            f.label = labels.get(f.feature)
+    if args.json:
+        import math
+
+        out = result.to_dict()
+        out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"prompt: {args.prompt!r} -> target {args.target!r}: {len(result.features)} active features ablated one at a time at {result.hook}")
+    print(f"  {'rank':>4} {'feature':>8} {'ablation':>10} {'attribution':>12} {'max act':>9}  label")
+    for rank, f in enumerate(result.features[: args.top], 1):
+        print(f"  {rank:>4} {f.feature:>8} {f.ablation:>+10.4f} {f.attribution:>+12.4f} {f.activation:>9.3f}  {f.label or ''}")
+    print(f"  agreement: Spearman {result.spearman:.2f} over the active features; {result.top_overlap:.0%} of the 10 largest by "
+          "ablation are among the 10 largest by attribution")
+    return 0
+
+
 def _add_attribute(sub) -> None:
     p = sub.add_parser("attribute", help="which features push the model toward a target token", description="Attribute the target's logit after the prompt to the SAE's features (activation x gradient, with the SAE spliced in and its error kept). Positive: the feature raises the target.")
     p.add_argument("--sae", required=True, help="SAE folder")
@@ -462,6 +489,8 @@ def _add_attribute(sub) -> None:
     p.add_argument("--metric", default="logit", choices=["logit", "logprob"], help="what to attribute (default: logit)")
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt (default: raw text)")
+    p.add_argument("--ablation", action="store_true", help="also ablate each active feature (one forward pass each) and rank by the exact effect")
+    p.add_argument("--max-features", type=positive_int, default=256, help="with --ablation: active features to ablate, by |attribution| (default: 256)")
     p.add_argument("--db", help="feature database for labels (default: features.db next to the SAE, if any)")
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -621,6 +650,72 @@ def cmd_vector_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_range(text: str) -> list[int]:
+    """`12`, `4-20` or `3,5,9` -> layer numbers."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like 12, 4-20 or 3,5,9; got {text!r}") from None
+    if not out or any(v < 0 for v in out):
+        raise argparse.ArgumentTypeError(f"expected non-negative layer numbers, got {text!r}")
+    return out
+
+
+def cmd_vector_refusal(args: argparse.Namespace) -> int:
+    from .refusal import REFUSAL_OPENINGS, builtin_prompts, find_refusal_direction
+    from .vectors import load_prompts
+
+    harmful = load_prompts(args.harmful, args.harmful_file)
+    harmless = load_prompts(args.harmless, args.harmless_file)
+    if not harmful and not harmless:
+        harmful, harmless = builtin_prompts()
+    elif not harmful or not harmless:
+        which = "harmful" if not harmful else "harmless"
+        raise MonoscopeError(f"the {which} prompt set is empty; give --{which} TEXT or --{which}-file FILE (or neither set, for the built-in ones)")
+    from ..model import EMBEDDED_MODEL, load_model
+
+    lm = load_model(args.model or EMBEDDED_MODEL, device=args.device, dtype=args.model_dtype)
+    search = find_refusal_direction(
+        lm, harmful, harmless, layers=args.layers, positions=args.positions, openings=args.refusal_opening or REFUSAL_OPENINGS,
+        val_fraction=args.val_fraction, max_layer_fraction=args.max_layer_fraction, kl_max=args.kl_max, seed=args.seed,
+        progress=not args.json, name=Path(args.out).stem,
+    )
+    tensors, meta = search.vector.save(args.out)
+    if args.json:
+        print(json.dumps({"out": str(tensors), **search.to_dict()}, indent=2, allow_nan=False, default=lambda v: None))
+        return 0
+    c = search.chosen
+    print(f"scored {len(search.candidates)} candidates ({len(set(x.layer for x in search.candidates))} layers x "
+          f"{len(set(x.position for x in search.candidates))} positions) on {search.n_val} held-out prompts")
+    print(f"refusal log-odds ({', '.join(repr(t) for t in search.refusal_tokens[:6])}{', ...' if len(search.refusal_tokens) > 6 else ''}): "
+          f"harmful {search.baseline_harmful:+.2f}, harmless {search.baseline_harmless:+.2f}")
+    induce = "not measured" if c.induce is None else f"{c.induce:+.2f}"
+    kl = "not measured" if c.kl is None else f"{c.kl:.3f}"
+    print(f"chosen: resid_pre.{c.layer}, position {c.position}: ablated on harmful {c.bypass:+.2f} "
+          f"(drop {search.baseline_harmful - c.bypass:.2f}), added on harmless {induce}, KL on harmless {kl}")
+    if not search.passed_filters:
+        print("note: no candidate passed the filters (layer, KL, induces refusal); this is the lowest bypass among those with a "
+              "small KL (or the smallest KL). A model that seldom refuses has no clear refusal direction.")
+    best = sorted((x for x in search.candidates if x.passed), key=lambda x: x.bypass)[:5]
+    if not best:
+        best = sorted(search.candidates, key=lambda x: x.kl)[:5]
+    if best:
+        print(f"{'best passing candidates:' if search.passed_filters else 'gentlest candidates:':<26}layer  pos   bypass  induce     kl")
+        for x in best:
+            induce_x = "      -" if x.induce is None else f"{x.induce:+7.2f}"
+            print(f"{'':>26}{x.layer:5d}  {x.position:3d}  {x.bypass:+7.2f} {induce_x}  {x.kl:.3f}")
+    print(f"wrote {tensors} and {meta}")
+    print(f"next: monoscope ablate-direction --vector {tensors} --prompt '...'")
+    return 0
+
+
 def _add_vector(sub) -> None:
     p = sub.add_parser("vector", help="steering vectors: make a contrastive one, export it for llama.cpp", description="Steering vectors (difference of mean activations between two prompt sets).")
     vsub = p.add_subparsers(dest="vector_command", metavar="ACTION")
@@ -636,6 +731,28 @@ def _add_vector(sub) -> None:
     m.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it)")
     _add_model_args(m)
     m.set_defaults(func=cmd_vector_make)
+    r = vsub.add_parser("refusal", help="find a refusal direction: score every layer and position (Arditi et al.)",
+                        description="Candidate directions mean(harmful) - mean(harmless) at resid_pre.L for each layer L and each of "
+                                    "the last --positions prompt tokens, made on half of the prompts and scored on the other half: the "
+                                    "drop of the refusal log-odds on harmful prompts when the direction is ablated, the rise on "
+                                    "harmless prompts when it is added, and the KL on harmless prompts when it is ablated. The lowest "
+                                    "ablated score among candidates below --max-layer-fraction of the depth, with KL <= --kl-max and "
+                                    "a rise when added, is kept. Without prompt sets, small built-in ones are used.")
+    r.add_argument("--harmful", action="append", help="a prompt the model should refuse (repeatable)")
+    r.add_argument("--harmless", action="append", help="an ordinary prompt (repeatable)")
+    r.add_argument("--harmful-file", action="append", help="file of harmful prompts, one per line")
+    r.add_argument("--harmless-file", action="append", help="file of harmless prompts, one per line")
+    r.add_argument("--layers", type=_layer_range, default=None, help="layers to try, e.g. 4-20 (default: all)")
+    r.add_argument("--positions", type=positive_int, default=5, help="last prompt tokens to try (default: 5)")
+    r.add_argument("--refusal-opening", action="append", default=None, help="a word a refusal starts with (repeatable; default: I, Sorry, As, ...)")
+    r.add_argument("--val-fraction", type=fraction, default=0.5, help="share of the prompts kept for scoring (default: 0.5)")
+    r.add_argument("--max-layer-fraction", type=fraction, default=0.8, help="keep candidates below this fraction of the depth (default: 0.8)")
+    r.add_argument("--kl-max", type=positive_float, default=0.1, help="largest KL on harmless prompts when ablated (default: 0.1)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    r.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it, with the scores)")
+    r.add_argument("--json", action="store_true", help="print every candidate's scores as JSON")
+    _add_model_args(r)
+    r.set_defaults(func=cmd_vector_refusal)
     e = vsub.add_parser("export-gguf", help="write a vector as a llama.cpp control vector (GGUF)", description="llama.cpp adds direction.N to the output of block N: a vector at resid_post.N becomes direction.N (N >= 1).")
     e.add_argument("vector", help="NAME.safetensors from `monoscope vector make`")
     e.add_argument("--out", required=True, help="output .gguf file")

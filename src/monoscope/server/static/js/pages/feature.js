@@ -129,6 +129,37 @@ export async function renderFeature(main, { args, params }) {
         h("td", {}, scoreChips(l).length ? scoreChips(l) : h("span", { class: "muted" }, "–")))))) : h("p", { class: "muted" }, "none")));
 
   main.append(grid);
+  const others = state.info ? state.info.saes.filter((s) => s.id !== d.sae && s.d_in === (info ? info.d_in : s.d_in)) : [];
+  if (others.length) grid.append(await familyCard(id, d.sae));
+}
+
+// The feature's family: its closest features (decoder cosine) in the other SAEs served with this one.
+async function familyCard(id, sae) {
+  const card = h("section", { class: "card span2", id: "family" },
+    h("h3", {}, "Family in other SAEs"),
+    h("p", { class: "hint" }, "Closest features by decoder cosine in the other SAEs of the same hook point: in a wider SAE a feature often splits into several narrower ones."));
+  let fam;
+  try {
+    fam = await get(`/api/features/${id}/family`, { sae });
+  } catch (err) {
+    card.append(errorBox(err));
+    return card;
+  }
+  if (!fam.across.length) {
+    card.append(h("p", { class: "muted" }, "No other served SAE reads the same hook point."));
+    return card;
+  }
+  for (const part of fam.across) {
+    const mark = part.matches.map((m) => m.id).join(",");
+    card.append(h("div", { class: "family-part" },
+      h("div", { class: "row between" },
+        h("h4", {}, `${part.sae} · ${part.d_sae.toLocaleString()} features`),
+        h("a", { class: "button ghost small", href: `#/map?sae=${encodeURIComponent(part.sae)}&mark=${mark}&why=${encodeURIComponent(`family of #${id} in ${sae}`)}` }, "colour on its map")),
+      h("ul", { class: "neighbours" }, part.matches.map((m) => h("li", {},
+        h("span", { class: `cos ${m.cosine < 0 ? "neg" : ""}`, title: "decoder cosine" }, m.cosine.toFixed(2)),
+        featureLink(m.id, m.label, part.sae))))));
+  }
+  return card;
 }
 
 function stat(name, value, note) {

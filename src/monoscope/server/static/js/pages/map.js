@@ -16,7 +16,7 @@ function colour(t) {
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }
 
-export async function renderMap(main) {
+export async function renderMap(main, { params } = {}) {
   const wrap = h("div", { class: "map-wrap card" });
   const canvas = h("canvas", { id: "map-canvas", "aria-label": "feature map", tabindex: 0 });
   const tip = h("div", { class: "map-tip", hidden: true });
@@ -52,6 +52,14 @@ export async function renderMap(main) {
   const lower = data.labels.map((l) => (l || "").toLowerCase());
   let marked = null;
   countLabel.textContent = `${n.toLocaleString()} features · ${data.method || "map"}`;
+  // `#/map?mark=3,17,40&why=...`: colour a set of features, e.g. a feature's family from another SAE's page
+  const markIds = new Set(((params && params.get("mark")) || "").split(",").map(Number).filter((v) => Number.isInteger(v) && v >= 0));
+  if (markIds.size) {
+    marked = new Set();
+    data.ids.forEach((fid, i) => { if (markIds.has(fid)) marked.add(i); });
+    countLabel.textContent = `${marked.size.toLocaleString()} marked${params.get("why") ? ` (${params.get("why")})` : ""} of ${n.toLocaleString()}`;
+    countLabel.id = "map-marked";
+  }
 
   const home = { cx: 0.5, cy: 0.5, scale: 1 };
   let view = { ...home };
