@@ -139,16 +139,18 @@ def test_contexts_are_sampled_across_the_held_out_region():
     assert region == 10 and len(few) == 10
 
 
-def test_every_metric_has_a_bootstrap_interval(loaded, text_corpus):
+def test_every_mean_metric_has_a_bootstrap_interval(loaded, text_corpus):
     sae = split_sign_sae(32)
     with torch.no_grad():
         sae.W_dec.mul_(0.7)  # an imperfect SAE: metrics vary from context to context
     result = run(sae, loaded, text_corpus)
     assert result["contexts"] == 20 and result["held_out_region_contexts"] > result["contexts"]
-    for key in ("fvu", "l0", "mse", "cosine_similarity", "frac_alive", "ce_clean", "ce_sae", "ce_loss_score", "delta_loss",
+    for key in ("fvu", "l0", "mse", "cosine_similarity", "ce_clean", "ce_sae", "ce_loss_score", "delta_loss",
                 "kl_div_score", "ce_loss_score_mean_ablation"):
         low, high = result["intervals"][key]
         assert low <= high, key
+    for key in ("frac_alive", "frac_dense_1pct", "frac_dense_10pct"):  # whole-sample counts: biased under resampling
+        assert key not in result["intervals"] and 0 <= result[key] <= 1, key
     for key in ("fvu", "ce_loss_score", "delta_loss"):
         low, high = result["intervals"][key]
         assert low < result[key] < high, key

@@ -75,6 +75,11 @@ class LMLossMetrics:
         return asdict(self)
 
 
+# Counts of latents over the whole sample (alive, denser than 1 % / 10 %) get no interval: a bootstrap
+# resample repeats some contexts and drops others, so it sees fewer distinct tokens and its counts are
+# biased (the point estimate fell outside its own "interval"); they describe the sample, not a mean.
+LATENT_COUNTS = ("frac_alive", "frac_dense_1pct", "frac_dense_10pct")
+
 def _keep_prefix(patch: Patch, untouched: int = 1) -> Patch:
     """`patch` applied to every position but the first `untouched` (BOS, and any the SAE is not judged on)."""
     def apply(x: torch.Tensor) -> torch.Tensor:
@@ -405,7 +410,8 @@ def evaluate_sae(
     def all_metrics(weighted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         lm_part = {key: weighted[f"lm.{key}"] for key in LM_SUM_KEYS}
         recon_part = {key: weighted[f"recon.{key}"] for key in SUM_KEYS}
-        return {**reconstruction_from_sums(recon_part), **lm_metrics_from_sums(lm_part)}
+        values = {**reconstruction_from_sums(recon_part), **lm_metrics_from_sums(lm_part)}
+        return {key: value for key, value in values.items() if key not in LATENT_COUNTS}
 
     per_context = {**{f"lm.{k}": v for k, v in lm.items()}, **{f"recon.{k}": v for k, v in recon.items()}}
     intervals = bootstrap_intervals(per_context, all_metrics, samples=bootstrap_samples, seed=seed)
