@@ -205,6 +205,7 @@ def main() -> int:
 
     plain = lambda p: p  # noqa: E731
     concepts = concepts[: args.steer_concepts] if args.steer_concepts else concepts
+    result["steered_concepts"] = concepts
     print(f"[2/3] steering: {len(concepts)} concepts x {len(report_prompts)} report prompts, {args.tokens} greedy tokens"
           + ("" if args.quick else f"; settings chosen on {len(TUNING_PROMPTS)} tuning prompts"), flush=True)
     base_tune = runner.run(rows_for(TUNING_PROMPTS, lambda c: (None, plain))) if not args.quick else None
@@ -349,7 +350,7 @@ def plot(table, path: Path, result: dict) -> None:
     ax.axvline(2, color="grey", ls=":", lw=1)
     ax.axvline(3, color="grey", ls="--", lw=1)
     ax.set(xlabel="perplexity of the completions / unsteered (capped at 20)", ylabel="completions that mention the concept",
-           title=f"steering toward {len(result['concepts'])} concepts ({result['hook']}; report prompts)", ylim=(-0.02, 1.02))
+           title=f"steering toward {len(result.get('steered_concepts', result['concepts']))} concepts ({result['hook']}; report prompts)", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
