@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -369,9 +370,13 @@ def _print_sample_features(db: Path, n: int = 8) -> None:
     store = FeatureStore(db)
     records = [r for r in store.features() if 1e-3 <= r.density <= 0.05 and r.label]
     held = store.label_scores([r.id for r in records])
-    scored = sorted(((held[r.id], r) for r in records if r.id in held), key=lambda pair: -pair[0])
-    print(f"\nsome features (of {store.n_features:,}), by how well their label tells held-out examples from random text "
-          "(embedding score: 0.5 chance, 1 perfect):")
+    scored = [(held[r.id], r) for r in records if r.id in held]
+    # Many labels tie at the top score: among ties, word labels (a concept) before token lists ('a', 'b' → ...),
+    # in a seeded shuffle rather than by id, so the taste is not the first few ids of the dictionary.
+    random.Random(0).shuffle(scored)
+    scored.sort(key=lambda pair: (-round(pair[0], 2), "→" in pair[1].label))
+    print(f"\nsome features (of {store.n_features:,}) whose label tells held-out examples from random text best, "
+          "word labels first (embedding score: 0.5 chance, 1 perfect):")
     for score, record in scored[:n]:
         print(f"  #{record.id:<6} density {record.density:6.2%}  score {score:.2f}  {record.label}")
     if held:
