@@ -232,3 +232,18 @@ def test_feature_codes_match_encode_for_every_architecture(arch):
     x = torch.randn(10, 32, generator=g)
     idx = torch.tensor([5, 0, 63, 17])
     assert torch.allclose(feature_codes(sae, x, idx), sae.encode(x)[:, idx], atol=1e-5)
+
+
+def test_past_length_reads_real_caches_and_refuses_to_guess():
+    """Position-scoped edits place themselves by the cache's length: a cache it cannot read is an error, not 0."""
+    from transformers import DynamicCache
+
+    from monoscope.steer.steering import _past_length
+
+    cache = DynamicCache()
+    assert _past_length(None) == 0 and _past_length(cache) == 0
+    cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), layer_idx=0)
+    assert _past_length(cache) == 5
+    assert _past_length(((torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4)),)) == 7
+    with pytest.raises(MonoscopeError, match="KV cache"):
+        _past_length(object())

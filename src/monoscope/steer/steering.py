@@ -389,18 +389,17 @@ class PositionTracker:
 
 
 def _past_length(cache: Any) -> int:
+    """Tokens already in the KV cache. A wrong guess would misplace every position-scoped edit, so a cache
+    whose length cannot be read is an error, not 0."""
     if cache is None:
         return 0
     getter = getattr(cache, "get_seq_length", None)
     if callable(getter):
-        try:
-            return int(getter())
-        except Exception:
-            return 0
-    try:  # legacy tuple-of-tuples cache: [layer][key/value] with shape [B, H, T, D]
-        return int(cache[0][0].shape[-2])
-    except Exception:
-        return 0
+        return int(getter())
+    if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples cache: [layer][key/value] with shape [B, H, T, D]
+        return int(cache[0][0].shape[-2]) if len(cache) and len(cache[0]) else 0
+    raise MonoscopeError(f"cannot read how many tokens a {type(cache).__name__} KV cache holds; "
+                         "position-scoped steering needs it (pass use_cache=False or a transformers Cache)")
 
 
 # ---------------------------------------------------------------- the compiled form
