@@ -67,6 +67,16 @@ def test_learned_vector_raises_the_references_likelihood_within_its_bound(lm, sa
     assert strongest in [f for f, _ in explain_vector(grouped.vector, sae, top=8)]
 
 
+def test_the_norm_bound_is_in_the_hooks_units_so_only_nonfinite_or_nonpositive_is_refused(lm):
+    """Gemma 3's residual norms run to thousands: a bound of 6,000 units is ordinary there (it once stopped
+    `suggest` on Gemma 3 270M with a NaN warning)."""
+    fit = learn_steering_vector(lm, HOOK, REFS, prompts=PROMPTS, max_norm=6000.0, steps=1)
+    assert fit.max_norm == 6000.0 and float(fit.vector.norm()) <= 6000.0 * (1 + 1e-5)
+    for bad in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(MonoscopeError, match="norm bound"):
+            learn_steering_vector(lm, HOOK, REFS, prompts=PROMPTS, max_norm=bad, steps=1)
+
+
 def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae):
     plan = plan_steering(lm, sae, "fox", references=REFS, config=TowardConfig(method="auto", **SMALL))
     assert plan.options and all(math.isfinite(o.similarity) for o in plan.options)

@@ -274,9 +274,10 @@ def learn_steering_vector(
     if steps < 1:
         raise MonoscopeError("steps must be at least 1")
     bound = float(max_norm) if max_norm is not None else hook_norm(lm, hook)
-    check_strength(bound, "the norm bound")
-    if bound <= 0:
-        raise MonoscopeError("the norm bound must be positive")
+    # In the hook's own units, which are model-specific (Gemma 3's residual norms run to thousands): finite and
+    # positive is the whole check, not the few-units cap of a strength.
+    if not math.isfinite(bound) or bound <= 0:
+        raise MonoscopeError(f"the norm bound {bound!r} must be a positive finite number (the hook's activation units)")
     objective = ReferenceObjective(lm, hook, refs, prompts, max_rows)
     device = lm.device
     d = lm.model.get_input_embeddings().weight.shape[1]
