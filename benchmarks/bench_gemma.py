@@ -168,7 +168,7 @@ def main() -> int:
     print()
     print(f"model: {by['load']['stdout'].strip()}")
     print(f"harvest: {harvest['tokens']:,} tokens at {harvest['tokens_per_second']} tok/s, scale factor {list(harvest['scale_factors'].values())[0]:.4g}")
-    print(f"eval ({ev['tokens']:,} held-out tokens; its LM-loss pass still makes full [batch, context, 262144] logits): FVU {ev['fvu']:.3f}, L0 {ev['l0']:.1f}, ce_loss_score {ev['ce_loss_score']:.3f} "
+    print(f"eval ({ev['tokens']:,} held-out tokens; LM loss in token blocks of 256): FVU {ev['fvu']:.3f}, L0 {ev['l0']:.1f}, ce_loss_score {ev['ce_loss_score']:.3f} "
           f"(CE clean {ev['ce_clean']:.3f}, with SAE {ev['ce_sae']:.3f}, zero-ablated {ev['ce_zero_ablation']:.3f}), alive {ev['frac_alive']:.1%}")
     print(f"steer feature {feature} at 8x: {steer['steered'][:100]!r}\n  unsteered: {steer['unsteered'][:100]!r}")
     print(f"steer --ablate-direction: {ablated['steered'][:100]!r}")
