@@ -80,6 +80,7 @@ class LMLossMetrics:
 # biased (the point estimate fell outside its own "interval"); they describe the sample, not a mean.
 LATENT_COUNTS = ("frac_alive", "frac_dense_1pct", "frac_dense_10pct")
 
+
 def _keep_prefix(patch: Patch, untouched: int = 1) -> Patch:
     """`patch` applied to every position but the first `untouched` (BOS, and any the SAE is not judged on)."""
     def apply(x: torch.Tensor) -> torch.Tensor:
