@@ -149,6 +149,7 @@ def main() -> int:
     parser.add_argument("--sae", default=None, help="SAE folder with features.db (default: runs/quickstart/sae)")
     parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"how many of the {len(CONCEPTS)} concepts (default: all)")
     parser.add_argument("--steer-concepts", type=int, default=None, help="steer toward only the first N of them (findability uses all)")
+    parser.add_argument("--steer-skip", type=int, default=0, help="skip the first K concepts when steering (a second sample: --steer-skip 4 --steer-concepts 4)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per completion (default: 32)")
     parser.add_argument("--methods", default="none,prompt,sae-clamp,suggest,diffmean,learned-vector", help="comma-separated methods")
     parser.add_argument("--quick", action="store_true", help="findability and suggest on the TUNING prompts only (to compare SAEs)")
@@ -204,6 +205,7 @@ def main() -> int:
         return rows
 
     plain = lambda p: p  # noqa: E731
+    concepts = concepts[args.steer_skip:]
     concepts = concepts[: args.steer_concepts] if args.steer_concepts else concepts
     result["steered_concepts"] = concepts
     print(f"[2/3] steering: {len(concepts)} concepts x {len(report_prompts)} report prompts, {args.tokens} greedy tokens"
@@ -293,7 +295,7 @@ def main() -> int:
         def dm(strength, where):
             return lambda c: (Steering(positions=where).add_vector(direction[c] * strength * unit, 1.0, hook=hook), plain)
 
-        evaluate("diffmean", {f"{s:g} {w}": dm(s, w) for s in (0.5, 1.0, 2.0) for w in ("generated", "all")})
+        evaluate("diffmean", {f"{s:g} {w}": dm(s, w) for s in (0.5, 1.0, 2.0) for w in ("generated", "all", "prompt")})
     if "learned-vector" in methods:
         from monoscope.steer.batch import generate_batch
 
@@ -309,7 +311,7 @@ def main() -> int:
         def lv(strength, where):
             return lambda c: (Steering(positions=where).add_vector(vectors[c] * strength * unit, 1.0, hook=hook), plain)
 
-        evaluate("learned-vector", {f"{s:g} {w}": lv(s, w) for s in (0.5, 1.0) for w in ("generated", "all")})
+        evaluate("learned-vector", {f"{s:g} {w}": lv(s, w) for s in (0.5, 1.0) for w in ("generated", "all", "prompt")})
 
     print(f"[3/3] results on the {len(report_prompts)} report prompts ({len(concepts)} concepts; 95 % bootstrap intervals over (concept, prompt))")
     print(f"  {'method':<20} {'setting':<10} {'bound':<9} {'mention rate':>20} {'similarity':>20} {'ppl ratio':>9} {'repeat':>6}")

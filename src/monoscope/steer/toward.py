@@ -10,7 +10,9 @@
    their decoder rows, learned so that the targets become likely (`learn_steering_vector` with a basis); a
    candidate's score is its share of the group (weight x decoder norm).
 3. Options, each a vector added at the SAE's hook point, at the generated positions (the prompt is read as it
-   is) or at all of them (the prompt too, its first token left alone), with its length set by a strength: the
+   is), at all of them (the prompt too, its first token left alone) or at the prompt only (the model reads a
+   prompt tilted toward the concept and then writes unsteered, which keeps it fluent: on the concept benchmark
+   the option that most often wins), with its length set by a strength: the
    added vector's norm as a multiple of the hook's mean activation norm (`hook_norm`), so options of different
    kinds compare at equal force:
    - each of the `shortlist` best candidates alone, at each of `strengths`;
@@ -68,7 +70,7 @@ class TowardConfig(JsonConfig):
     max_perplexity_ratio: float = 3.0
     min_gain: float = 0.05  # a feature option "works" when its mean cosine beats unsteered by this much
     min_weight_share: float = 0.02  # group features below this share of the largest weight are dropped
-    positions: tuple[str, ...] = ("generated", "all")  # where options add: generated tokens only, or the prompt too
+    positions: tuple[str, ...] = ("generated", "all", "prompt")  # where options add: generated tokens only, everywhere, or the prompt only
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -78,7 +80,7 @@ class TowardConfig(JsonConfig):
         require(self.test_tokens >= 1 and self.target_tokens >= 1 and self.learn_steps >= 1, "token counts and steps must be positive")
         require(self.max_perplexity_ratio > 1, "max_perplexity_ratio must be above 1")
         self.positions = tuple(self.positions) if not isinstance(self.positions, str) else (self.positions,)
-        require(len(self.positions) > 0 and all(p in ("generated", "all") for p in self.positions), "positions must be generated and/or all")
+        require(len(self.positions) > 0 and all(p in ("generated", "all", "prompt") for p in self.positions), "positions must be generated, all and/or prompt")
 
 
 @dataclass
