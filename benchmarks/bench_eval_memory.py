@@ -18,8 +18,6 @@ Both give the same CE (printed). Target: blockwise grows peak memory by < 2 GB o
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from monoscope.sae.lm_eval import TOKEN_BLOCK, VOCAB_BLOCK  # noqa: E402
+from peak_memory import run_case  # noqa: E402
 
 CASE = r'''
 import json, sys, time
@@ -100,11 +99,10 @@ def main() -> None:
     for method in args.methods.split(","):
         spec = {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "contexts": contexts,
                 "context": args.context, "batch": args.batch, "method": method}
-        done = subprocess.run([sys.executable, "-c", CASE, str(REPO / "src"), json.dumps(spec), str(REPO / "benchmarks")], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"  {method:<14} failed:\n{done.stderr[-2000:]}")
+        row = run_case(CASE, spec, method)
+        if row is None:
             continue
-        rows[method] = row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows[method] = row
         print(f"  {method:<14}{row['model_gb']:>10.2f}{row['growth_gb']:>16.2f}{row['ce_clean']:>10.4f}{row['seconds']:>9.1f}")
     if len(rows) == 2:
         a, b = rows["blockwise"], rows["full logits"]

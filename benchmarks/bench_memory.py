@@ -13,8 +13,6 @@ step, dead after one batch) so its dense copy is as large as it gets.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from monoscope.sae import TrainConfig  # noqa: E402
 from monoscope.sae.distributed import estimate_config_memory  # noqa: E402
+from peak_memory import run_case  # noqa: E402
 
 CASE = r'''
 import json, sys, tempfile
@@ -86,11 +85,10 @@ def main() -> None:
     ratios = []
     for label, change in cases:
         spec = {**base, **change}
-        done = subprocess.run([sys.executable, "-c", CASE, str(REPO / "src"), json.dumps(spec), str(REPO / "benchmarks")], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"  {label:<36} failed:\n{done.stderr[-2000:]}")
+        row = run_case(CASE, spec, label)
+        if row is None:
             continue
-        measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_gib"]
+        measured = row["measured_gib"]
         cfg = TrainConfig(d_in=spec["d_in"], d_sae=spec["d_sae"], k=spec["k"], batch_size=spec["batch"],
                           total_tokens=spec["batch"] * spec["steps"], architecture=spec["arch"], optimizer={"name": spec["optimizer"]},
                           multi_topk=spec["multi_topk"], aux_coefficient=spec["aux"])
