@@ -18,6 +18,7 @@ import torch
 
 from ..errors import MonoscopeError
 from ..model import edit, last_logits, token_logprobs
+from ..progress import progress_bar
 from .generation import encode_prompt
 from ..sae.io import sae_hook_point
 from .steering import check_sae_fits
@@ -158,7 +159,7 @@ def attribute(
 @torch.inference_mode()
 def ablation_effect(
     lm: Any, sae: Any, prompt: str, target: str | int | list[int], features: list[int], *, hook: str | None = None, raw: bool = True,
-    metric: str = "logit",
+    metric: str = "logit", progress: bool = True,
 ) -> dict[int, float]:
     """For each feature: the target's logit (or log-prob) clean minus with the feature ablated at every position.
 
@@ -177,13 +178,15 @@ def ablation_effect(
 
     clean = score()
     out = {}
-    for f in features:
-        def ablate(x: torch.Tensor, f: int = f) -> torch.Tensor:
-            act = sae.encode(x[:, skip:])[..., f : f + 1]
-            return torch.cat([x[:, :skip], (x[:, skip:] - act * sae.W_dec[f]).to(x.dtype)], 1)
+    with progress_bar(len(features), "ablating features", "feature", enabled=progress) as bar:
+        for f in features:
+            def ablate(x: torch.Tensor, f: int = f) -> torch.Tensor:
+                act = sae.encode(x[:, skip:])[..., f : f + 1]
+                return torch.cat([x[:, :skip], (x[:, skip:] - act * sae.W_dec[f]).to(x.dtype)], 1)
 
-        with edit(model, {hook: ablate}):
-            out[int(f)] = clean - score()
+            with edit(model, {hook: ablate}):
+                out[int(f)] = clean - score()
+            bar.update(1)
     return out
 
 
