@@ -233,18 +233,19 @@ def explain_features(
     from this model are skipped (so an interrupted run continues)."""
     cfg = dataclasses.replace(config or ExplainConfig(), n_top=n_top, n_quantile=n_quantile)
     client.check()
-    ids = [int(f) for f in feature_ids]
     runner = _Runner(
         store,
         client,
         cfg,
+        [int(f) for f in feature_ids],
+        progress=progress,
         score=score,
         embedding=embedding and score,
         overwrite=overwrite,
         max_consecutive_failures=max_consecutive_failures,
         on_result=on_result,
     )
-    return runner.run(ids, progress=progress)
+    return runner.run()
 
 
 class _Runner:
@@ -255,14 +256,16 @@ class _Runner:
         store: LabelStore,
         client: LLMClient,
         config: ExplainConfig,
+        feature_ids: list[int],
         *,
+        progress: bool,
         score: bool,
         embedding: bool,
         overwrite: bool,
         max_consecutive_failures: int,
         on_result: Callable[[LabelResult], None] | None,
     ):
-        self.store, self.client, self.config = store, client, config
+        self.store, self.client, self.config, self.feature_ids = store, client, config, feature_ids
         self.score, self.embedding, self.overwrite = score, embedding, overwrite
         self.max_consecutive_failures, self.on_result = max_consecutive_failures, on_result
         self.source = f"llm:{client.model}"
@@ -271,10 +274,10 @@ class _Runner:
         self.fatal: LLMError | None = None
         self.start_usage = client.usage
         self.started = time.monotonic()
+        self.bar = progress_bar(total=len(feature_ids), desc="explain", unit="feature", enabled=progress)
 
-    def run(self, ids: list[int], *, progress: bool) -> LabelRun:
-        self.bar = progress_bar(total=len(ids), desc="explain", unit="feature", enabled=progress)
-        todo = iter(ids)
+    def run(self) -> LabelRun:
+        todo = iter(self.feature_ids)
         pending: dict[Future[LabelResult], int] = {}
         pool = DaemonPool(self.client.concurrency, name="monoscope-explain")
         try:
