@@ -27,21 +27,15 @@ from typing import Callable
 
 import pytest
 
+from monoscope.autointerp.cli import parse_feature_spec
+from monoscope.autointerp.client import BudgetExceeded, LLMClient, LLMError, normalize_base_url
+from monoscope.autointerp.config import ExplainConfig
+from monoscope.autointerp.examples import Example, split_examples
+from monoscope.autointerp.explainer import explain_examples, explainer_prompt, parse_explanation
+from monoscope.autointerp.run import explain_feature, explain_features
+from monoscope.autointerp.scorers import classification_metrics, parse_judgement, score_detection, score_fuzzing
 from monoscope.errors import MonoscopeError
 from monoscope.features.chat_server import ChatServer
-from monoscope.features.explain import (
-    Example,
-    ExplainConfig,
-    explain_examples,
-    explain_feature,
-    explain_features,
-    explainer_prompt,
-    parse_explanation,
-    parse_feature_spec,
-    split_examples,
-)
-from monoscope.features.llm_client import BudgetExceeded, LLMClient, LLMError, normalize_base_url
-from monoscope.features.scoring import classification_metrics, parse_judgement, score_detection, score_fuzzing
 
 # ---------------------------------------------------------------- test endpoints
 
@@ -334,7 +328,7 @@ def test_endpoint_down_is_a_quick_clear_error():
     assert err.value.fatal and time.monotonic() - start < 2
     start = time.monotonic()
     with pytest.raises(LLMError, match=r"after 3 attempt\(s\)"):
-        LLMClient(url, "m", max_retries=2, backoff=0.05).complete("hi")
+        LLMClient(url, "m", max_retries=2).complete("hi")
     assert time.monotonic() - start < 3
     with pytest.raises(MonoscopeError, match="cannot reach"):
         explain_features(MemoryStore({0: paris_feature()}), [0], LLMClient(url, "m"), progress=False)
@@ -347,7 +341,7 @@ def test_429_and_500_are_retried_then_succeed():
         return answers.pop(0) if answers else (200, completion("fine"), {})
 
     with Endpoint(respond) as ep:
-        client = LLMClient(ep.base_url, "m", backoff=0.05)
+        client = LLMClient(ep.base_url, "m")
         reply = client.chat([{"role": "user", "content": "hi"}])
     assert reply.text == "fine" and reply.usage.retries == 2 and len(ep.requests) == 3
     assert client.usage.retries == 2 and client.usage.requests == 1
@@ -356,7 +350,7 @@ def test_429_and_500_are_retried_then_succeed():
 def test_persistent_5xx_gives_up_without_stopping_a_run():
     with Endpoint(lambda m, p, b: (503, b"busy", {})) as ep:
         with pytest.raises(LLMError, match="HTTP 503") as err:
-            LLMClient(ep.base_url, "m", max_retries=1, backoff=0.01).complete("hi")
+            LLMClient(ep.base_url, "m", max_retries=1).complete("hi")
     assert not err.value.fatal and len(ep.requests) == 2
 
 
@@ -374,7 +368,7 @@ def test_persistent_5xx_gives_up_without_stopping_a_run():
 def test_junk_responses_are_one_line_errors(status, payload, message):
     with Endpoint(lambda m, p, b: (status, payload, {})) as ep:
         with pytest.raises(LLMError, match=message) as err:
-            LLMClient(ep.base_url, "m", backoff=0.01).complete("hi")
+            LLMClient(ep.base_url, "m").complete("hi")
     assert "\n" not in str(err.value) and err.value.fatal and len(ep.requests) == 1
 
 

@@ -231,7 +231,7 @@ def test_disconnected_stream_stops_generating(server, service):
 
 
 def test_explain_client_accepts_the_server(server, service):
-    from monoscope.features.llm_client import LLMClient
+    from monoscope.autointerp.client import LLMClient
 
     assert LLMClient(base_url=server.url + "/v1", model=service.served_name).check() == [service.served_name]
     unnamed = LLMClient(base_url=server.url + "/v1")

@@ -401,7 +401,7 @@ def _add_quickstart(sub) -> None:
 # ---------------------------------------------------------------- entry point
 
 from .features.cli import register as register_features  # noqa: E402
-from .features.explain_cli import register_explain  # noqa: E402
+from .autointerp.cli import register_explain  # noqa: E402
 from .steer.cli import register as register_steer  # noqa: E402
 from .server.cli import register as register_server  # noqa: E402
 from .sae.cli_interop import register as register_import_sae  # noqa: E402

@@ -17,10 +17,10 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
-from .explain import Example, examples_of, highlight, plain, strip_reasoning
-from .llm_client import LLMClient, LLMError, Usage
+from .client import LLMClient, LLMError, Usage
+from .examples import Example, ExampleSource, examples_of, highlight, plain, strip_reasoning
 
 DETECTION_SYSTEM = (
     "You are a meticulous linguistics researcher. You will be given an explanation of a feature of a language "
@@ -64,9 +64,21 @@ class ScoreResult:
     def parse_failure_rate(self) -> float:
         return self.n_unparsed / self.n if self.n else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        keys = ("method", "n", "n_positive", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "n_unparsed", "n_requests", "n_failed_requests")
-        out = {k: getattr(self, k) for k in keys}
+    def to_dict(self) -> dict[str, str | int | float]:
+        keys = (
+            "method",
+            "n",
+            "n_positive",
+            "accuracy",
+            "balanced_accuracy",
+            "precision",
+            "recall",
+            "f1",
+            "n_unparsed",
+            "n_requests",
+            "n_failed_requests",
+        )
+        out: dict[str, str | int | float] = {k: getattr(self, k) for k in keys}
         out["parse_failure_rate"] = self.parse_failure_rate
         return out
 
@@ -100,7 +112,8 @@ _LIST = re.compile(r"\[([^\[\]]*)\]")
 _TRUE = {"1", "true", "yes", "y", "match", "matches", "correct"}
 _FALSE = {"0", "false", "no", "n", "none", "incorrect"}
 _LINE = re.compile(
-    r"^\s*(?:[-*#]\s*)?(?:example|excerpt|text)?\s*#?\s*(\d+)\s*[:.)\-=]\s*\**\s*(yes|no|true|false|1|0|correct|incorrect|match|no match)\b",
+    r"^\s*(?:[-*#]\s*)?(?:example|excerpt|text)?\s*#?\s*(\d+)\s*[:.)\-=]\s*\**\s*"
+    r"(yes|no|true|false|1|0|correct|incorrect|match|no match)\b",
     re.I | re.M,
 )
 
@@ -134,7 +147,11 @@ def parse_judgement(text: str, n: int) -> list[int] | None:
         if len(values) == n and all(v in (0, 1) for v in values):
             return [int(v) for v in values]  # type: ignore[arg-type]
         numbers = [int(v) for v in values]  # type: ignore[arg-type]
-        if all(1 <= v <= n for v in numbers) and len(set(numbers)) == len(numbers) and (len(numbers) != n or max(numbers) > 1):
+        if (
+            all(1 <= v <= n for v in numbers)
+            and len(set(numbers)) == len(numbers)
+            and (len(numbers) != n or max(numbers) > 1)
+        ):
             chosen = set(numbers)
             return [1 if i + 1 in chosen else 0 for i in range(n)]
     verdicts: dict[int, int] = {}
@@ -161,16 +178,34 @@ class _Item:
     label: int
 
 
-def _judge(client: LLMClient, method: str, system: str, explanation: str, items: list[_Item], *, batch_size: int, max_tokens: int, instructions: str) -> ScoreResult:
-    result = ScoreResult(method=method, n=len(items), n_positive=sum(i.label for i in items), labels=[i.label for i in items])
+def _judge(
+    client: LLMClient,
+    method: str,
+    system: str,
+    explanation: str,
+    items: list[_Item],
+    *,
+    batch_size: int,
+    max_tokens: int,
+    instructions: str,
+) -> ScoreResult:
+    result = ScoreResult(
+        method=method, n=len(items), n_positive=sum(i.label for i in items), labels=[i.label for i in items]
+    )
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
     def ask(batch: list[_Item]) -> tuple[list[int] | None, Usage, bool]:
         listed = "\n".join(f"Example {j + 1}: {item.text}" for j, item in enumerate(batch))
-        user = (f"Explanation: {explanation}\n\n{listed}\n\n{instructions} Answer with a JSON list of exactly {len(batch)} "
-                f"values (0 or 1), nothing else.")
+        user = (
+            f"Explanation: {explanation}\n\n{listed}\n\n{instructions} Answer with a JSON list of exactly {len(batch)} "
+            f"values (0 or 1), nothing else."
+        )
         try:
-            reply = client.chat([{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens=max_tokens, temperature=0.0)
+            reply = client.chat(
+                [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                max_tokens=max_tokens,
+                temperature=0.0,
+            )
         except LLMError as err:
             if err.fatal:
                 raise
@@ -195,8 +230,8 @@ def _judge(client: LLMClient, method: str, system: str, explanation: str, items:
 def score_detection(
     client: LLMClient,
     explanation: str,
-    activating: Sequence[Any],
-    non_activating: Sequence[Any],
+    activating: Sequence[ExampleSource],
+    non_activating: Sequence[ExampleSource],
     *,
     batch_size: int = 5,
     context: int = 64,
@@ -207,8 +242,16 @@ def score_detection(
     items = [_Item(plain(e.window(context).tokens), 1) for e in examples_of(activating)]
     items += [_Item(plain(e.window(context).tokens), 0) for e in examples_of(non_activating)]
     random.Random(seed).shuffle(items)
-    return _judge(client, "detection", DETECTION_SYSTEM, explanation, items, batch_size=batch_size, max_tokens=max_tokens,
-                  instructions="Which excerpts contain what the explanation describes?")
+    return _judge(
+        client,
+        "detection",
+        DETECTION_SYSTEM,
+        explanation,
+        items,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        instructions="Which excerpts contain what the explanation describes?",
+    )
 
 
 def fuzz(example: Example, rng: random.Random) -> list[bool] | None:
@@ -224,7 +267,7 @@ def fuzz(example: Example, rng: random.Random) -> list[bool] | None:
 def score_fuzzing(
     client: LLMClient,
     explanation: str,
-    activating: Sequence[Any],
+    activating: Sequence[ExampleSource],
     *,
     batch_size: int = 5,
     context: int = 64,
@@ -245,8 +288,16 @@ def score_fuzzing(
         if fake is not None:
             items.append(_Item(highlight(ex.tokens, fake), 0))
     rng.shuffle(items)
-    return _judge(client, "fuzzing", FUZZING_SYSTEM, explanation, items, batch_size=batch_size, max_tokens=max_tokens,
-                  instructions="In which excerpts are the marked tokens what the explanation describes?")
+    return _judge(
+        client,
+        "fuzzing",
+        FUZZING_SYSTEM,
+        explanation,
+        items,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        instructions="In which excerpts are the marked tokens what the explanation describes?",
+    )
 
 
 def score_summary(result: ScoreResult | None) -> str:
