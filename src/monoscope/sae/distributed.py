@@ -102,7 +102,7 @@ def _dist():
     return dist
 
 
-def _inplace(t: Tensor, op: Callable[[Tensor], None]) -> None:
+def _inplace(t: Tensor, op: Callable[[Tensor], object]) -> None:
     """Run a collective in place on `t`, which may be a transposed view (W_enc is)."""
     if t.is_contiguous():
         op(t)

@@ -24,6 +24,7 @@ from .._io import atomic_save_safetensors, atomic_write_json, read_json
 from ..errors import MonoscopeError
 from ..model.hooks import HookPoint
 from .base import DTYPES, SAELENS_METADATA_KEYS, SAE, SAEConfig, inference_class
+from .training import TrainingSAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -51,9 +52,8 @@ def save_sae(sae: SAE, folder: str | os.PathLike, info: Mapping[str, Any] | None
     there too (the hook point as TransformerLens names it, as SAELens expects); all of `info` goes to
     monoscope.json and becomes `sae.info`.
     """
-    to_inference = getattr(sae, "to_inference", None)
-    if callable(to_inference):
-        sae = to_inference()
+    if isinstance(sae, TrainingSAE):
+        sae = sae.to_inference()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     merged_info = {**sae.info, **dict(info or {})}

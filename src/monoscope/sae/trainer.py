@@ -255,7 +255,8 @@ class SAETrainer:
         for name, cfg in self.configs.items():
             x = held_out if isinstance(held_out, Tensor) else held_out.get(cfg.hook_name)
             if x is None:
-                raise MonoscopeError(f"no held-out activations for {cfg.hook_name or name!r}; held_out has {', '.join(held_out) or 'none'}")
+                has = ", ".join(held_out) if isinstance(held_out, Mapping) else "one tensor"
+                raise MonoscopeError(f"no held-out activations for {cfg.hook_name or name!r}; held_out has {has or 'none'}")
             if x.ndim < 2 or x.shape[-1] != cfg.d_in or x.numel() == 0:
                 raise MonoscopeError(f"held-out activations for {name!r} must be [tokens, {cfg.d_in}], got {list(x.shape)}")
             per_run[name] = x.reshape(-1, cfg.d_in)
