@@ -207,16 +207,18 @@ class TrainConfig(JsonConfig):
 
 
 def _arch_from_keywords(architecture: str, fields: Mapping[str, Any]) -> ArchConfig:
-    """The architecture config from flat keywords; a field of another architecture is an error, except `k`,
-    which architectures without it ignore (as `monoscope train --k` does for relu)."""
+    """The architecture config from flat keywords. Another architecture's field is ignored at its default (as
+    before the nesting, when every config had every field) and so is `k` (`monoscope train --k` is unused by
+    relu); set to anything else it is an error."""
     config_class = get_architecture(architecture).config_class
     own = {f.name for f in dataclasses.fields(config_class)}
     for key in sorted(set(fields) - own):
         owners = owners_of(key)
-        if key == "k" and owners:
-            continue
         if not owners:
             raise MonoscopeError(f"TrainConfig has no field {key!r}")
+        owner_field = next(f for f in dataclasses.fields(get_architecture(owners[0]).config_class) if f.name == key)
+        if key == "k" or fields[key] == owner_field.default:
+            continue
         raise MonoscopeError(f"{key} is for the {' and '.join(owners)} architecture{'s' if len(owners) > 1 else ''}, "
                              f"not {architecture}")
     return config_class(**{key: value for key, value in fields.items() if key in own})
