@@ -11,8 +11,7 @@ import textwrap
 import pytest
 
 from monoscope.errors import MonoscopeError
-from monoscope.sae import TRAINING_ARCHITECTURES, JumpReLUConfig, ReLUConfig, TrainConfig, inference_class
-from monoscope.sae import registry
+from monoscope.sae import TRAINING_ARCHITECTURES, JumpReLUConfig, ReLUConfig, TrainConfig, inference_class, registry
 
 
 def test_tables_are_derived_from_the_registrations():

@@ -10,10 +10,12 @@ jumprelu, relu -> standard. See docs/sae.md for the recipes and the rules behind
 """
 
 # The architectures, each registered by its own file (registry.py); this order is the order of --arch's choices.
-from .topk import TopKConfig, TopKSAE, TopKTrainingSAE  # isort: skip
-from .batchtopk import BatchTopKConfig, BatchTopKTrainingSAE  # isort: skip
-from .jumprelu import JumpReLUConfig, JumpReLUSAE, JumpReLUTrainingSAE  # isort: skip
-from .relu import ReLUConfig, ReLUSAE, ReLUTrainingSAE  # isort: skip
+# isort: off
+from .topk import TopKConfig, TopKSAE, TopKTrainingSAE
+from .batchtopk import BatchTopKConfig, BatchTopKTrainingSAE
+from .jumprelu import JumpReLUConfig, JumpReLUSAE, JumpReLUTrainingSAE
+from .relu import ReLUConfig, ReLUSAE, ReLUTrainingSAE
+# isort: on
 
 from .base import SAE, SAEConfig, inference_class
 from .config import TrainConfig

@@ -21,7 +21,14 @@ from ..errors import MonoscopeError
 from ..model.hooks import HookPoint
 from .base import SAE
 from .interop import (
-    FOREIGN_READERS, HF_PREFIX, foreign_format, is_hub_spec, resolve_hub, retarget, split_hub, sub_saes,
+    FOREIGN_READERS,
+    HF_PREFIX,
+    foreign_format,
+    is_hub_spec,
+    resolve_hub,
+    retarget,
+    split_hub,
+    sub_saes,
 )
 from .io import read_sae_folder
 
