@@ -27,12 +27,12 @@ def test_nested_and_flat_construction_agree():
     flat = TrainConfig(d_in=16, d_sae=64, total_tokens=1024, batch_size=64, architecture="jumprelu", target_l0=4.0)
     assert nested == flat and nested.architecture == "jumprelu"
     assert TrainConfig.from_dict(json.loads(json.dumps(nested.to_dict()))) == nested
-    relu = TrainConfig(d_in=16, d_sae=64, total_tokens=1024, batch_size=64, arch={"l1_coefficient": 2.0}, architecture="relu")
+    relu = TrainConfig(d_in=16, d_sae=64, total_tokens=4096, architecture="relu", arch={"l1_coefficient": 2.0})
     assert relu.arch == ReLUConfig(l1_coefficient=2.0) and relu.max_grad_norm == 1.0 and relu.decoder_init_norm == 0.1
     with pytest.raises(MonoscopeError, match="arch is a jumprelu config"):
-        TrainConfig(d_in=16, d_sae=64, total_tokens=1024, architecture="relu", arch=JumpReLUConfig())
+        TrainConfig(d_in=16, d_sae=64, total_tokens=4096, architecture="relu", arch=JumpReLUConfig())
     with pytest.raises(MonoscopeError, match="l1_coefficient is for the relu architecture, not topk"):
-        TrainConfig(d_in=16, d_sae=64, total_tokens=1024, l1_coefficient=2.0)
+        TrainConfig(d_in=16, d_sae=64, total_tokens=4096, l1_coefficient=2.0)
 
 
 #: A whole new architecture in one file: ReLU with a plain (not decoder-norm-weighted) L1 penalty, saved as
@@ -91,8 +91,9 @@ def test_a_new_architecture_is_one_file_and_one_import(tmp_path):
     save_file({"activations": torch.randn(512, 16)}, str(tmp_path / "acts.safetensors"))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path), "MONOSCOPE_PROGRESS": "0"}
         return subprocess.run([sys.executable, str(tmp_path / "run.py"), *args], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path), "MONOSCOPE_PROGRESS": "0"})
+                              check=False, timeout=300, cwd=tmp_path, env=env)
 
     help_text = cli("train", "--help").stdout
     assert "plainl1" in help_text and "--penalty" in help_text and "unused by plainl1" in help_text

@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..config import JsonConfig, require
 from ..errors import MonoscopeError
@@ -106,8 +107,11 @@ class TrainConfig(JsonConfig):
             arch = get_architecture(architecture).config_class.from_dict(arch)
         self.d_in, self.total_tokens, self.d_sae, self.expansion_factor = d_in, total_tokens, d_sae, expansion_factor
         self.architecture, self.arch = architecture, arch
-        self.batch_size, self.seed, self.hook_name, self.activation_scale = batch_size, seed, hook_name, activation_scale
-        self.optimizer = optimizer if optimizer is None or isinstance(optimizer, OptimizerConfig) else dict(optimizer)  # type: ignore[assignment]
+        self.batch_size, self.seed, self.hook_name = batch_size, seed, hook_name
+        self.activation_scale = activation_scale
+        if isinstance(optimizer, Mapping):
+            optimizer = OptimizerConfig.from_dict(optimizer)
+        self.optimizer = optimizer
         self.max_grad_norm, self.geometric_median_iters = max_grad_norm, geometric_median_iters
         self.decoder_init_norm, self.dead_tokens, self.bf16_autocast = decoder_init_norm, dead_tokens, bf16_autocast
         self.__post_init__()
@@ -137,11 +141,7 @@ class TrainConfig(JsonConfig):
         )
         self.arch.resolve(self.d_in, self.d_sae, self.total_steps)
         require(self.activation_scale > 0, f"activation scale must be positive, got {self.activation_scale}")
-        optimizer = self.optimizer
-        if optimizer is None:
-            optimizer = OptimizerConfig()
-        elif isinstance(optimizer, dict):
-            optimizer = OptimizerConfig.from_dict(optimizer)
+        optimizer = self.optimizer or OptimizerConfig()
         require(isinstance(optimizer, OptimizerConfig),
                 f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}")
         self.optimizer = optimizer.resolve(self.d_sae, self.total_steps, self.architecture)
@@ -193,11 +193,10 @@ class TrainConfig(JsonConfig):
         shared = {f.name for f in dataclasses.fields(cls)}
         flat = {key: data.pop(key) for key in list(data) if key not in shared}
         if "arch" not in data:
-            name = data.get("architecture") or "topk"
-            require(name in architecture_names(), f"unknown SAE architecture {name!r}; choose one of {', '.join(architecture_names())}")
-            data["arch"] = arch_config_from_flat(name, flat)
+            data["arch"] = arch_config_from_flat(data.get("architecture") or "topk", flat)
         elif flat:
-            raise MonoscopeError(f"TrainConfig: unknown field(s) {', '.join(sorted(flat))}; known: {', '.join(sorted(shared))}")
+            known = ", ".join(sorted(shared))
+            raise MonoscopeError(f"TrainConfig: unknown field(s) {', '.join(sorted(flat))}; known: {known}")
         return cls(**data)
 
     def default_name(self) -> str:

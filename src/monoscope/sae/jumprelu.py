@@ -138,7 +138,8 @@ class JumpReLUTrainingSAE(TrainingSAE, JumpReLUSAE):
         if self.arch_cfg.target_l0 is not None:
             # The controller's input, a buffer so that data-parallel ranks average it like BatchTopK's threshold
             # and take the same step; not saved (it is recomputed every step). NaN: no step measured yet.
-            self.register_buffer("batch_l0", torch.full((), math.nan, dtype=torch.float32, device=device), persistent=False)
+            unmeasured = torch.full((), math.nan, dtype=torch.float32, device=device)
+            self.register_buffer("batch_l0", unmeasured, persistent=False)
         self.batch_l0: Tensor
 
     @property
