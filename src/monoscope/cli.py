@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .argtypes import non_negative_float, positive_float, positive_int
+from .argtypes import positive_float, positive_int
 from .errors import MonoscopeError
 
 EXIT_USER_ERROR = 2
@@ -148,9 +148,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bool(args.activations) == streaming:
         raise MonoscopeError("train needs either --activations (a harvest cache folder or a .safetensors file) or --model/--hook/--corpus to stream from the model, not both")
     architecture = sae_architectures.get(args.arch)
+    own_flags = {flag.flag for flag in architecture.cli_flags}
     for other in sae_architectures.architectures():
         for flag in other.cli_flags:
-            if other is not architecture and getattr(args, flag.dest) is not None:
+            if flag.flag not in own_flags and getattr(args, flag.dest) is not None:
                 raise MonoscopeError(f"{flag.flag} is for --arch {other.name}; {args.arch} sets its sparsity with --k")
     sweep = [(d, k) for d in args.d_sae for k in args.k]
     if args.activations:
@@ -242,7 +243,7 @@ def _add_train(sub) -> None:
     p.add_argument("--optimizer", default=None, choices=["adam", "signum", "adam_sf"], help="optimiser: adam (default), signum (schedule-free sign-SGD, sparsify's default) or adam_sf (schedule-free Adam); see docs/sae.md")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimiser's rule, base / sqrt(d_sae / 16384); adam: 8e-4 at 16384 latents for topk/batchtopk, 2e-4 for jumprelu/relu)")
     p.add_argument("--seed", type=int, default=0)
-    for flag in (flag for a in architectures for flag in a.cli_flags):
+    for flag in {flag.flag: flag for a in architectures for flag in a.cli_flags}.values():  # once if shared
         p.add_argument(flag.flag, type=flag.type, default=None, help=flag.help)
     p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
     _add_model_args(p, default_model=None)
