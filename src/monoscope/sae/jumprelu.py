@@ -56,6 +56,8 @@ class JumpReLUConfig(ArchConfig):
         require(self.l0_coefficient >= 0, "l0_coefficient must be >= 0")
         require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be positive")
         require(self.jumprelu_init_threshold > 0, "jumprelu_init_threshold must be positive")
+        if self.target_l0 is not None:  # `monoscope train --k` gives a whole number
+            self.target_l0 = float(self.target_l0)
 
     def resolve(self, d_in: int, d_sae: int, total_steps: int) -> None:
         if self.target_l0 is not None:

@@ -91,7 +91,7 @@ class Architecture:
         """The architecture config of one SAE of a `monoscope train` sweep: `--k` value `k` and this file's flags."""
         fields: dict[str, Any] = {}
         if self.config_class.k_field is not None:
-            fields[self.config_class.k_field] = k if self.config_class.k_field == "k" else float(k)
+            fields[self.config_class.k_field] = k
         for flag in self.cli_flags:
             value = getattr(args, flag.dest, None)
             if value is not None:
