@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 from monoscope.errors import MonoscopeError
 from monoscope.sae import load_sae
-from monoscope.sae.interop import check_model_match, foreign_format, load_any_sae
+from monoscope.sae.interop import check_model_match, foreign_format
+from monoscope.sae.loader import load_any_sae
 
 D_IN, D_SAE, K = 12, 40, 5
 RNG = np.random.default_rng(0)
@@ -172,7 +173,7 @@ def test_gemmascope_npz(tmp_path):
 
 HUB_SCRIPT = r"""
 import sys
-from monoscope.sae.interop import load_any_sae
+from monoscope.sae.loader import load_any_sae
 from monoscope.errors import MonoscopeError
 sae = load_any_sae("hf://google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_5")
 print("OK", sae.info["hook_point"], sae.info["source"], sae.cfg.d_sae)

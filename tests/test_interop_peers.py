@@ -36,7 +36,7 @@ from monoscope.sae import (
     load_sae,
     save_sae,
 )
-from monoscope.sae.interop import load_any_sae
+from monoscope.sae.loader import load_any_sae
 from monoscope.sae.io import sae_hook_point, sae_model_name
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ def _dense_codes(pre: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def dense_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor, batch_level: bool) -> torch.Tensor:
     """FVU + aux * AuxK + multi * Multi-TopK FVU, written densely with autograd (the formulas of topk.py)."""
-    cfg = sae.train_cfg
+    cfg = sae.train_cfg.arch
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     k = cfg.k
     if batch_level:
@@ -142,9 +142,9 @@ def test_jumprelu_l0_penalty_raises_thresholds_near_active_pre_activations():
     output.loss.backward()
     pre = sae.pre_activations(x).detach()
     theta = sae.log_threshold.exp().detach()
-    near = ((pre - theta).abs() < cfg.jumprelu_bandwidth / 2).sum(0).float()
+    near = ((pre - theta).abs() < cfg.arch.jumprelu_bandwidth / 2).sum(0).float()
     # d L0 / d log(theta) = theta * d L0 / d theta = -theta * (1/eps) * (# tokens in the window) / n_tokens
-    expected = -theta * near / (cfg.jumprelu_bandwidth * x.shape[0])
+    expected = -theta * near / (cfg.arch.jumprelu_bandwidth * x.shape[0])
     assert torch.allclose(sae.log_threshold.grad, expected, atol=1e-5)
     assert bool((sae.log_threshold.grad[near > 0] < 0).all())  # descent raises those thresholds: fewer firings
 

@@ -13,6 +13,7 @@ import torch
 import monoscope._io
 from monoscope.errors import MonoscopeError
 from monoscope.sae import (
+    BatchTopKConfig,
     OptimizerConfig,
     TrainConfig,
     default_lr,
@@ -158,7 +159,7 @@ def test_expansion_factor_and_default_rules():
     cfg = TrainConfig(d_in=64, expansion_factor=4, total_tokens=20 * 4096)
     assert cfg.d_sae == 256
     assert cfg.lr == pytest.approx(8e-4 / (256 / 2**14) ** 0.5) and cfg.optim.name == "adam"
-    assert cfg.aux_k == 32 and cfg.optim.warmup_steps == 1 and cfg.dead_tokens == 4096
+    assert cfg.arch.aux_k == 32 and cfg.optim.warmup_steps == 1 and cfg.dead_tokens == 4096
     relu = TrainConfig(d_in=64, expansion_factor=4, total_tokens=20 * 4096, architecture="relu")
     assert relu.lr == pytest.approx(2e-4 / (256 / 2**14) ** 0.5)  # JumpReLU and ReLU keep Gao et al.'s rule
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -278,6 +279,40 @@ def test_resume_refuses_a_different_config(tmp_path, data):
         train_sae(other, data, tmp_path, progress=False)
     with pytest.raises(MonoscopeError, match="already holds checkpoints"):
         train_sae(cfg, data, tmp_path, progress=False, resume=False)
+
+
+#: A BatchTopK config as monoscope wrote it before the architecture's settings were nested (b59dec9): flat,
+#: with every architecture's fields at the top level, in train_config.json, checkpoints and monoscope.json.
+FLAT_BATCHTOPK = {
+    "d_in": 32, "total_tokens": 2560, "d_sae": 128, "expansion_factor": None, "architecture": "batchtopk", "k": 4,
+    "batch_size": 256, "seed": 0, "hook_name": "", "activation_scale": 1.0,
+    "optimizer": {"name": "adam", "lr": 0.009050966799187809, "warmup_steps": 1, "decay_fraction": 0.2, "beta1": 0.9,
+                  "beta2": 0.999, "eps": 6.25e-10, "momentum": 0.95},
+    "max_grad_norm": 0.0, "geometric_median_iters": 10, "decoder_init_norm": 1.0, "dead_tokens": 256, "aux_k": 16,
+    "aux_coefficient": 0.03125, "multi_topk": False, "multi_topk_coefficient": 0.125, "threshold_ema": 0.1,
+    "l1_coefficient": 5.0, "l1_warmup_fraction": 0.05, "l0_coefficient": 1.0, "jumprelu_bandwidth": 0.05,
+    "jumprelu_init_threshold": 0.5, "target_l0": None, "bf16_autocast": True,
+}
+
+
+def test_flat_configs_written_before_the_nesting_load_and_resume(tmp_path, data):
+    cfg = TrainConfig.from_dict(FLAT_BATCHTOPK)
+    assert cfg == TrainConfig(d_in=D_IN, d_sae=D_SAE, k=4, architecture="batchtopk", total_tokens=BATCH * 10, batch_size=BATCH)
+    assert cfg.arch == BatchTopKConfig(k=4, aux_k=16, threshold_ema=0.1)  # the other architectures' fields are dropped
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg and "arch" in cfg.to_dict() and "k" not in cfg.to_dict()
+    chunks = [data.chunk(i) for i in range(10)]
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(cfg, Interrupted(chunks, 6, "exception", False), tmp_path, progress=False)
+    state_path = sorted((tmp_path / "checkpoints").iterdir())[-1] / "state.json"
+    state = json.loads(state_path.read_text())
+    state["runs"]["sae"]["config"] = FLAT_BATCHTOPK  # the checkpoint as the older version wrote it
+    state_path.write_text(json.dumps(state))
+    resumed = train_sae(cfg, chunks, tmp_path, progress=False)
+    assert resumed.complete and resumed.steps == 10
+    info = json.loads((tmp_path / "monoscope.json").read_text())
+    info["training"]["config"] = FLAT_BATCHTOPK  # a finished SAE of the older version is adopted, not retrained
+    (tmp_path / "monoscope.json").write_text(json.dumps(info))
+    assert train_sae(cfg, chunks, tmp_path, progress=False).steps == 10
 
 
 def test_several_saes_train_from_one_dict_stream(tmp_path, data):

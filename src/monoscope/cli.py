@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .argtypes import non_negative_float, positive_float, positive_int
+from .argtypes import positive_float, positive_int
 from .errors import MonoscopeError
 
 EXIT_USER_ERROR = 2
@@ -137,6 +137,7 @@ def _sae_info(*, model, context_size, corpus, harvest_contexts, source) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .sae import TrainConfig, train_saes
+    from .sae import registry as sae_architectures
     from .sae.distributed import describe_memory, setup, shard_corpus, train_distributed
     from .sae.optim import optimizer_config
 
@@ -146,8 +147,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     streaming = args.model is not None or args.corpus is not None
     if bool(args.activations) == streaming:
         raise MonoscopeError("train needs either --activations (a harvest cache folder or a .safetensors file) or --model/--hook/--corpus to stream from the model, not both")
-    if args.l1_coefficient is not None and args.arch != "relu":
-        raise MonoscopeError(f"--l1-coefficient is for --arch relu; {args.arch} sets its sparsity with --k")
+    architecture = sae_architectures.get(args.arch)
+    own_flags = {flag.flag for flag in architecture.cli_flags}
+    for other in sae_architectures.architectures():
+        for flag in other.cli_flags:
+            if flag.flag not in own_flags and getattr(args, flag.dest) is not None:
+                raise MonoscopeError(f"{flag.flag} is for --arch {other.name}; {args.arch} sets its sparsity with --k")
     sweep = [(d, k) for d in args.d_sae for k in args.k]
     if args.activations:
         from .data import ActivationCache
@@ -182,15 +187,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     configs = {}
     for hook in hooks:
         for d_sae, k in sweep:
-            sparsity: dict[str, float] = {}
-            if args.arch == "jumprelu":
-                sparsity["target_l0"] = float(k)
-            if args.l1_coefficient is not None:
-                sparsity["l1_coefficient"] = args.l1_coefficient
-            cfg = TrainConfig(d_in=d_in, total_tokens=args.tokens, d_sae=d_sae, architecture=args.arch, k=k,
+            cfg = TrainConfig(d_in=d_in, total_tokens=args.tokens, d_sae=d_sae, arch=architecture.config_from_cli(k, args),
                               batch_size=args.batch_size, optimizer=optimizer_config(args.optimizer, args.lr), seed=args.seed,
-                              hook_name=hook, activation_scale=scales[hook],
-                              **sparsity)
+                              hook_name=hook, activation_scale=scales[hook])
             name = "." if len(hooks) * len(sweep) == 1 else f"{hook}-{args.arch}-{d_sae}-k{k}"
             configs[name] = cfg
     memory = describe_memory(configs.values(), dist.world if args.distribute == "data" else 1)
@@ -232,15 +231,20 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train sparse autoencoders on activations", description="Train SAEs from a harvest cache (many epochs, cheap resume) or straight from the model. Comma-separated --d-sae/--k values train a sweep from one pass. Re-running an interrupted command resumes from its last checkpoint.")
     p.add_argument("--activations", help="harvest cache folder, or a .safetensors file with an 'activations' tensor [N, d_in]")
     p.add_argument("--d-sae", type=_int_list, required=True, help="latents (comma-separated for a sweep)")
-    p.add_argument("--k", type=_int_list, default=[32], help="active latents per token: exact for topk, on average for batchtopk, the target L0 for jumprelu; unused by relu (comma-separated for a sweep; default 32)")
+    from .sae import registry as sae_architectures  # the architectures' names, --k meanings and own flags
+
+    architectures = sae_architectures.architectures()
+    k_meanings = ", ".join(a.k_meaning for a in architectures)
+    p.add_argument("--k", type=_int_list, default=[32], help=f"active latents per token: {k_meanings} (comma-separated for a sweep; default 32)")
     p.add_argument("--tokens", type=positive_int, required=True, help="training tokens (epochs over a cache are taken as needed)")
     p.add_argument("--out", required=True, help="output folder (SAELens format: cfg.json + sae_weights.safetensors)")
-    p.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"], help="architecture (default: topk)")
+    p.add_argument("--arch", default="topk", choices=sae_architectures.names(), help="architecture (default: topk; docs/sae.md compares them)")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per step (default: 4096)")
     p.add_argument("--optimizer", default=None, choices=["adam", "signum", "adam_sf"], help="optimiser: adam (default), signum (schedule-free sign-SGD, sparsify's default) or adam_sf (schedule-free Adam); see docs/sae.md")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimiser's rule, base / sqrt(d_sae / 16384); adam: 8e-4 at 16384 latents for topk/batchtopk, 2e-4 for jumprelu/relu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--l1-coefficient", type=non_negative_float, default=None, help="relu: weight of the L1 penalty, which sets L0 (default: 5)")
+    for flag in {flag.flag: flag for a in architectures for flag in a.cli_flags}.values():  # once if shared
+        p.add_argument(flag.flag, type=flag.type, default=None, help=flag.help)
     p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
     _add_model_args(p, default_model=None)
     _add_corpus_args(p, default=None)

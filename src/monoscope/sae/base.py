@@ -17,10 +17,8 @@ from torch import Tensor, nn
 
 from ..config import JsonConfig, require
 from ..errors import MonoscopeError
+from .registry import inference_classes, inference_name
 from .sparse import SparsePattern, sparse_decode
-
-#: Architecture names as SAELens writes them in cfg.json, for the inference forms monoscope can run.
-INFERENCE_ARCHITECTURES = ("topk", "jumprelu", "standard")
 
 #: Keys SAELens keeps in cfg.json's `metadata` for an SAE trained on a language model.
 SAELENS_METADATA_KEYS = (
@@ -71,14 +69,12 @@ class SAEConfig(JsonConfig):
     def __post_init__(self) -> None:
         require(isinstance(self.d_in, int) and self.d_in > 0, f"d_in must be a positive integer, got {self.d_in!r}")
         require(isinstance(self.d_sae, int) and self.d_sae > 0, f"d_sae must be a positive integer, got {self.d_sae!r}")
+        runnable = inference_classes()
         require(
-            self.architecture in INFERENCE_ARCHITECTURES,
-            f"unknown SAE architecture {self.architecture!r}; monoscope can run: {', '.join(INFERENCE_ARCHITECTURES)}",
+            self.architecture in runnable,
+            f"unknown SAE architecture {self.architecture!r}; monoscope can run: {', '.join(runnable)}",
         )
-        if self.architecture == "topk":
-            require(self.k is not None, "a topk SAE needs k (the number of active latents per token)")
-            assert self.k is not None
-            require(1 <= self.k < self.d_sae, f"k must be between 1 and d_sae - 1 = {self.d_sae - 1}, got {self.k}")
+        inference_class(self.architecture).check_config(self)
         require(self.dtype in DTYPES, f"unsupported dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         require(
             self.normalize_activations == "none",
@@ -101,10 +97,7 @@ class SAEConfig(JsonConfig):
             "reshape_activations": self.reshape_activations,
             "metadata": dict(self.metadata),
         }
-        if self.architecture == "topk":
-            out["k"] = self.k
-            out["rescale_acts_by_decoder_norm"] = False
-        return out
+        return {**out, **inference_class(self.architecture).saelens_fields(self)}
 
     @classmethod
     def from_saelens_dict(cls, data: dict[str, Any]) -> "SAEConfig":
@@ -113,7 +106,7 @@ class SAEConfig(JsonConfig):
         known = {key: value for key, value in data.items() if key in names}
         if data.get("normalize_activations") in (None, False):
             known["normalize_activations"] = "none"
-        if known.get("architecture") != "topk":
+        if not getattr(inference_classes().get(str(known.get("architecture"))), "uses_k", False):
             known.pop("k", None)
         if not isinstance(known.get("metadata"), dict):
             known["metadata"] = {key: data[key] for key in SAELENS_METADATA_KEYS if key in data}
@@ -123,6 +116,16 @@ class SAEConfig(JsonConfig):
         return cls(**known)
 
 
+def inference_class(architecture: str) -> type[SAE]:
+    """The class that runs a saved SAE whose cfg.json says `architecture` (a training name also works: relu)."""
+    classes = inference_classes()
+    found = classes.get(inference_name(architecture))
+    if found is None:
+        raise MonoscopeError(f"SAE architecture {architecture!r} is not supported; monoscope can load: {', '.join(classes)}")
+    assert issubclass(found, SAE)
+    return found
+
+
 class SAE(nn.Module):
     """An SAE at inference: `encode(x)` -> dense codes, `decode(z)`, `forward(x)` -> reconstruction.
 
@@ -130,7 +133,24 @@ class SAE(nn.Module):
     contents of monoscope.json: hook point, model, activation scale, training stats), empty when unknown.
     """
 
+    #: The name cfg.json gives this architecture (SAELens's).
     architecture: ClassVar[str] = ""
+    #: Whether the config's `k` belongs to the architecture (written to and read from cfg.json).
+    uses_k: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Refuse a config this architecture cannot run (called by `SAEConfig` on construction)."""
+
+    @classmethod
+    def saelens_fields(cls, cfg: SAEConfig) -> dict[str, Any]:
+        """The architecture's own cfg.json fields, besides those every SAELens config has."""
+        return {}
+
+    @classmethod
+    def adapt_saved_tensors(cls, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Saved tensors under the names this class loads (a folder may hold another form of a parameter)."""
+        return tensors
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

@@ -12,17 +12,38 @@ Losses as for TopK (FVU + AuxK on dead latents), unit-norm decoder, sparse forwa
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import SAEConfig
+from ..config import require
+from .base import SAE, SAEConfig, inference_class
 from .config import TrainConfig
-from .jumprelu import JumpReLUSAE
+from .registry import Architecture, register
 from .sparse import SparsePattern
-from .topk import TopKSAE, centred_preacts, sparse_reconstruction_losses
-from .training import StepContext, StepOutput, TrainingMixin, copy_weights, sae_config_for
+from .topk import TopKConfig, TopKSAE, centred_preacts, sparse_reconstruction_losses
+from .training import StepContext, StepOutput, TrainingSAE, copy_weights
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """TopK's settings plus the weight of each step's minimum selected activation in the inference threshold.
+
+    threshold_ema: 0.01 per step as in SAELens, raised to 20 / steps (at most 0.1) for runs under 2000 steps:
+    the threshold drifts down while training, and the average must follow its end.
+    """
+
+    threshold_ema: float | None = None
+
+    def resolve(self, d_in: int, d_sae: int, total_steps: int) -> None:
+        super().resolve(d_in, d_sae, total_steps)
+        if self.threshold_ema is None:
+            self.threshold_ema = max(0.01, min(0.1, 20 / total_steps))
+        require(0 < self.threshold_ema <= 1, f"threshold_ema must be in (0, 1], got {self.threshold_ema}")
+
+    def selected_per_token(self) -> int:
+        return 4 * self.k
 
 
 def batch_topk(pre: Tensor, k_total: int, per_row_cap: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,18 +68,20 @@ def batch_topk(pre: Tensor, k_total: int, per_row_cap: int) -> tuple[Tensor, Ten
     return rows[order], cols[order], values[order]
 
 
-class BatchTopKTrainingSAE(TrainingMixin, TopKSAE):
+class BatchTopKTrainingSAE(TrainingSAE, TopKSAE):
     """BatchTopK during training (k on average per token); `to_inference()` gives a JumpReLU SAE."""
 
     training_architecture = "batchtopk"
 
-    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu", **_: Any) -> None:
-        self.train_cfg = train_cfg
-        super().__init__(sae_config_for(train_cfg, "topk", device))
-        self.use_bf16 = bool(train_cfg.bf16_autocast and torch.device(device).type == "cuda")
+    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__(train_cfg, device)
+        assert isinstance(train_cfg.arch, BatchTopKConfig)
+        self.arch_cfg = train_cfg.arch
         # Double precision: the EMA adds small increments over many steps.
         self.register_buffer("inference_threshold", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64, device=device))
+        self.inference_threshold: Tensor
+        self.threshold_updates: Tensor
 
     def training_forward(self, x: Tensor, ctx: StepContext) -> StepOutput:
         x_centered, pre = centred_preacts(self, x, self.use_bf16)
@@ -68,7 +91,7 @@ class BatchTopKTrainingSAE(TrainingMixin, TopKSAE):
             pattern = SparsePattern.from_coo(rows, cols, n, self.cfg.d_sae)
             self._update_threshold(selected)
         loss, metrics, active = sparse_reconstruction_losses(
-            self, self.train_cfg, x, x_centered, pre, pattern, selected.float(), ctx
+            self, self.arch_cfg, x, x_centered, pre, pattern, selected.float(), ctx
         )
         metrics["threshold"] = self.inference_threshold.detach().float()
         return StepOutput(loss=loss, metrics=metrics, fired=pattern.cols[active])
@@ -79,15 +102,26 @@ class BatchTopKTrainingSAE(TrainingMixin, TopKSAE):
         if positive.numel() == 0:
             return
         smallest = positive.min().to(torch.float64)
-        rate = self.train_cfg.threshold_ema
+        rate = self.arch_cfg.threshold_ema
+        assert rate is not None  # resolved by TrainConfig
         first = self.threshold_updates == 0
         updated = torch.where(first, smallest, (1 - rate) * self.inference_threshold + rate * smallest)
         self.inference_threshold.copy_(updated)
         self.threshold_updates.add_(1)
 
-    def to_inference(self) -> JumpReLUSAE:
-        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "architecture": "jumprelu", "k": None})
-        sae = copy_weights(self, JumpReLUSAE(cfg))
-        with torch.no_grad():
-            sae.threshold.fill_(float(self.inference_threshold))
-        return sae  # type: ignore[return-value]
+    def to_inference(self) -> SAE:
+        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "architecture": BATCHTOPK.saved_as, "k": None})
+        sae = copy_weights(self, inference_class(BATCHTOPK.saved_as)(cfg))
+        with torch.no_grad():  # one threshold for every latent
+            sae.state_dict()["threshold"].fill_(float(self.inference_threshold))
+        return sae
+
+
+BATCHTOPK = register(Architecture(
+    name="batchtopk",
+    config_class=BatchTopKConfig,
+    saved_as="jumprelu",
+    training_class=BatchTopKTrainingSAE,
+    description="BatchTopK (Bussmann et al. 2024): k latents per token on average; saved as jumprelu",
+    k_meaning="on average for batchtopk",
+))

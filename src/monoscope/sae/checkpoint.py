@@ -67,7 +67,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -
                 out[f"optim.{name}.{key}"] = torch.tensor(float(value))
     scalar_state = getattr(optimizer, "scalar_state", None)
     if callable(scalar_state):
-        out.update({f"optim_group.{key}": value for key, value in scalar_state().items()})
+        scalars = scalar_state()
+        assert isinstance(scalars, dict)
+        out.update({f"optim_group.{key}": value for key, value in scalars.items()})
     return out
 
 

@@ -8,7 +8,7 @@ import json
 
 def cmd_import_sae(args: argparse.Namespace) -> int:
     from ..model import HookPoint
-    from .interop import load_any_sae
+    from .loader import load_any_sae
     from .io import save_sae
 
     sae = load_any_sae(args.sae, subpath=args.sae_subpath)

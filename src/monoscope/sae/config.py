@@ -1,35 +1,42 @@
 """Training configuration of one SAE, validated on construction; unset defaults are resolved to numbers.
 
-Default rules (each field's comment says why):
+`TrainConfig` holds what every architecture shares and nests two configs: `optimizer` (an `OptimizerConfig`,
+see optim.py) and `arch`, the architecture's own settings (an `ArchConfig` registered by its file: TopKConfig,
+BatchTopKConfig, JumpReLUConfig, ReLUConfig). For convenience the architecture's fields may also be given as
+keywords (`TrainConfig(d_in=576, d_sae=4608, k=32, total_tokens=...)`), and `from_dict` still reads the flat
+JSON written before the nesting (train_config.json, checkpoints, monoscope.json's training config).
+
+Default rules of the shared fields (each architecture's file gives its own):
 - optimizer: see `optim.py` (name, learning-rate rule by width, warm-up, decay).
 - dead_tokens: a latent is dead after this many tokens without firing. 10M as in Gao et al. and sparsify,
   but at most a twentieth of the run (and at least one batch), so short runs also revive dead latents.
-- aux_k: d_in / 2 (Gao et al., appendix B.1), at most d_sae - k.
-- max_grad_norm: 1.0 for ReLU (Anthropic's recipe clips), 0 (no clipping) for the others.
-- threshold_ema (BatchTopK): 0.01 per step as in SAELens, raised to 20 / steps (at most 0.1) for runs
-  under 2000 steps: the threshold drifts down while training, and the average must follow its end.
+- max_grad_norm, decoder_init_norm: the architecture's defaults (ReLU clips at 1 and starts with rows of norm
+  0.1, the others do not clip and start at norm 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
 
 from ..config import JsonConfig, require
+from ..errors import MonoscopeError
 from .optim import OptimizerConfig
-
-#: Architectures the trainer can train; BatchTopK is saved (and loads) as JumpReLU, ReLU as SAELens's "standard".
-TRAINING_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+from .registry import ArchConfig, arch_config_from_flat, architectures, owners_of
+from .registry import get as get_architecture
+from .registry import names as architecture_names
 
 DEFAULT_DEAD_TOKENS = 10_000_000
-
 
 #: Flat optimiser keys of configs saved before the optimiser was nested (all trained with Adam).
 _LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "lr_warmup_steps": "warmup_steps", "lr_decay_fraction": "decay_fraction",
                           "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_eps": "eps"}
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig(JsonConfig):
     """Everything that determines one SAE's training; two runs with equal configs and data give equal SAEs."""
 
@@ -37,8 +44,8 @@ class TrainConfig(JsonConfig):
     total_tokens: int
     d_sae: int | None = None
     expansion_factor: float | None = None
-    architecture: str = "topk"
-    k: int = 32  # active latents per token (topk), or on average over the batch (batchtopk)
+    architecture: str = "topk"  # the training name (architecture_names()); `arch` holds its settings
+    arch: ArchConfig = field(default_factory=ArchConfig)
     batch_size: int = 4096  # tokens per optimiser step
     seed: int = 0
     hook_name: str = ""  # key of this SAE's activations in a dict stream; also recorded in the saved SAE
@@ -50,35 +57,66 @@ class TrainConfig(JsonConfig):
 
     # initialisation
     geometric_median_iters: int = 10  # Weiszfeld iterations for b_dec's initial value; 0 uses the mean
-    decoder_init_norm: float | None = None  # row norm of the initial decoder: 1 (0.1 for relu) when unset
+    decoder_init_norm: float | None = None  # row norm of the initial decoder: the architecture's default when unset
 
-    # TopK / BatchTopK
-    dead_tokens: int | None = None
-    aux_k: int | None = None
-    aux_coefficient: float = 1 / 32
-    multi_topk: bool = False  # add the Multi-TopK term: FVU with 4k latents, weighted 1/8
-    multi_topk_coefficient: float = 1 / 8
-    threshold_ema: float | None = None  # BatchTopK: weight of each step's minimum selected activation
-
-    # ReLU + L1 (Anthropic April 2024)
-    l1_coefficient: float = 5.0
-    l1_warmup_fraction: float = 0.05
-
-    # JumpReLU (Rajamanoharan et al. 2024)
-    l0_coefficient: float = 1.0
-    jumprelu_bandwidth: float = 0.05
-    jumprelu_init_threshold: float = 0.5
-    # With a target L0, the L0 penalty is replaced by a controller that holds L0 at it (see jumprelu.py).
-    target_l0: float | None = None
+    dead_tokens: int | None = None  # a latent that has not fired for this many tokens is dead
 
     # speed
     bf16_autocast: bool = True  # encoder GEMM in bfloat16 on CUDA GPUs (ignored on CPU)
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        total_tokens: int,
+        d_sae: int | None = None,
+        expansion_factor: float | None = None,
+        architecture: str | None = None,
+        arch: ArchConfig | Mapping[str, Any] | None = None,
+        *,
+        batch_size: int = 4096,
+        seed: int = 0,
+        hook_name: str = "",
+        activation_scale: float = 1.0,
+        optimizer: OptimizerConfig | Mapping[str, Any] | None = None,
+        max_grad_norm: float | None = None,
+        geometric_median_iters: int = 10,
+        decoder_init_norm: float | None = None,
+        dead_tokens: int | None = None,
+        bf16_autocast: bool = True,
+        **arch_fields: Any,
+    ) -> None:
+        """`arch` (a config or its dict) or, flat, the architecture's fields as keywords (`k=32`)."""
+        if isinstance(arch, ArchConfig):
+            own = next((a.name for a in architectures() if a.config_class is type(arch)), None)
+            require(own is not None, f"{type(arch).__name__} is not a registered architecture's config")
+            assert own is not None
+            require(architecture in (None, own), f"architecture={architecture!r} but arch is a {own} config")
+            architecture = own
+        architecture = architecture or "topk"
         require(
-            self.architecture in TRAINING_ARCHITECTURES,
-            f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(TRAINING_ARCHITECTURES)}",
+            architecture in architecture_names(),
+            f"unknown SAE architecture {architecture!r}; choose one of {', '.join(architecture_names())}",
         )
+        if arch is None:
+            arch = _arch_from_keywords(architecture, arch_fields)
+        elif arch_fields:
+            raise MonoscopeError(f"give {', '.join(sorted(arch_fields))} inside arch=..., not next to it")
+        elif isinstance(arch, ArchConfig):
+            arch = copy.copy(arch)  # resolved below for this config's shape: not shared with the caller's
+        else:
+            arch = get_architecture(architecture).config_class.from_dict(arch)
+        self.d_in, self.total_tokens, self.d_sae, self.expansion_factor = d_in, total_tokens, d_sae, expansion_factor
+        self.architecture, self.arch = architecture, arch
+        self.batch_size, self.seed, self.hook_name = batch_size, seed, hook_name
+        self.activation_scale = activation_scale
+        if isinstance(optimizer, Mapping):
+            optimizer = OptimizerConfig.from_dict(optimizer)
+        self.optimizer = optimizer
+        self.max_grad_norm, self.geometric_median_iters = max_grad_norm, geometric_median_iters
+        self.decoder_init_norm, self.dead_tokens, self.bf16_autocast = decoder_init_norm, dead_tokens, bf16_autocast
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
         require(isinstance(self.d_in, int) and self.d_in > 0, f"d_in must be a positive integer, got {self.d_in!r}")
         if self.expansion_factor is not None:
             require(self.expansion_factor > 0, f"expansion factor must be positive, got {self.expansion_factor}")
@@ -92,53 +130,31 @@ class TrainConfig(JsonConfig):
         require(self.d_sae is not None, "give the SAE width: d_sae (number of latents) or an expansion factor")
         assert self.d_sae is not None
         require(isinstance(self.d_sae, int) and self.d_sae > 0, f"d_sae must be a positive integer, got {self.d_sae!r}")
-        require(isinstance(self.batch_size, int) and self.batch_size > 0, f"batch size must be a positive integer, got {self.batch_size!r}")
-        require(isinstance(self.total_tokens, int) and self.total_tokens > 0, f"the number of training tokens must be positive, got {self.total_tokens!r}")
+        require(isinstance(self.batch_size, int) and self.batch_size > 0,
+                f"batch size must be a positive integer, got {self.batch_size!r}")
+        require(isinstance(self.total_tokens, int) and self.total_tokens > 0,
+                f"the number of training tokens must be positive, got {self.total_tokens!r}")
         require(
             self.total_tokens >= self.batch_size,
             f"training tokens ({self.total_tokens}) must be at least one batch ({self.batch_size}); "
             "train on more tokens or use a smaller batch size",
         )
-        if self.architecture in ("topk", "batchtopk"):
-            require(isinstance(self.k, int) and self.k >= 1, f"k must be at least 1, got {self.k!r}")
-            require(
-                self.k < self.d_sae,
-                f"k={self.k} must be smaller than d_sae={self.d_sae} (k latents are kept out of d_sae)",
-            )
+        self.arch.resolve(self.d_in, self.d_sae, self.total_steps)
         require(self.activation_scale > 0, f"activation scale must be positive, got {self.activation_scale}")
-        optimizer = self.optimizer
-        if optimizer is None:
-            optimizer = OptimizerConfig()
-        elif isinstance(optimizer, dict):
-            optimizer = OptimizerConfig.from_dict(optimizer)
-        require(isinstance(optimizer, OptimizerConfig), f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}")
+        optimizer = self.optimizer or OptimizerConfig()
+        require(isinstance(optimizer, OptimizerConfig),
+                f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}")
         self.optimizer = optimizer.resolve(self.d_sae, self.total_steps, self.architecture)
         if self.max_grad_norm is None:
-            self.max_grad_norm = 1.0 if self.architecture == "relu" else 0.0
+            self.max_grad_norm = self.arch.default_max_grad_norm
         require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.decoder_init_norm is None:
-            self.decoder_init_norm = 0.1 if self.architecture == "relu" else 1.0
+            self.decoder_init_norm = self.arch.default_decoder_init_norm
         require(self.decoder_init_norm > 0, f"decoder_init_norm must be positive, got {self.decoder_init_norm}")
         require(self.geometric_median_iters >= 0, "geometric_median_iters must be >= 0")
         if self.dead_tokens is None:
             self.dead_tokens = max(self.batch_size, min(DEFAULT_DEAD_TOKENS, self.total_tokens // 20))
         require(self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_in // 2, self.d_sae - (self.k if self.architecture in ("topk", "batchtopk") else 0)))
-        require(self.aux_k >= 1, f"aux_k must be at least 1, got {self.aux_k}")
-        require(self.aux_coefficient >= 0, "aux_coefficient must be >= 0")
-        require(self.multi_topk_coefficient >= 0, "multi_topk_coefficient must be >= 0")
-        if self.threshold_ema is None:
-            self.threshold_ema = max(0.01, min(0.1, 20 / self.total_steps))
-        require(0 < self.threshold_ema <= 1, f"threshold_ema must be in (0, 1], got {self.threshold_ema}")
-        require(self.l1_coefficient >= 0, "l1_coefficient must be >= 0")
-        require(0 <= self.l1_warmup_fraction <= 1, "l1_warmup_fraction must be in [0, 1]")
-        require(self.l0_coefficient >= 0, "l0_coefficient must be >= 0")
-        require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be positive")
-        require(self.jumprelu_init_threshold > 0, "jumprelu_init_threshold must be positive")
-        if self.target_l0 is not None:
-            require(self.architecture == "jumprelu", "target_l0 is for the jumprelu architecture (topk/batchtopk take k)")
-            require(0 < self.target_l0 < self.d_sae, f"target_l0 must be in (0, d_sae={self.d_sae}), got {self.target_l0}")
 
     @property
     def total_steps(self) -> int:
@@ -168,16 +184,40 @@ class TrainConfig(JsonConfig):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        """Also reads configs saved before the optimiser settings were nested (flat `lr`, `adam_*`: Adam)."""
+        """Read `to_dict()`'s JSON, and the flat JSON of older versions: the architecture's fields at the top level
+        (those of other architectures, which those versions also wrote, are dropped) and flat `lr`, `adam_*` (Adam)."""
         data = dict(data)
         legacy = {new: data.pop(old) for old, new in _LEGACY_OPTIMIZER_KEYS.items() if old in data}
         if legacy and "optimizer" not in data:
             data["optimizer"] = {"name": "adam", **legacy}
-        return super().from_dict(data)
+        shared = {f.name for f in dataclasses.fields(cls)}
+        flat = {key: data.pop(key) for key in list(data) if key not in shared}
+        if "arch" not in data:
+            data["arch"] = arch_config_from_flat(data.get("architecture") or "topk", flat)
+        elif flat:
+            known = ", ".join(sorted(shared))
+            raise MonoscopeError(f"TrainConfig: unknown field(s) {', '.join(sorted(flat))}; known: {known}")
+        return cls(**data)
 
     def default_name(self) -> str:
         """A folder name for this SAE in a multi-SAE run."""
-        parts = [self.hook_name or "sae", self.architecture, f"{self.d_sae}"]
-        if self.architecture in ("topk", "batchtopk"):
-            parts.append(f"k{self.k}")
-        return "-".join(part.replace("/", "_") for part in parts)
+        parts = [self.hook_name or "sae", self.architecture, f"{self.d_sae}", self.arch.name_suffix()]
+        return "-".join(part.replace("/", "_") for part in parts if part)
+
+
+def _arch_from_keywords(architecture: str, fields: Mapping[str, Any]) -> ArchConfig:
+    """The architecture config from flat keywords. Another architecture's field is ignored at its default (as
+    before the nesting, when every config had every field) and so is `k` (`monoscope train --k` is unused by
+    relu); set to anything else it is an error."""
+    config_class = get_architecture(architecture).config_class
+    own = {f.name for f in dataclasses.fields(config_class)}
+    for key in sorted(set(fields) - own):
+        owners = owners_of(key)
+        if not owners:
+            raise MonoscopeError(f"TrainConfig has no field {key!r}")
+        owner_field = next(f for f in dataclasses.fields(get_architecture(owners[0]).config_class) if f.name == key)
+        if key == "k" or fields[key] == owner_field.default:
+            continue
+        raise MonoscopeError(f"{key} is for the {' and '.join(owners)} architecture{'s' if len(owners) > 1 else ''}, "
+                             f"not {architecture}")
+    return config_class(**{key: value for key, value in fields.items() if key in own})

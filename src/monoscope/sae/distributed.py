@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..errors import MonoscopeError
 from .config import TrainConfig
+from .registry import ArchConfig, arch_config_from_flat
 from .trainer import SAETrainer, TrainResult, _Run, default_device
 
 
@@ -101,7 +102,7 @@ def _dist():
     return dist
 
 
-def _inplace(t: Tensor, op: Callable[[Tensor], None]) -> None:
+def _inplace(t: Tensor, op: Callable[[Tensor], object]) -> None:
     """Run a collective in place on `t`, which may be a transposed view (W_enc is)."""
     if t.is_contiguous():
         op(t)
@@ -401,10 +402,6 @@ def train_distributed(
     raise MonoscopeError(f"unknown distribution mode {mode!r}; use 'data' or 'spread'")
 
 
-#: Dense [batch, d_sae] fp32 tensors alive at the peak of a JumpReLU / ReLU step (forward saves pre-activations
-#: and codes; the backward adds their gradients and the pseudo-gradient's temporaries). Measured with
-#: benchmarks/bench_memory.py.
-DENSE_STEP_TENSORS = {"jumprelu": 4.75, "relu": 3.0}
 #: Optimiser state, in copies of the parameters, and the temporaries its step allocates (also copies).
 OPTIMIZER_COPIES = {"adam": 2, "signum": 1, "adam_sf": 2}
 OPTIMIZER_STEP_COPIES = {"adam": 1, "signum": 1, "adam_sf": 2}
@@ -414,28 +411,25 @@ def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_b
                     optimizer: str = "adam", aux: bool = True, multi_topk: bool = False, bf16_preacts: bool = False) -> dict[str, float]:
     """GiB needed to train one SAE, by term (and "total").
 
-    - weights, gradients (dense, also for the sparse TopK backward), the optimiser's state and its step's temporaries;
+    `k`, `aux` (an AuxK term) and `multi_topk` are read by the architectures that have them; see
+    `estimate_config_memory` for a whole config.
+    """
+    arch = arch_config_from_flat(architecture, {"k": k, "aux_coefficient": 1 / 32 if aux else 0.0, "multi_topk": multi_topk})
+    return _memory_terms(d_in, d_sae, batch_size, arch, dtype_bytes, optimizer, bf16_preacts)
+
+
+def _memory_terms(d_in: int, d_sae: int, batch_size: int, arch: ArchConfig, dtype_bytes: int, optimizer: str,
+                  bf16_preacts: bool) -> dict[str, float]:
+    """- weights, gradients (dense, also for the sparse TopK backward), the optimiser's state and its step's temporaries;
     - the batch [batch, d_in] and its few same-sized temporaries (centred input, reconstruction, residual, grads);
-    - TopK / BatchTopK: the pre-activations [batch, d_sae] (fp32; bf16 under CUDA autocast), the selected pairs
-      and their sparse patterns (~48 bytes a pair), AuxK's copy of the dead latents' pre-activations (up to
-      [batch, d_sae] when most latents are dead) and, with Multi-TopK, a second selection of 4k latents a token;
-    - JumpReLU / ReLU: their dense forward and backward, `DENSE_STEP_TENSORS` tensors of [batch, d_sae].
+    - what the architecture's step keeps alive (`ArchConfig.step_memory`: TopK's pre-activations, selection and
+      AuxK; JumpReLU's and ReLU's dense forward and backward).
     """
     gib = 1024**3
     params = (2 * d_in * d_sae + d_sae + d_in) * dtype_bytes
     copies = OPTIMIZER_COPIES.get(optimizer, 2) + OPTIMIZER_STEP_COPIES.get(optimizer, 2)
     terms = {"weights": params, "grads": params, "optimizer": copies * params, "batch": 6 * batch_size * d_in * 4}
-    dense = batch_size * d_sae * 4
-    if architecture in ("topk", "batchtopk"):
-        terms["preactivations"] = batch_size * d_sae * (2 if bf16_preacts else 4)
-        per_token = 4 * k if architecture == "batchtopk" else k  # BatchTopK first keeps 4k candidates a token
-        terms["selection"] = batch_size * per_token * 48
-        if aux:
-            terms["auxk"] = dense
-        if multi_topk:
-            terms["multi_topk"] = batch_size * 4 * k * 48 + batch_size * d_in * 4
-    else:
-        terms["dense_step"] = int(DENSE_STEP_TENSORS.get(architecture, 6.0) * dense)
+    terms.update(arch.step_memory(batch_size, d_in, d_sae, bf16_preacts))
     out = {name: value / gib for name, value in terms.items()}
     out["total"] = sum(terms.values()) / gib
     out["grads_and_adam"] = (terms["grads"] + terms["optimizer"]) / gib  # gradients + optimiser (the earlier key)
@@ -444,9 +438,8 @@ def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_b
 
 def estimate_config_memory(cfg: TrainConfig, world: int = 1, cuda: bool = False) -> dict[str, float]:
     """`estimate_memory` for one training config, per process when `world` ranks share each batch."""
-    return estimate_memory(cfg.d_in, int(cfg.d_sae or 0), max(1, cfg.batch_size // world), cfg.k, architecture=cfg.architecture,
-                           optimizer=cfg.optim.name, aux=cfg.aux_coefficient > 0, multi_topk=cfg.multi_topk,
-                           bf16_preacts=cuda and cfg.bf16_autocast)
+    return _memory_terms(cfg.d_in, cfg.width, max(1, cfg.batch_size // world), cfg.arch, 4, cfg.optim.name,
+                         cuda and cfg.bf16_autocast)
 
 
 def describe_memory(configs: Iterable[TrainConfig], world: int = 1, min_gib: float = 1.0) -> str | None:

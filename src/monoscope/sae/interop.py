@@ -1,6 +1,8 @@
-"""Load SAEs written by other tools, and check an SAE against the model it is used with.
+"""Read SAEs written by other tools, and check an SAE against the model it is used with.
 
-`load_any_sae(spec, subpath=None)` reads, into monoscope's inference classes (exactly, or not at all):
+`foreign_format` says which reader a folder needs and `FOREIGN_READERS` holds them; `monoscope.sae.load_sae`
+and `load_any_sae` (loader.py) dispatch to them. They read, into monoscope's inference classes (exactly, or
+not at all):
 
 - **SAELens folders** (`cfg.json` + `sae_weights.safetensors`): `standard`, `topk`, `jumprelu` (what
   `load_sae` reads natively), plus
@@ -39,7 +41,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,15 +50,14 @@ from safetensors.torch import load_file
 
 from .._io import read_json
 from ..errors import MonoscopeError
-from .base import DTYPES, SAE, SAEConfig, default_metadata
-from .io import sae_model_name
-from .registry import inference_class
+from .base import DTYPES, SAE, SAEConfig, default_metadata, inference_class
+from .io import CFG_FILENAME, WEIGHTS_FILENAME, sae_model_name
+from .registry import inference_classes, names
 
 HF_PREFIX = "hf://"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_WEIGHTS = WEIGHTS_FILENAME
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMASCOPE_PARAMS = "params.npz"
-NATIVE_ARCHITECTURES = ("standard", "topk", "jumprelu", "relu", "batchtopk")
 
 # Gemma Scope repositories -> (model id on the hub, hook kind of the SAEs in it).
 _GEMMASCOPE_MODELS = {"2b": "google/gemma-2-2b", "9b": "google/gemma-2-9b", "27b": "google/gemma-2-27b"}
@@ -66,7 +67,7 @@ _GEMMASCOPE_KINDS = {"res": "resid_post", "mlp": "mlp_out"}
 # ---------------------------------------------------------------- format detection
 
 
-def _is_hub_spec(spec: Any) -> bool:
+def is_hub_spec(spec: object) -> bool:
     return isinstance(spec, str) and spec.startswith(HF_PREFIX)
 
 
@@ -74,7 +75,7 @@ def foreign_format(spec: str | os.PathLike) -> str | None:
     """What `load_sae` cannot read natively: 'hub', 'sparsify', 'gemmascope', 'saelens' (a SAELens config that
     needs converting), 'multi' (a folder of per-hookpoint folders); None for a folder `load_sae` reads itself
     (or one that is not an SAE at all, which it then reports)."""
-    if _is_hub_spec(spec):
+    if is_hub_spec(spec):
         return "hub"
     path = Path(spec)
     if path.is_file() and path.suffix == ".npz":
@@ -85,29 +86,29 @@ def foreign_format(spec: str | os.PathLike) -> str | None:
         return "gemmascope"
     if (path / SPARSIFY_WEIGHTS).is_file() and not (path / SAELENS_WEIGHTS).is_file():
         return "sparsify"
-    if (path / "cfg.json").is_file() and (path / SAELENS_WEIGHTS).is_file():
+    if (path / CFG_FILENAME).is_file() and (path / SAELENS_WEIGHTS).is_file():
         try:
-            cfg = read_json(path / "cfg.json")
+            cfg = read_json(path / CFG_FILENAME)
         except Exception:
             return None
         if isinstance(cfg, dict) and _saelens_needs_conversion(cfg):
             return "saelens"
         return None
-    if not (path / "cfg.json").exists() and _sub_saes(path):
+    if not (path / CFG_FILENAME).exists() and sub_saes(path):
         return "multi"
     return None
 
 
 def _saelens_needs_conversion(cfg: dict[str, Any]) -> bool:
     arch = str(cfg.get("architecture", "standard"))
-    if arch not in NATIVE_ARCHITECTURES:
+    if arch not in (*inference_classes(), *names()):  # what read_sae_folder runs (a training name also works)
         return True
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
         return True
     return arch == "standard" and str(cfg.get("activation_fn_str", "relu")) == "topk"
 
 
-def _sub_saes(folder: Path) -> list[str]:
+def sub_saes(folder: Path) -> list[str]:
     names = []
     for child in sorted(folder.iterdir()):
         if child.is_dir() and ((child / "cfg.json").is_file() or (child / GEMMASCOPE_PARAMS).is_file()):
@@ -115,61 +116,10 @@ def _sub_saes(folder: Path) -> list[str]:
     return names
 
 
-# ---------------------------------------------------------------- entry point
+# ---------------------------------------------------------------- hub
 
 
-def load_any_sae(
-    spec: str | os.PathLike,
-    subpath: str | None = None,
-    *,
-    device: str | torch.device | None = None,
-    dtype: str | None = None,
-) -> SAE:
-    """Load an SAE from a monoscope/SAELens/sparsify/Gemma Scope folder, a `params.npz`, or the hub.
-
-    `spec`: a path, `hf://org/repo[/sub/path]`, or `org/repo` (hub) when no such path exists locally.
-    `subpath`: a folder inside `spec` (a hub repository or a local folder of several SAEs).
-    """
-    source = str(spec)
-    if _is_hub_spec(spec) or (not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and subpath is not None):
-        repo, inner = _split_hub(source, subpath)
-        folder = resolve_hub(repo, inner)
-        source = f"{HF_PREFIX}{repo}" + (f"/{inner}" if inner else "")
-        hub = (repo, inner)
-    else:
-        folder = Path(spec)
-        if subpath:
-            folder = folder / subpath
-            source = str(folder)
-        hub = None
-    if not folder.exists():
-        raise MonoscopeError(f"{folder} does not exist; give an SAE folder, a params.npz file or hf://org/repo/path")
-    kind = foreign_format(folder)
-    if kind == "multi":
-        names = _sub_saes(folder)
-        raise MonoscopeError(
-            f"{source} holds {len(names)} SAEs ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); "
-            "say which one: give its sub-folder (--sae-subpath NAME, or hf://org/repo/NAME)"
-        )
-    if kind == "gemmascope":
-        sae = _load_gemmascope(folder if folder.is_file() else folder / GEMMASCOPE_PARAMS, hub)
-    elif kind == "sparsify":
-        sae = _load_sparsify(folder)
-    elif kind == "saelens":
-        sae = _load_saelens_converted(folder)
-    else:
-        from .io import load_sae
-
-        sae = load_sae(folder, device=device, dtype=dtype)
-        device = dtype = None
-    sae.info.setdefault("source", source)
-    _record_hook_and_model(sae)
-    if dtype is not None or device is not None:
-        sae = _retarget(sae, device, dtype)
-    return sae
-
-
-def _split_hub(spec: str, subpath: str | None) -> tuple[str, str]:
+def split_hub(spec: str, subpath: str | None) -> tuple[str, str]:
     text = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
     parts = [p for p in text.strip("/").split("/") if p]
     if len(parts) < 2:
@@ -200,7 +150,8 @@ def resolve_hub(repo: str, subpath: str = "") -> Path:
     return folder
 
 
-def _retarget(sae: SAE, device: str | torch.device | None, dtype: str | None) -> SAE:
+def retarget(sae: SAE, device: str | torch.device | None, dtype: str | None) -> SAE:
+    """`sae` as a new SAE with the given device and dtype (default: its dtype, on the CPU)."""
     if dtype is not None and dtype not in DTYPES:
         raise MonoscopeError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     cfg = SAEConfig.from_dict({**sae.cfg.to_dict(), "dtype": dtype or sae.cfg.dtype, "device": str(device or "cpu")})
@@ -241,7 +192,7 @@ def _dtype_name(t: torch.Tensor) -> str:
 # ---------------------------------------------------------------- SAELens
 
 
-def _load_saelens_converted(folder: Path) -> SAE:
+def _load_saelens_converted(folder: Path, hub: tuple[str, str] | None = None) -> SAE:
     cfg = read_json(folder / "cfg.json")
     tensors = _read_safetensors(folder / SAELENS_WEIGHTS)
     arch = str(cfg.get("architecture", "standard"))
@@ -306,7 +257,7 @@ def _load_saelens_converted(folder: Path) -> SAE:
 # ---------------------------------------------------------------- sparsify
 
 
-def _load_sparsify(folder: Path) -> SAE:
+def _load_sparsify(folder: Path, hub: tuple[str, str] | None = None) -> SAE:
     cfg = read_json(folder / "cfg.json")
     if not isinstance(cfg, dict) or "d_in" not in cfg:
         raise MonoscopeError(f"{folder / 'cfg.json'} has no d_in; it is not a sparsify SAE config")
@@ -337,7 +288,9 @@ def _load_sparsify(folder: Path) -> SAE:
 # ---------------------------------------------------------------- Gemma Scope
 
 
-def _load_gemmascope(path: Path, hub: tuple[str, str] | None) -> SAE:
+def _load_gemmascope(path: Path, hub: tuple[str, str] | None = None) -> SAE:
+    if path.is_dir():
+        path = path / GEMMASCOPE_PARAMS
     try:
         with np.load(path) as data:
             arrays = {name: np.asarray(data[name]) for name in data.files}
@@ -373,22 +326,15 @@ def _load_gemmascope(path: Path, hub: tuple[str, str] | None) -> SAE:
     return _build(cfg, tensors, info)
 
 
-# ---------------------------------------------------------------- hook points and models
+#: The reader of each foreign format: (folder or file, (hub repo, sub-path) when fetched from the hub) -> SAE.
+FOREIGN_READERS: dict[str, Callable[[Path, "tuple[str, str] | None"], SAE]] = {
+    "gemmascope": _load_gemmascope,
+    "sparsify": _load_sparsify,
+    "saelens": _load_saelens_converted,
+}
 
 
-def _record_hook_and_model(sae: SAE) -> None:
-    from ..model import HookPoint
-
-    info, meta = sae.info, sae.cfg.metadata or {}
-    if not info.get("hook_point"):
-        name = info.get("hook_name") or meta.get("hook_name")
-        if name:
-            try:
-                info["hook_point"] = str(HookPoint.parse(str(name)))
-            except MonoscopeError:
-                info.setdefault("foreign_hook_name", str(name))
-    if not info.get("model") and meta.get("model_name"):
-        info["model"] = meta["model_name"]
+# ---------------------------------------------------------------- models
 
 
 def _canonical_model(name: str | None) -> str | None:

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from .._io import atomic_save_safetensors, atomic_write_json, read_json
 from ..errors import MonoscopeError
 from ..model.hooks import HookPoint
-from .base import DTYPES, SAELENS_METADATA_KEYS, SAE, SAEConfig
-from .registry import inference_class
+from .base import DTYPES, SAELENS_METADATA_KEYS, SAE, SAEConfig, inference_class
+from .training import TrainingSAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -52,9 +52,8 @@ def save_sae(sae: SAE, folder: str | os.PathLike, info: Mapping[str, Any] | None
     there too (the hook point as TransformerLens names it, as SAELens expects); all of `info` goes to
     monoscope.json and becomes `sae.info`.
     """
-    to_inference = getattr(sae, "to_inference", None)
-    if callable(to_inference):
-        sae = to_inference()
+    if isinstance(sae, TrainingSAE):
+        sae = sae.to_inference()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     merged_info = {**sae.info, **dict(info or {})}
@@ -80,18 +79,13 @@ def _shape_text(shape: tuple[int, ...] | torch.Size) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None) -> SAE:
-    """Load an SAE folder written by `save_sae` or by SAELens; checks every tensor's shape against cfg.json.
+def read_sae_folder(folder: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None) -> SAE:
+    """Read an SAE folder in monoscope's (= SAELens's) own form; checks every tensor's shape against cfg.json.
 
     `device`/`dtype` override the saved ones (default: cfg.json's dtype, on the CPU). The result has
-    `.cfg` (SAEConfig) and `.info` (monoscope.json's contents, empty when the folder has none).
-    Other formats (sparsify, Gemma Scope params.npz, SAELens gated/rescaled TopK, `hf://org/repo/path`)
-    are read by `monoscope.sae.interop.load_any_sae`.
+    `.cfg` (SAEConfig) and `.info` (monoscope.json's contents, empty when the folder has none). Use
+    `monoscope.sae.load_sae`, which also reads the other formats (loader.py).
     """
-    from .interop import foreign_format, load_any_sae
-
-    if foreign_format(folder) is not None:
-        return load_any_sae(folder, device=device, dtype=dtype)
     folder = Path(folder)
     if not folder.is_dir():
         raise MonoscopeError(f"{folder} is not a folder; give the folder that holds cfg.json and sae_weights.safetensors")
@@ -117,8 +111,7 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise MonoscopeError(f"{weights_path} could not be read ({err}); the file is damaged or not safetensors") from err
-    if sae_class.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    tensors = sae_class.adapt_saved_tensors(tensors)
     sae = sae_class(cfg)
     expected = {name: tuple(tensor.shape) for name, tensor in sae.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))

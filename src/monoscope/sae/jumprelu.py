@@ -10,7 +10,7 @@ rectangle kernel K(u) = 1[|u| < 1/2] of width `jumprelu_bandwidth` (eps):
 (the pre-activation itself gets the exact gradient H for z and none through H). The threshold is trained
 as log(theta), which keeps it positive. Decoder rows are kept at unit norm.
 
-With `target_l0` set (TrainConfig), L0 is chosen like TopK's k instead of through a coefficient: the thresholds
+With `target_l0` set (JumpReLUConfig), L0 is chosen like TopK's k instead of through a coefficient: the thresholds
 start at the quantile of the initial pre-activations that fires `target_l0` latents per token, the L0 penalty
 is dropped, and after each step all log-thresholds shift together by 0.1 * log(batch L0 / target) (an
 integral controller, as BatchTopK estimates its threshold). Each threshold still learns its own offset from
@@ -25,20 +25,61 @@ are SAELens's defaults for the same normalisation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..config import require
 from .base import SAE, SAEConfig
 from .config import TrainConfig
-from .training import StepContext, StepOutput, TrainingMixin, total_variance_of, sae_config_for
+from .optim import GAO_LR_AT_16K
+from .registry import ArchConfig, Architecture, register
+from .training import StepContext, StepOutput, TrainingSAE, copy_weights, total_variance_of
+
+
+@dataclass
+class JumpReLUConfig(ArchConfig):
+    """JumpReLU's training settings (Rajamanoharan et al. 2024; defaults as SAELens's, see the module docstring)."""
+
+    l0_coefficient: float = 1.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.5
+    # With a target L0, the L0 penalty is replaced by a controller that holds L0 at it (see the module docstring).
+    target_l0: float | None = None
+
+    adam_lr_at_16k = GAO_LR_AT_16K
+    k_field = "target_l0"
+
+    def __post_init__(self) -> None:
+        require(self.l0_coefficient >= 0, "l0_coefficient must be >= 0")
+        require(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth must be positive")
+        require(self.jumprelu_init_threshold > 0, "jumprelu_init_threshold must be positive")
+        if self.target_l0 is not None:  # `monoscope train --k` gives a whole number
+            self.target_l0 = float(self.target_l0)
+
+    def resolve(self, d_in: int, d_sae: int, total_steps: int) -> None:
+        if self.target_l0 is not None:
+            require(0 < self.target_l0 < d_sae, f"target_l0 must be in (0, d_sae={d_sae}), got {self.target_l0}")
+
+    def step_memory(self, batch_size: int, d_in: int, d_sae: int, bf16_preacts: bool) -> dict[str, int]:
+        # Dense [batch, d_sae] fp32 tensors alive at the peak of a step: the forward saves pre-activations and
+        # codes; the backward adds their gradients and the pseudo-gradient's temporaries (bench_memory.py).
+        return {"dense_step": int(4.75 * batch_size * d_sae * 4)}
 
 
 class JumpReLUSAE(SAE):
     """JumpReLU SAE at inference: a latent fires when its pre-activation exceeds its threshold."""
 
     architecture = "jumprelu"
+
+    @classmethod
+    def adapt_saved_tensors(cls, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "threshold" not in tensors and "log_threshold" in tensors:  # a training form's parameter
+            tensors = {**tensors}
+            tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -89,22 +130,28 @@ class _Step(torch.autograd.Function):
 TARGET_L0_GAIN = 0.1  # log-threshold shift per unit of log(L0 / target), per step
 
 
-class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
+class JumpReLUTrainingSAE(TrainingSAE, JumpReLUSAE):
     """JumpReLU with a log-threshold parameter and the STE losses; saved as `JumpReLUSAE`."""
 
     training_architecture = "jumprelu"
 
-    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu", **_: Any) -> None:
-        self.train_cfg = train_cfg
-        super().__init__(sae_config_for(train_cfg, "jumprelu", device))
-        if train_cfg.target_l0 is not None:
+    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__(train_cfg, device)
+        if self.arch_cfg.target_l0 is not None:
             # The controller's input, a buffer so that data-parallel ranks average it like BatchTopK's threshold
             # and take the same step; not saved (it is recomputed every step). NaN: no step measured yet.
-            self.register_buffer("batch_l0", torch.full((), math.nan, dtype=torch.float32, device=device), persistent=False)
+            unmeasured = torch.full((), math.nan, dtype=torch.float32, device=device)
+            self.register_buffer("batch_l0", unmeasured, persistent=False)
+        self.batch_l0: Tensor
+
+    @property
+    def arch_cfg(self) -> JumpReLUConfig:
+        assert isinstance(self.train_cfg.arch, JumpReLUConfig)
+        return self.train_cfg.arch
 
     def _init_threshold(self) -> None:
         # Trained through its logarithm, which keeps it positive; `threshold` is derived from it.
-        initial = math.log(self.train_cfg.jumprelu_init_threshold)
+        initial = math.log(self.arch_cfg.jumprelu_init_threshold)
         self.log_threshold = nn.Parameter(torch.full((self.cfg.d_sae,), initial, dtype=self.dtype, device=self.device))
 
     @property
@@ -114,7 +161,7 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
     @torch.no_grad()
     def initialize(self, sample: Tensor, generator: torch.Generator) -> None:
         super().initialize(sample, generator)
-        target = self.train_cfg.target_l0
+        target = self.arch_cfg.target_l0
         if target is not None:  # one threshold for all latents, at which the initial SAE fires `target` per token
             pre = self.pre_activations(sample.to(device=self.W_enc.device, dtype=self.dtype)).flatten().float()
             keep = max(1, min(pre.numel(), round(target / self.cfg.d_sae * pre.numel())))
@@ -122,7 +169,7 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
             self.log_threshold.fill_(math.log(threshold))
 
     def training_forward(self, x: Tensor, ctx: StepContext) -> StepOutput:
-        cfg = self.train_cfg
+        cfg = self.arch_cfg
         pre = self.pre_activations(x)
         threshold = self.log_threshold.exp()
         codes = _JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth)
@@ -150,16 +197,25 @@ class JumpReLUTrainingSAE(TrainingMixin, JumpReLUSAE):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
-        target = self.train_cfg.target_l0
+        target = self.arch_cfg.target_l0
         if target is not None and not bool(self.batch_l0.isnan()):
             # Shift every threshold together, by a fraction of the log-ratio of this batch's L0 to the target.
             self.log_threshold.add_(TARGET_L0_GAIN * torch.log(self.batch_l0.clamp_min(0.5) / target))
             self.batch_l0.fill_(math.nan)
 
-    def to_inference(self) -> JumpReLUSAE:
-        sae = JumpReLUSAE(SAEConfig.from_dict(self.cfg.to_dict()))
+    def to_inference(self) -> SAE:
+        sae = copy_weights(self, JumpReLUSAE(SAEConfig.from_dict(self.cfg.to_dict())))
         with torch.no_grad():
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-                getattr(sae, name).copy_(getattr(self, name))
             sae.threshold.copy_(self.threshold)
         return sae
+
+
+JUMPRELU = register(Architecture(
+    name="jumprelu",
+    saved_as=JumpReLUSAE.architecture,
+    config_class=JumpReLUConfig,
+    training_class=JumpReLUTrainingSAE,
+    inference_class=JumpReLUSAE,
+    description="JumpReLU (Rajamanoharan et al. 2024): a learned threshold per latent; --k sets the target L0",
+    k_meaning="the target L0 for jumprelu",
+))

@@ -115,10 +115,12 @@ class _OutputLayer:
     """The model's output layer applied blockwise: final hidden states -> logits for a block of the vocabulary."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
         self.head = head if isinstance(head, torch.nn.Linear) else None
         config = getattr(model, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        get_text_config = getattr(config, "get_text_config", None)
+        text_config = get_text_config() if callable(get_text_config) else config
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.multiply = getattr(text_config, "logit_scale", None)  # Cohere
         self.divide = getattr(text_config, "logits_scaling", None)  # Granite
@@ -164,7 +166,8 @@ def _token_losses(logit_blocks: Iterator[torch.Tensor], targets: torch.Tensor) -
     Running log-sum-exps over the vocabulary blocks; for KL also the running sum of
     exp(l_clean - max_clean) (l_clean - l_variant): KL = that / sum exp(l_clean - max) - lse_clean + lse_variant.
     """
-    m = s = t = target_logit = None
+    m: torch.Tensor | None = None
+    s = t = target_logit = torch.zeros(())
     offset = 0
     for block in logit_blocks:
         width = block.shape[-1]
@@ -186,7 +189,7 @@ def _token_losses(logit_blocks: Iterator[torch.Tensor], targets: torch.Tensor) -
         picked = block.gather(-1, local.expand(block.shape[0], -1).unsqueeze(-1)).squeeze(-1)
         target_logit = torch.where(inside.unsqueeze(0), picked, target_logit)
         offset += width
-    assert m is not None and s is not None and t is not None and target_logit is not None
+    assert m is not None, "no logit blocks"
     lse = m + torch.log(s)
     ce = lse - target_logit
     kl = t / s[0].unsqueeze(0) - lse[0].unsqueeze(0) + lse
@@ -253,10 +256,13 @@ def lm_loss_sums(
                               "using its own logits, one context at a time", stacklevel=2)
         targets = ids[:, untouched + 1 :].reshape(-1)
         if blockwise:
+            assert clean_hidden is not None  # blockwise only when the model gave its final hidden states
             hidden = [clean_hidden]
             for patch in patches.values():
                 with edit(model, {hook_point: _keep_prefix(patch, untouched)}):
-                    hidden.append(head.final_hidden(model, ids))
+                    patched = head.final_hidden(model, ids)
+                assert patched is not None  # the same model ran the same way as for clean_hidden
+                hidden.append(patched)
             # positions u .. T-2 predict tokens u+1 .. T-1
             stacked = torch.stack([h[:, untouched:-1] for h in hidden]).reshape(len(VARIANTS), -1, hidden[0].shape[-1])
             ce_parts, kl_parts = [], []

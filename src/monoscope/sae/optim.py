@@ -37,14 +37,15 @@ import torch
 from torch import Tensor
 
 from ..config import JsonConfig, require
+from .registry import get as get_architecture
 
 OPTIMIZER_NAMES = ("adam", "signum", "adam_sf")
 SCHEDULE_FREE = ("signum", "adam_sf")
 
 #: Learning rate at 2**14 latents; the resolved lr is this / sqrt(d_sae / 2**14) (wider SAEs take smaller steps).
 BASE_LR_AT_16K = {"adam": 8e-4, "signum": 2.5e-3, "adam_sf": 1.6e-3}
-#: Architectures whose recipes were tuned with Gao et al.'s 2e-4 (Adam) and keep it.
-GAO_LR_ARCHITECTURES = ("jumprelu", "relu")
+#: Gao et al.'s Adam learning rate at 2**14 latents, which the JumpReLU and ReLU recipes were tuned with and keep
+#: (their `ArchConfig.adam_lr_at_16k`).
 GAO_LR_AT_16K = 2e-4
 
 
@@ -111,7 +112,8 @@ def optimizer_config(optimizer: "str | OptimizerConfig | None" = None, lr: float
 
 def default_lr(name: str, d_sae: int, architecture: str = "topk") -> float:
     """The optimiser's base lr scaled by 1 / sqrt(d_sae / 2**14) (Gao et al. 2024, sparsify)."""
-    base = GAO_LR_AT_16K if name == "adam" and architecture in GAO_LR_ARCHITECTURES else BASE_LR_AT_16K[name]
+    own = get_architecture(architecture).config_class.adam_lr_at_16k
+    base = own if name == "adam" and own is not None else BASE_LR_AT_16K[name]
     return base / math.sqrt(d_sae / 2**14)
 
 

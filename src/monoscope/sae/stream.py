@@ -12,7 +12,7 @@ records and what resuming restarts from:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ class DataPosition:
 
 def open_stream(source: Any, start: DataPosition) -> Iterator[Any]:
     """An iterator over the source's chunks from chunk `start.batch_index` on."""
-    iter_from = getattr(source, "iter_from", None)
+    iter_from: Callable[[int], Iterable[Any]] | None = getattr(source, "iter_from", None)
     if callable(iter_from):
         return iter(iter_from(start.batch_index))
     iterator = iter(source)
@@ -152,7 +152,7 @@ def peek_width(source: Any, key: str | None = None) -> tuple[int, Any]:
     """
     import itertools
 
-    iter_from = getattr(source, "iter_from", None)
+    iter_from: Callable[[int], Iterable[Any]] | None = getattr(source, "iter_from", None)
     if callable(iter_from):
         first = next(iter(iter_from(0)), None)
         replacement = source

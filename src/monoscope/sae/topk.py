@@ -15,21 +15,80 @@ after that, forward and backward, goes through `sparse.py` and touches only the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..config import require
 from .base import SAE, SAEConfig
-from .config import TrainConfig
+from .registry import ArchConfig, Architecture, register
 from .sparse import SparsePattern, gather_preacts, sparse_decode
-from .training import StepContext, StepOutput, TrainingMixin, copy_weights, sae_config_for, total_variance_of
+from .training import StepContext, StepOutput, TrainingSAE, copy_weights, total_variance_of
+
+
+@dataclass
+class TopKConfig(ArchConfig):
+    """TopK's training settings (also BatchTopK's, which adds its threshold's EMA)."""
+
+    k: int = 32  # active latents per token (batchtopk: on average over the batch)
+    aux_k: int | None = None  # dead latents in the AuxK term: d_in / 2 (Gao et al., appendix B.1), at most d_sae - k
+    aux_coefficient: float = 1 / 32
+    multi_topk: bool = False  # add the Multi-TopK term: FVU with 4k latents, weighted 1/8
+    multi_topk_coefficient: float = 1 / 8
+
+    k_field = "k"
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.k, int) and self.k >= 1, f"k must be at least 1, got {self.k!r}")
+        require(self.aux_k is None or self.aux_k >= 1, f"aux_k must be at least 1, got {self.aux_k}")
+        require(self.aux_coefficient >= 0, "aux_coefficient must be >= 0")
+        require(self.multi_topk_coefficient >= 0, "multi_topk_coefficient must be >= 0")
+
+    def resolve(self, d_in: int, d_sae: int, total_steps: int) -> None:
+        require(self.k < d_sae, f"k={self.k} must be smaller than d_sae={d_sae} (k latents are kept out of d_sae)")
+        if self.aux_k is None:
+            self.aux_k = max(1, min(d_in // 2, d_sae - self.k))
+
+    def active_latents(self) -> int | None:
+        return self.k
+
+    def name_suffix(self) -> str:
+        return f"k{self.k}"
+
+    def selected_per_token(self) -> int:
+        """(row, latent) pairs the step selects per token (BatchTopK first keeps 4k candidates a token)."""
+        return self.k
+
+    def step_memory(self, batch_size: int, d_in: int, d_sae: int, bf16_preacts: bool) -> dict[str, int]:
+        # the pre-activations (fp32; bf16 under CUDA autocast), the selected pairs and their sparse patterns
+        # (~48 bytes a pair), AuxK's copy of the dead latents' pre-activations (up to [batch, d_sae] when most
+        # latents are dead) and, with Multi-TopK, a second selection of 4k latents a token.
+        terms = {"preactivations": batch_size * d_sae * (2 if bf16_preacts else 4),
+                 "selection": batch_size * self.selected_per_token() * 48}
+        if self.aux_coefficient > 0:
+            terms["auxk"] = batch_size * d_sae * 4
+        if self.multi_topk:
+            terms["multi_topk"] = batch_size * 4 * self.k * 48 + batch_size * d_in * 4
+        return terms
 
 
 class TopKSAE(SAE):
     """TopK SAE at inference: exactly k latents per token (fewer if some top-k pre-activations are <= 0)."""
 
     architecture = "topk"
+    uses_k = True
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        require(cfg.k is not None, "a topk SAE needs k (the number of active latents per token)")
+        assert cfg.k is not None
+        require(1 <= cfg.k < cfg.d_sae, f"k must be between 1 and d_sae - 1 = {cfg.d_sae - 1}, got {cfg.k}")
+
+    @classmethod
+    def saelens_fields(cls, cfg: SAEConfig) -> dict[str, Any]:
+        return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
 
     @property
     def k(self) -> int:
@@ -74,7 +133,7 @@ def centred_preacts(sae: SAE, x: Tensor, use_bf16: bool) -> tuple[Tensor, Tensor
 
 def sparse_reconstruction_losses(
     sae: SAE,
-    cfg: TrainConfig,
+    cfg: TopKConfig,
     x: Tensor,
     x_centered: Tensor,
     pre: Tensor,
@@ -101,7 +160,7 @@ def sparse_reconstruction_losses(
         dead = torch.nonzero(ctx.dead_mask).flatten()
         n_dead = dead.numel()
         if n_dead > 0:
-            assert cfg.aux_k is not None
+            assert cfg.aux_k is not None  # resolved by TrainConfig
             k_aux = min(cfg.aux_k, n_dead)
             with torch.no_grad():
                 aux_values, aux_positions = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
@@ -135,15 +194,15 @@ def sparse_reconstruction_losses(
     return loss, metrics, active
 
 
-class TopKTrainingSAE(TrainingMixin, TopKSAE):
+class TopKTrainingSAE(TrainingSAE, TopKSAE):
     """TopK SAE with its training losses; saved as `TopKSAE`."""
 
     training_architecture = "topk"
 
-    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu", **_: Any) -> None:
-        self.train_cfg = train_cfg
-        super().__init__(sae_config_for(train_cfg, "topk", device))
-        self.use_bf16 = bool(train_cfg.bf16_autocast and torch.device(device).type == "cuda")
+    @property
+    def arch_cfg(self) -> TopKConfig:
+        assert isinstance(self.train_cfg.arch, TopKConfig)
+        return self.train_cfg.arch
 
     def training_forward(self, x: Tensor, ctx: StepContext) -> StepOutput:
         x_centered, pre = centred_preacts(self, x, self.use_bf16)
@@ -151,10 +210,20 @@ class TopKTrainingSAE(TrainingMixin, TopKSAE):
             selected, indices = pre.topk(self.k, dim=-1, sorted=False)
             pattern = SparsePattern.from_topk(indices, self.cfg.d_sae)
         loss, metrics, active = sparse_reconstruction_losses(
-            self, self.train_cfg, x, x_centered, pre, pattern, selected.float().reshape(-1), ctx
+            self, self.arch_cfg, x, x_centered, pre, pattern, selected.float().reshape(-1), ctx
         )
         return StepOutput(loss=loss, metrics=metrics, fired=pattern.cols[active])
 
-    def to_inference(self) -> TopKSAE:
-        cfg = SAEConfig.from_dict(self.cfg.to_dict())
-        return copy_weights(self, TopKSAE(cfg))  # type: ignore[return-value]
+    def to_inference(self) -> SAE:
+        return copy_weights(self, TopKSAE(SAEConfig.from_dict(self.cfg.to_dict())))
+
+
+TOPK = register(Architecture(
+    name="topk",
+    saved_as=TopKSAE.architecture,
+    config_class=TopKConfig,
+    training_class=TopKTrainingSAE,
+    inference_class=TopKSAE,
+    description="TopK (Gao et al. 2024): exactly k latents per token; the default",
+    k_meaning="exact for topk",
+))

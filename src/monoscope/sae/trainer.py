@@ -54,12 +54,11 @@ from ..progress import progress_bar
 from .base import SAE
 from .checkpoint import RunState, list_checkpoints, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import TrainConfig
-from .io import INFO_FILENAME, load_sae, save_sae
+from .io import INFO_FILENAME, read_sae_folder, save_sae
 from .metrics import evaluate_reconstruction
 from .optim import OptimizerConfig, evaluation_weights, make_optimizer, optimizer_config
-from .registry import training_class
 from .stream import BatchStream, DataPosition, peek_width
-from .training import StepContext, StepOutput
+from .training import StepContext, StepOutput, training_class
 
 CHECKPOINT_DIRNAME = "checkpoints"
 LOG_FILENAME = "train_log.jsonl"
@@ -256,7 +255,8 @@ class SAETrainer:
         for name, cfg in self.configs.items():
             x = held_out if isinstance(held_out, Tensor) else held_out.get(cfg.hook_name)
             if x is None:
-                raise MonoscopeError(f"no held-out activations for {cfg.hook_name or name!r}; held_out has {', '.join(held_out) or 'none'}")
+                has = ", ".join(held_out) if isinstance(held_out, Mapping) else "one tensor"
+                raise MonoscopeError(f"no held-out activations for {cfg.hook_name or name!r}; held_out has {has or 'none'}")
             if x.ndim < 2 or x.shape[-1] != cfg.d_in or x.numel() == 0:
                 raise MonoscopeError(f"held-out activations for {name!r} must be [tokens, {cfg.d_in}], got {list(x.shape)}")
             per_run[name] = x.reshape(-1, cfg.d_in)
@@ -539,9 +539,10 @@ class SAETrainer:
             )
         for name, run in runs.items():
             saved = run_states[name]
-            if saved.config != run.cfg.to_dict():
-                differing = sorted(key for key in set(saved.config) | set(run.cfg.to_dict())
-                                   if saved.config.get(key) != run.cfg.to_dict().get(key))
+            saved_config, config = _flat_items(_comparable(saved.config)), _flat_items(run.cfg.to_dict())
+            if saved_config != config:
+                differing = sorted(key for key in set(saved_config) | set(config)
+                                   if saved_config.get(key) != config.get(key))
                 raise MonoscopeError(
                     f"cannot resume {name!r} from {folder}: its config differs in {', '.join(differing)}; "
                     "use the original settings or choose another output folder"
@@ -561,9 +562,9 @@ class SAETrainer:
 
     def _adopt_finished(self, run: _Run) -> None:
         """Treat an SAE already saved by an earlier call as done (its config must match)."""
-        sae = load_sae(run.folder, device=self.device)
+        sae = read_sae_folder(run.folder, device=self.device)
         training = sae.info.get("training", {})
-        if training.get("config") != run.cfg.to_dict():
+        if _comparable(training.get("config")) != run.cfg.to_dict():
             raise MonoscopeError(
                 f"{run.folder} already holds an SAE trained with other settings; choose another output folder"
             )
@@ -642,6 +643,27 @@ def train_saes(
         if not name or "/" in name or name in (".", "..", CHECKPOINT_DIRNAME):
             raise MonoscopeError(f"{name!r} cannot be an SAE folder name")
     return SAETrainer(configs, out_dir, **options).fit(batches)
+
+
+def _comparable(saved: Any) -> Any:
+    """A saved training config as `TrainConfig.to_dict()` writes it today (older versions wrote it flat)."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return TrainConfig.from_dict(saved).to_dict()
+    except (MonoscopeError, TypeError):
+        return saved
+
+
+def _flat_items(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"arch.k": 32, ...}, so a difference is named by its field."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def train_from_batches(

@@ -1,20 +1,21 @@
 """What every training-form SAE shares: initialisation, the decoder unit-norm constraint, step I/O types.
 
-A training class subclasses its inference class (so `encode`/`decode` work mid-training) and adds
-`training_forward` (losses and metrics for one batch), optional auxiliary state (buffers, saved in
-checkpoints) and `to_inference()`, the form that is saved.
+A training class subclasses `TrainingSAE` and its inference class (so `encode`/`decode` work mid-training),
+and adds `training_forward` (losses and metrics for one batch), optional auxiliary state (buffers, saved in
+checkpoints) and `to_inference()`, the form that is saved. Its file registers it (registry.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from .base import SAE, SAEConfig
 from .config import TrainConfig
+from .registry import get as get_architecture
 
 
 @dataclass
@@ -65,25 +66,25 @@ def sae_config_for(cfg: TrainConfig, architecture: str, device: str | torch.devi
         d_in=cfg.d_in,
         d_sae=cfg.width,
         architecture=architecture,
-        k=cfg.k if architecture == "topk" else None,
+        k=cfg.arch.active_latents(),
         device=str(device),
-        apply_b_dec_to_input=cfg.architecture != "relu",
+        apply_b_dec_to_input=cfg.arch.apply_b_dec_to_input,
         metadata={"hook_name": cfg.hook_name or None},
     )
 
 
-class TrainingMixin:
-    """Mixed into an inference SAE class to make its training form."""
+class TrainingSAE(SAE):
+    """The training form of an SAE; subclasses also subclass their inference class: `(TrainingSAE, TopKSAE)`."""
 
+    #: The name this class trains under (--arch); its inference class's `architecture` is the saved form.
     training_architecture: ClassVar[str] = ""
     #: Keep decoder rows at unit norm (project the gradient, renormalise after each step).
     unit_norm_decoder: ClassVar[bool] = True
 
-    train_cfg: TrainConfig
-    W_enc: torch.nn.Parameter
-    W_dec: torch.nn.Parameter
-    b_enc: torch.nn.Parameter
-    b_dec: torch.nn.Parameter
+    def __init__(self, train_cfg: TrainConfig, device: str | torch.device = "cpu") -> None:
+        self.train_cfg = train_cfg  # before the inference class's __init__, which may read it (_init_threshold)
+        super().__init__(sae_config_for(train_cfg, self.architecture, device))
+        self.use_bf16 = bool(train_cfg.bf16_autocast and torch.device(device).type == "cuda")
 
     @torch.no_grad()
     def initialize(self, sample: Tensor, generator: torch.Generator) -> None:
@@ -123,7 +124,17 @@ class TrainingMixin:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def copy_weights(source: SAE, target: SAE) -> SAE:
+def training_class(architecture: str) -> type[TrainingSAE]:
+    """The class that trains `architecture` (a training name: --arch)."""
+    found = get_architecture(architecture).training_class
+    assert issubclass(found, TrainingSAE)
+    return found
+
+
+S = TypeVar("S", bound=SAE)
+
+
+def copy_weights(source: SAE, target: S) -> S:
     """Copy the four shared parameters from `source` into `target` (same shapes) and return `target`."""
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
