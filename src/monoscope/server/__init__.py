@@ -19,7 +19,7 @@ from typing import Any
 
 _EXPORTS = {
     "Service": "service",
-    "ServedSAE": "service",
+    "ServedSAE": "saes",
     "ApiError": "errors",
     "ModelWorker": "worker",
     "create_app": "app",
@@ -28,7 +28,7 @@ _EXPORTS = {
     "serve_forever": "runner",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["ApiError", "ModelWorker", "ServedSAE", "ServerThread", "Service", "create_app", "fastapi_app", "serve_forever"]
 
 
 def __getattr__(name: str) -> Any:
