@@ -37,7 +37,7 @@ def strong_feature(server):
 
 
 def plain_generate(service, messages, max_new_tokens):
-    from monoscope.steer.generation import encode_prompt
+    from monoscope.steer.runtime import encode_prompt
 
     lm = service.lm
     ids = encode_prompt(lm.tokenizer, messages)
