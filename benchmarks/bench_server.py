@@ -235,7 +235,7 @@ def old_path(lm, steering, prompt: str, max_tokens: int) -> int:
     import torch
 
     from monoscope.steer import steer
-    from monoscope.steer.generation import encode_prompt
+    from monoscope.steer.runtime import encode_prompt
 
     ids = encode_prompt(lm.tokenizer, [{"role": "user", "content": prompt}], device=lm.device)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id

@@ -66,7 +66,7 @@ def random_sae(d_in: int, hook: str, model: str):
 
 def overhead(lm, sae, tokens: int, repeats: int) -> dict:
     from monoscope.steer import Steering, steer
-    from monoscope.steer.generation import encode_prompt
+    from monoscope.steer.runtime import encode_prompt
 
     ids = encode_prompt(lm.tokenizer, PROMPTS[0], device=lm.device)
     steering = Steering(sae, max_activations={f: 1.0 for f in range(sae.cfg.d_sae)}).clamp(1, 4.0).clamp(2, 4.0).clamp(3, 4.0)

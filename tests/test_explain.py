@@ -1,8 +1,8 @@
 """LLM feature explanations and their scores, against real HTTP endpoints on loopback.
 
 Three kinds of endpoint, all real `http.server`s started here:
-- `ChatServer` around the tiny random Llama from conftest: a real model whose answers are junk, for the
-  robustness paths (unreadable answers, fallbacks, parse-failure rates);
+- `monoscope serve`'s app (no SAE) around the tiny random Llama from conftest: a real model whose answers are
+  junk, for the robustness paths (unreadable answers, fallbacks, parse-failure rates);
 - a RULE-BASED TEST MODEL (`rule_based_reply` below, not a language model): an OpenAI-compatible endpoint
   that explains by naming the most common marked token and judges by keyword matching, so the happy path
   has known right answers;
@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -35,7 +36,6 @@ from monoscope.autointerp.explainer import explain_examples, explainer_prompt, p
 from monoscope.autointerp.run import explain_feature, explain_features
 from monoscope.autointerp.scorers import classification_metrics, parse_judgement, score_detection, score_fuzzing
 from monoscope.errors import MonoscopeError
-from monoscope.features.chat_server import ChatServer
 
 # ---------------------------------------------------------------- test endpoints
 
@@ -191,14 +191,31 @@ class MemoryStore:
         return [{"source": s[1]} for s in self.saved if s[0] == feature_id]
 
 
+@dataclass
+class ServedModel:
+    lm: object
+    base_url: str
+
+
+@contextmanager
+def serve_model(lm, name: str, *, truncate_prompt: bool = False):
+    """The real server app with the model alone (no SAE) on a free loopback port."""
+    from monoscope.server import ServerThread, Service, create_app
+
+    service = Service(lm, served_name=name, truncate_prompt=truncate_prompt)
+    try:
+        with ServerThread(create_app(service)) as server:
+            yield ServedModel(lm, server.url + "/v1")
+    finally:
+        service.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from monoscope.model import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    with ChatServer(model, tok, model_name="tiny-llama", truncate_prompt=True) as server:
-        yield server
+    with serve_model(load_model(str(tiny_llama_dir)), "tiny-llama", truncate_prompt=True) as served:
+        yield served
 
 
 FAST = ExplainConfig(explain_max_tokens=16, judge_max_tokens=12)
@@ -293,7 +310,7 @@ def test_junk_answers_from_a_real_model_fall_back_and_report_parse_failures(tiny
     assert label.usage.requests == 9 and label.usage.completion_tokens > 0
 
 
-def test_chat_server_speaks_the_api(tiny_server):
+def test_served_model_speaks_the_api(tiny_server):
     client = LLMClient(tiny_server.base_url, "tiny-llama")
     assert client.check() == ["tiny-llama"] and LLMClient(tiny_server.base_url).check() == ["tiny-llama"]
     reply = client.chat([{"role": "user", "content": "hi"}], max_tokens=5)
@@ -304,8 +321,7 @@ def test_chat_server_speaks_the_api(tiny_server):
         LLMClient(tiny_server.base_url, "gpt-5").check()
     with pytest.raises(LLMError, match="does not serve model"):
         LLMClient(tiny_server.base_url, "gpt-5").chat([{"role": "user", "content": "hi"}])
-    strict = ChatServer(tiny_server.model, tiny_server.tokenizer, model_name="tiny-llama")
-    with strict:
+    with serve_model(tiny_server.lm, "tiny-llama") as strict:
         with pytest.raises(LLMError, match="maximum context length is 256") as err:
             LLMClient(strict.base_url, "tiny-llama").complete("hello " * 300, max_tokens=5)
         assert not err.value.fatal  # a too-long prompt fails one feature, not the run
@@ -500,7 +516,7 @@ def test_embedded_model_explains_a_feature_end_to_end():
 
     lm = load_model(EMBEDDED_MODEL)
     feature = paris_feature()
-    with ChatServer(lm.model, lm.tokenizer, model_name=EMBEDDED_MODEL) as server:
+    with serve_model(lm, EMBEDDED_MODEL) as server:
         client = LLMClient(server.base_url, EMBEDDED_MODEL)
         label = explain_feature(client, feature["top"][:4], [], [], score=False,
                                 config=ExplainConfig(n_top=4, n_quantile=0, explain_max_tokens=24, context=16))

@@ -37,7 +37,7 @@ def strong_feature(server):
 
 
 def plain_generate(service, messages, max_new_tokens):
-    from monoscope.steer.generation import encode_prompt
+    from monoscope.steer.runtime import encode_prompt
 
     lm = service.lm
     ids = encode_prompt(lm.tokenizer, messages)
@@ -333,3 +333,41 @@ def test_several_saes_one_without_database_and_a_vector(served_sae, tmp_path):
                 assert reply.json()["choices"][0]["message"]["content"] != plain, steering
     finally:
         svc.close()
+
+
+# ---------------------------------------------------------------- the model alone (no SAE)
+
+
+def test_model_alone_serves_the_openai_api_and_says_features_need_an_sae(tiny_llama_dir, tmp_path, capsys):
+    """`monoscope serve --model M` without --sae: completions (plain and with a steering vector) work; every
+    feature route and feature steering answer 404 `no_sae` saying how to serve one; neither flag is a clear error."""
+    from monoscope.cli import main
+    from monoscope.server import ServerThread, Service, create_app
+    from monoscope.steer import SteeringVector
+
+    torch.manual_seed(2)
+    SteeringVector({"resid_post.0": torch.randn(32)}).save(tmp_path / "push.safetensors")
+    svc = Service.load([], model=str(tiny_llama_dir), served_name="tiny", vectors=[str(tmp_path / "push.safetensors")], max_tokens_limit=32)
+    try:
+        with ServerThread(create_app(svc)) as srv:
+            assert request("GET", srv.url + "/v1/models").json()["data"][0]["id"] == "tiny"
+            info = request("GET", srv.url + "/api/info").json()
+            assert info["saes"] == [] and info["vectors"][0]["id"] == "push"
+            base = {"model": "tiny", "messages": PROMPT, "max_tokens": 8, "temperature": 0}
+            plain = request("POST", srv.url + "/v1/chat/completions", base)
+            assert plain.status == 200 and plain.json()["usage"]["completion_tokens"] > 0
+            assert plain.json()["choices"][0]["message"]["content"] == plain_generate(svc, PROMPT, plain.json()["usage"]["completion_tokens"])
+            text = request("POST", srv.url + "/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0})
+            assert text.status == 200 and text.json()["object"] == "text_completion"
+            pushed = request("POST", srv.url + "/v1/chat/completions", {**base, "steering": [{"vector": "push", "coefficient": 20}]})
+            assert pushed.status == 200 and pushed.json()["choices"][0]["message"]["content"] != plain.json()["choices"][0]["message"]["content"]
+            for method, path, body in (("GET", "/api/features", None), ("GET", "/api/features/3", None), ("GET", "/api/map", None),
+                                       ("GET", "/api/search?q=fox", None), ("POST", "/api/scan", {"text": "The quick brown fox"}),
+                                       ("POST", "/api/attribute", {"prompt": "The quick", "target": " brown"}),
+                                       ("POST", "/v1/chat/completions", {**base, "steering": [{"feature": 3, "value": 4}]})):
+                r = request(method, srv.url + path, body)
+                assert r.status == 404 and r.json()["error"]["code"] == "no_sae" and "--sae DIR" in r.message, (path, r.body)
+    finally:
+        svc.close()
+    assert main(["serve", "--port", "0"]) == 2
+    assert "serve needs a model: pass --model NAME, or --sae DIR" in capsys.readouterr().err

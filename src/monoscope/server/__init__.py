@@ -15,11 +15,19 @@ the UI; the HTTP contract is `openapi.json` beside this file.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below, for type checkers; at run time they are imported on first use
+    from .app import create_app, fastapi_app
+    from .errors import ApiError
+    from .runner import ServerThread, serve_forever
+    from .saes import ServedSAE
+    from .service import Service
+    from .worker import ModelWorker
 
 _EXPORTS = {
     "Service": "service",
-    "ServedSAE": "service",
+    "ServedSAE": "saes",
     "ApiError": "errors",
     "ModelWorker": "worker",
     "create_app": "app",
@@ -28,7 +36,7 @@ _EXPORTS = {
     "serve_forever": "runner",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["ApiError", "ModelWorker", "ServedSAE", "ServerThread", "Service", "create_app", "fastapi_app", "serve_forever"]
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"monoscope: warning: serving on {args.host} without an API key: anyone who can reach this machine can use the model "
               f"(pass --api-key or set {API_KEY_ENV})", file=sys.stderr)
     bind(args.host, args.port).close()  # fail on a busy port before loading the model
-    service = Service.load(args.sae, model=args.model, device=args.device, dtype=args.model_dtype, vectors=args.vector or [],
+    service = Service.load(args.sae or [], model=args.model, device=args.device, dtype=args.model_dtype, vectors=args.vector or [],
                            served_name=args.name, max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
                            max_batch=args.max_batch, ablate_direction=args.ablate_direction)
     app = create_app(service, api_key=api_key)
@@ -42,8 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int) -> None:
         host = f"[{args.host}]" if ":" in args.host else args.host
         base = f"http://{host}:{port}"
-        print(f"monoscope serve: {service.served_name} with SAE{'s' if len(service.saes) > 1 else ''} "
-              + ", ".join(f"{s.id} ({s.hook}, {s.d_sae:,} features{'' if s.store is not None else ', no feature database'})" for s in service.saes.values()))
+        saes = [f"{s.id} ({s.hook}, {s.d_sae:,} features{'' if s.store is not None else ', no feature database'})" for s in service.saes.values()]
+        print(f"monoscope serve: {service.served_name} with SAE{'s' if len(saes) > 1 else ''} " + ", ".join(saes) if saes
+              else f"monoscope serve: {service.served_name} without an SAE (the OpenAI-compatible API only; --sae DIR serves features)")
         print(f"  web UI       {base}/")
         print(f"  OpenAI API   {base}/v1   (model {service.served_name!r}; steering: extra_body={{\"steering\": [{{\"feature\": 0, \"mode\": \"clamp\", \"value\": \"8x\"}}]}})")
         print(f"  API docs     {base}/docs" + ("   (API key required: Authorization: Bearer KEY)" if api_key else ""))
@@ -66,8 +67,9 @@ def register(sub) -> None:
         description="Start one process that serves the model the SAE reads, the SAE(s) and their feature databases: a web UI "
                     "(feature pages, search, scanner, equalizer chat, map) at /, an OpenAI-compatible API at /v1 whose completions "
                     "take a `steering` list, and monoscope's feature API at /api (docs at /docs).")
-    p.add_argument("--sae", action="append", required=True, metavar="DIR",
-                   help="SAE folder (its features.db is served when present); repeat for several, NAME=DIR to name one")
+    p.add_argument("--sae", action="append", metavar="DIR",
+                   help="SAE folder (its features.db is served when present); repeat for several, NAME=DIR to name one "
+                        "(none: serve --model alone, the OpenAI-compatible API only)")
     p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or smollm2-135m-instruct (default: the model the SAE records)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")

@@ -7,9 +7,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Callable
+
+from starlette.types import ASGIApp
 
 from ..errors import MonoscopeError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -31,14 +36,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: Any, log_level: str) -> Any:
+def _config(app: ASGIApp, log_level: str) -> uvicorn.Config:
     import uvicorn
 
     return uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"), lifespan="off",
                           timeout_graceful_shutdown=2, ws="none")
 
 
-def serve_forever(app: Any, host: str, port: int, log_level: str = "warning", on_ready: Any = None) -> None:
+def serve_forever(app: ASGIApp, host: str, port: int, log_level: str = "warning",
+                  on_ready: Callable[[int], None] | None = None) -> None:
     """Serve `app` on host:port until Ctrl-C."""
     import uvicorn
 
@@ -52,7 +58,7 @@ def serve_forever(app: Any, host: str, port: int, log_level: str = "warning", on
 class ServerThread:
     """uvicorn on a daemon thread: `with ServerThread(app) as s: urllib.request.urlopen(s.url + "/health")`."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
         self.app = app
@@ -86,5 +92,5 @@ class ServerThread:
     def __enter__(self) -> "ServerThread":
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

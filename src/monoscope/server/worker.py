@@ -18,30 +18,39 @@ import collections
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Literal, Optional, TypeVar, Union
 
 from ..errors import MonoscopeError
-from ..steer.batch import BatchEngine, Request, RowResult, SamplingParams
+from ..steer.batch import BatchEngine, Request, RowResult
+from ..steer.runtime import ChatMessages, ContextLengthExceeded, SamplingParams, encode_prompt, fit_context
 from .errors import ApiError, Cancelled
 
+if TYPE_CHECKING:
+    from ..model import LoadedModel
+    from ..steer.steering import Steering
+
 DEFAULT_MAX_BATCH = 16
+T = TypeVar("T")
+
+GenerationEvent = Union[tuple[Literal["start"], int], tuple[Literal["text"], str], tuple[Literal["end"], "Future[GenerationResult]"]]
+"""What a streamed completion hears: its prompt's length when it joins, each text delta, then its future."""
 
 
 @dataclass
 class GenerationJob:
     """One completion: the prompt (chat messages or raw text), settings, steering, and where its text goes."""
 
-    messages: list[dict[str, str]] | None
+    messages: ChatMessages | None
     prompt: str | None
     max_tokens: int
     temperature: float
     top_p: float | None
     seed: int | None
     stops: list[str]
-    steering: Any  # Steering or None
+    steering: Steering | None
     ignore_eos: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
-    on_event: Callable[[tuple], None] | None = None  # ("start", prompt_tokens) and ("text", delta)
+    on_event: Callable[[GenerationEvent], None] | None = None
 
 
 @dataclass
@@ -49,7 +58,15 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # stop | length
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass
+class ModelJob:
+    """A model job other than a completion: `run` it on the model thread, or `refuse` it (shutting down)."""
+
+    run: Callable[[], None]
+    refuse: Callable[[BaseException], None]
 
 
 @dataclass
@@ -65,16 +82,17 @@ class Stats:
 class ModelWorker:
     """One thread: the batch engine's steps, and other model jobs between them; at most `max_queue` jobs in it."""
 
-    def __init__(self, lm: Any, *, max_queue: int = 64, max_batch: int = DEFAULT_MAX_BATCH, context_length: int | None = None,
+    def __init__(self, lm: LoadedModel, *, max_queue: int = 64, max_batch: int = DEFAULT_MAX_BATCH, context_length: int | None = None,
                  truncate_prompt: bool = False):
         self.lm = lm
         self.max_queue = int(max_queue)
-        self.context_length, self.truncate_prompt = context_length, truncate_prompt
         self.engine = BatchEngine(lm, max_batch=max_batch)
+        self.context_length = self.engine.context_length if context_length is None else context_length
+        self.truncate_prompt = truncate_prompt
         self.stats = Stats()
         self._cond = threading.Condition()
-        self._jobs: collections.deque = collections.deque()  # (future, fn, args) of other model jobs
-        self._arrived: list[tuple[Future, GenerationJob]] = []  # completions not yet handed to the engine
+        self._jobs: collections.deque[ModelJob] = collections.deque()  # model jobs other than completions
+        self._arrived: list[tuple[Future[GenerationResult], GenerationJob]] = []  # completions not yet handed to the engine
         self._pending = 0
         self._closed = False
         self._failure: BaseException | None = None
@@ -95,23 +113,38 @@ class ModelWorker:
 
     # ---- submitting (any thread)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
         """Run `fn(*args)` on the model thread, between two decoding steps."""
-        future = self._enter()
+        future: Future[T] = self._enter()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the client left while it waited
+            try:
+                result = fn(*args)
+            except BaseException as err:  # noqa: BLE001 - handed to the request
+                future.set_exception(err)
+            else:
+                future.set_result(result)
+
+        def refuse(err: BaseException) -> None:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(err)
+
         with self._cond:
-            self._jobs.append((future, fn, args))
+            self._jobs.append(ModelJob(run, refuse))
             self._cond.notify()
         return future
 
-    def generate(self, job: GenerationJob) -> Future:
+    def generate(self, job: GenerationJob) -> Future[GenerationResult]:
         """Queue a completion; the future's result is a `GenerationResult` (or ApiError / Cancelled)."""
-        future = self._enter()
+        future: Future[GenerationResult] = self._enter()
         with self._cond:
             self._arrived.append((future, job))
             self._cond.notify()
         return future
 
-    def _enter(self) -> Future:
+    def _enter(self) -> Future:  # type: ignore[type-arg] - the caller says what it will hold
         with self._cond:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", "shutting_down")
@@ -122,7 +155,7 @@ class ModelWorker:
         future.add_done_callback(self._leave)
         return future
 
-    def _leave(self, _: Future) -> None:
+    def _leave(self, _: Future[object]) -> None:
         with self._cond:
             self._pending -= 1
 
@@ -147,7 +180,7 @@ class ModelWorker:
             for future, generation in arrived:
                 self._admit(future, generation)
             if job is not None:
-                self._run(*job)
+                job.run()
             if self.engine.has_work():
                 try:
                     self.engine.step()
@@ -156,17 +189,7 @@ class ModelWorker:
                 self.stats.peak_batch = self.engine.peak_batch
         self._shut_down()
 
-    def _run(self, future: Future, fn: Callable[..., Any], args: tuple) -> None:
-        if not future.set_running_or_notify_cancel():
-            return  # the client left while it waited
-        try:
-            result = fn(*args)
-        except BaseException as err:  # noqa: BLE001 - handed to the request
-            future.set_exception(err)
-        else:
-            future.set_result(result)
-
-    def _admit(self, future: Future, job: GenerationJob) -> None:
+    def _admit(self, future: Future[GenerationResult], job: GenerationJob) -> None:
         """Check a completion and hand it to the engine; a bad one fails here, before it joins the batch."""
         if not future.set_running_or_notify_cancel():
             return
@@ -179,13 +202,8 @@ class ModelWorker:
             params = SamplingParams(max_new_tokens=job.max_tokens, temperature=job.temperature if job.temperature > 0 else 0.0,
                                     top_p=job.top_p, seed=job.seed, stop=tuple(job.stops),
                                     min_new_tokens=job.max_tokens if job.ignore_eos else 0)
-            on_text = None
-            if job.on_event is not None:
-                emit = job.on_event
-
-                def on_text(delta: str) -> None:
-                    emit(("text", delta))
-
+            emit = job.on_event
+            on_text = None if emit is None else (lambda delta: emit(("text", delta)))
             request = Request(ids, job.steering, params, on_text=on_text, cancel=job.cancel)
             self.engine.add(request, on_done=lambda result: self._finished(future, len(ids), result))
         except ApiError as err:
@@ -202,7 +220,7 @@ class ModelWorker:
                 except Exception:  # noqa: BLE001 - nobody listens any more: the row leaves at the next step
                     job.cancel.set()
 
-    def _finished(self, future: Future, prompt_tokens: int, result: RowResult) -> None:
+    def _finished(self, future: Future[GenerationResult], prompt_tokens: int, result: RowResult) -> None:
         n = len(result.ids)
         if result.finish_reason == "cancelled":
             self.stats.cancelled += 1
@@ -216,7 +234,7 @@ class ModelWorker:
         else:
             self.stats.generations += 1
             self.stats.tokens_generated += n
-            future.set_result(GenerationResult(result.text, prompt_tokens, n, result.finish_reason))
+            future.set_result(GenerationResult(result.text, prompt_tokens, n, "stop" if result.finish_reason == "stop" else "length"))
 
     def _abort(self, err: BaseException) -> None:
         self._failure = err
@@ -233,28 +251,21 @@ class ModelWorker:
         for future, _ in arrived:
             if future.set_running_or_notify_cancel():
                 future.set_exception(stopped)
-        for future, _, _ in jobs:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(stopped)
+        for job in jobs:
+            job.refuse(stopped)
         self._failure = stopped
         self.engine.abort("the server is shutting down")
 
     def _prompt_ids(self, job: GenerationJob) -> list[int]:
-        from ..steer.generation import encode_prompt
-
-        tok = self.lm.tokenizer
+        """The job's prompt as token ids that leave room for its max_tokens (or a 400 saying why not)."""
         param = "messages" if job.messages is not None else "prompt"
         if job.messages is None and not job.prompt:
             raise ApiError(400, "the prompt is empty; give some text to continue", "empty_prompt", "prompt")
+        prompt = job.messages if job.messages is not None else job.prompt or ""
         try:
-            ids = encode_prompt(tok, job.messages) if job.messages is not None else encode_prompt(tok, job.prompt or "", raw=True)
+            ids = encode_prompt(self.lm.tokenizer, prompt, raw=job.messages is None)[0].tolist()
+            return fit_context(ids, job.max_tokens, self.context_length, truncate=self.truncate_prompt)
+        except ContextLengthExceeded as err:
+            raise ApiError(400, str(err), "context_length_exceeded", param) from None
         except MonoscopeError as err:
             raise ApiError(400, str(err), "invalid_prompt", param) from None
-        n_prompt = int(ids.shape[-1])
-        if self.context_length is not None and n_prompt + job.max_tokens > self.context_length:
-            room = self.context_length - job.max_tokens
-            if not self.truncate_prompt or room < 1:
-                raise ApiError(400, f"This model's maximum context length is {self.context_length} tokens; the prompt has {n_prompt} "
-                                    f"and max_tokens is {job.max_tokens}: shorten the prompt or lower max_tokens", "context_length_exceeded", param)
-            ids = ids[:, -room:]
-        return ids[0].tolist()

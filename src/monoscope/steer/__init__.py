@@ -39,11 +39,11 @@ _EXPORTS = {
     # generation
     "generate": "generation",
     "compare": "generation",
-    "encode_prompt": "generation",
-    "Generation": "generation",
+    "encode_prompt": "runtime",
+    "Generation": "runtime",
     "generate_batch": "batch",
     "BatchEngine": "batch",
-    "SamplingParams": "batch",
+    "SamplingParams": "runtime",
     "Request": "batch",
     "RowResult": "batch",
     # feature database access

@@ -19,7 +19,7 @@ import torch
 from ..errors import MonoscopeError
 from ..model import edit, last_logits, token_logprobs
 from ..progress import progress_bar
-from .generation import encode_prompt
+from .runtime import encode_prompt
 from ..sae.io import sae_hook_point
 from .steering import check_sae_fits
 

@@ -24,47 +24,51 @@ import secrets
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import MonoscopeError
-from ..model import edit
-from .spec import check_number
-from .steering import DirectionTable, FeatureTable, Steering, TokenRoles, apply_edits
+from ..model import HookPoint, edit
+from ..model.hooks import EditFn
+from .runtime import (
+    Generation,
+    Prompt,
+    SamplingParams,
+    context_length,
+    decode_text,
+    fit_context,
+    prompt_token_ids,
+    sampling_temperature,
+)
+from .steering import CompiledSteering, DirectionTable, FeatureTable, Steering, TokenRoles, apply_edits
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..model import LoadedModel
+    from .steering import _FeatureGroup
+
+__all__ = ["BatchEngine", "Request", "RowResult", "SamplingParams", "generate_batch"]
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
+class KVLayer(Protocol):
+    """One layer of a plain full-attention KV cache (transformers' `DynamicLayer`): keys and values [B, H, T, D]."""
+
+    keys: Tensor
+    values: Tensor
+
+
+class KVCache(Protocol):
+    """What the engine uses of transformers' `DynamicCache`: its layers."""
+
+    layers: list[KVLayer]
+
+
 # ---------------------------------------------------------------- a request and its result
-
-
-@dataclass
-class SamplingParams:
-    """How one row samples and when it ends. Greedy at temperature 0; `min_new_tokens` keeps EOS away."""
-
-    max_new_tokens: int = 40
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    min_new_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if int(self.max_new_tokens) <= 0:
-            raise MonoscopeError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        self.max_new_tokens = int(self.max_new_tokens)
-        self.temperature = check_number(self.temperature, "temperature")
-        if self.temperature < 0:
-            raise MonoscopeError(f"temperature must be >= 0, got {self.temperature:g}")
-        if self.top_p is not None and not 0 < check_number(self.top_p, "top_p") <= 1:
-            raise MonoscopeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and int(self.top_k) < 0:
-            raise MonoscopeError(f"top_k must be >= 0, got {self.top_k}")
-        self.stop = tuple(s for s in self.stop if s)
-        self.min_new_tokens = max(0, min(int(self.min_new_tokens), self.max_new_tokens))
 
 
 @dataclass
@@ -106,7 +110,7 @@ class TextAssembler:
     """The text of one row as tokens arrive: incremental decoding (a window of a few tokens, so a step costs
     the same at token 1000 as at token 1), stop strings cut where they start, deltas handed to `on_text`."""
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], on_text: Callable[[str], None] | None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], on_text: Callable[[str], None] | None):
         self.tokenizer, self.stops, self.on_text = tokenizer, list(stops), on_text
         self.ids: list[int] = []
         self.text = ""
@@ -124,9 +128,8 @@ class TextAssembler:
         self.ids.append(int(token))
         if not self.incremental:
             return False
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        now = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        before = decode_text(self.tokenizer, self.ids[self._prefix : self._read])
+        now = decode_text(self.tokenizer, self.ids[self._prefix :])
         if len(now) <= len(before) or now.endswith("\ufffd"):
             return False  # nothing new yet, or half a character: wait for the next token
         self.text += now[len(before) :]
@@ -136,11 +139,11 @@ class TextAssembler:
     def finish(self) -> str:
         """The final text (all of it sent to `on_text`)."""
         if not self.incremental:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self.text = decode_text(self.tokenizer, self.ids)
             return self.text
         if not self.stopped:
-            rest = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
-            before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+            rest = decode_text(self.tokenizer, self.ids[self._prefix :])
+            before = decode_text(self.tokenizer, self.ids[self._prefix : self._read])
             self.text += rest[len(before) :]
             self._check(final=True)
         return self.text
@@ -163,7 +166,8 @@ class TextAssembler:
 class Row:
     """A request inside the engine: its compiled steering, random generator, tokens and text so far."""
 
-    def __init__(self, request: Request, compiled: Any, tokenizer: Any, device: torch.device, index: int):
+    def __init__(self, request: Request, compiled: CompiledSteering | None, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+                 index: int):
         self.request, self.compiled, self.index = request, compiled, index
         self.params = request.params
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
@@ -209,7 +213,7 @@ class _BatchEdits:
     """The steering of a list of rows as per-hook tables (rebuilt whenever the rows change)."""
 
     def __init__(self, rows: Sequence[Row], device: torch.device):
-        groups: dict[tuple[str, int], list[tuple[int, Any]]] = {}
+        groups: dict[tuple[str, int], list[tuple[int, _FeatureGroup]]] = {}
         directions: dict[str, dict[int, list]] = {}
         for b, row in enumerate(rows):
             if row.compiled is None:
@@ -233,8 +237,8 @@ class _BatchEdits:
                                                          None if where == list(range(n)) else where)
         self.strength = torch.tensor([row.strength for row in rows], dtype=torch.float32, device=device)
 
-    def hooks(self, roles: TokenRoles) -> dict[str, Callable[[Tensor], Tensor]]:
-        def make(hook: str) -> Callable[[Tensor], Tensor]:
+    def hooks(self, roles: TokenRoles) -> dict[str | HookPoint, EditFn]:
+        def make(hook: str) -> EditFn:
             tables, directions = self.tables.get(hook, []), self.directions.get(hook)
             return lambda x: apply_edits(x, roles, tables, directions, self.strength)
 
@@ -252,7 +256,7 @@ class BatchEngine:
     through a request's event, and reading `running` / `waiting`.
     """
 
-    def __init__(self, lm: Any, *, max_batch: int = 16, prefill_tokens: int = 2048):
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 16, prefill_tokens: int = 2048):
         if int(max_batch) < 1:
             raise MonoscopeError(f"max_batch must be >= 1, got {max_batch}")
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
@@ -261,6 +265,7 @@ class BatchEngine:
         self.max_batch = int(max_batch) if self.batchable else 1
         self.prefill_tokens = max(1, int(prefill_tokens))
         self.eos = _eos_ids(lm)
+        self.context_length = context_length(self.model)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (min(self.eos) if self.eos else 0))
         params = inspect.signature(self.model.forward).parameters
@@ -269,7 +274,7 @@ class BatchEngine:
         self._lock = threading.Lock()
         self._waiting: list[Row] = []
         self.rows: list[Row] = []
-        self._cache: Any = None
+        self._cache: KVCache | None = None
         self._mask: Tensor | None = None  # [B, L] 1 where the cache holds a real token
         self._edits: _BatchEdits | None = None
         self._count = 0
@@ -292,6 +297,7 @@ class BatchEngine:
         """Queue a request; its steering is compiled here, so a bad spec raises before it joins any batch."""
         if not request.prompt_ids:
             raise MonoscopeError("the prompt encodes to no tokens; give some text to continue")
+        fit_context(request.prompt_ids, request.params.max_new_tokens, self.context_length)
         compiled = None
         if request.steering is not None and not request.steering.is_empty():
             compiled = request.steering.compile(self.lm)
@@ -348,9 +354,10 @@ class BatchEngine:
             self._waiting = keep
         return taken
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, edits: _BatchEdits | None, roles: TokenRoles) -> tuple[Tensor, Any]:
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVCache | None, edits: _BatchEdits | None,
+                 roles: TokenRoles) -> tuple[Tensor, KVCache]:
         hooks = edits.hooks(roles) if edits is not None else {}
-        kw: dict[str, Any] = {"input_ids": ids, "position_ids": positions, "use_cache": True, self._cache_arg: cache}
+        kw: dict[str, object] = {"input_ids": ids, "position_ids": positions, "use_cache": True, self._cache_arg: cache}
         if not (mask.shape[0] == 1 and bool(mask.all())):
             kw["attention_mask"] = mask
         if self._keep_arg:
@@ -360,6 +367,7 @@ class BatchEngine:
         cache_out = getattr(out, "cache", None)
         if cache_out is None:
             cache_out = getattr(out, "past_key_values", None)
+        assert cache_out is not None, "the model returned no KV cache"
         return out.logits[:, -1, :].float(), cache_out
 
     def _prefill(self, joiners: list[Row], finished: list[Row]) -> None:
@@ -448,13 +456,13 @@ class BatchEngine:
 
     # ---- the KV cache
 
-    def _merge(self, cache: Any, mask: Tensor, rows: list[Row]) -> None:
+    def _merge(self, cache: KVCache, mask: Tensor, rows: list[Row]) -> None:
         if not self.rows:
             if self.batchable:
                 cache.layers = [_growing_layer(layer.keys, layer.values) for layer in cache.layers]
             self._cache, self._mask, self.rows = cache, mask, list(rows)
         else:
-            assert self._mask is not None
+            assert self._mask is not None and self._cache is not None
             width = max(self._mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self._cache.layers, cache.layers):
                 _assign(mine, torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], 0),
@@ -470,8 +478,8 @@ class BatchEngine:
             return
         if len(keep) < len(self.rows):
             index = torch.tensor(keep, device=self.device)
+            assert self._mask is not None and self._cache is not None
             _select_cache(self._cache, index)
-            assert self._mask is not None
             self._cache, self._mask = _trim(self._cache, self._mask.index_select(0, index))
             self.rows = [self.rows[b] for b in keep]
             self._edits = _BatchEdits(self.rows, self.device) if any(r.compiled is not None for r in self.rows) else None
@@ -485,19 +493,19 @@ def _pad_left(t: Tensor, width: int, dim: int = -2) -> Tensor:
     return torch.nn.functional.pad(t, pad)
 
 
-def _assign(layer: Any, keys: Tensor, values: Tensor) -> None:
+def _assign(layer: KVLayer, keys: Tensor, values: Tensor) -> None:
     if _GROWING is not None and isinstance(layer, _GROWING):
-        layer.assign(keys, values)
+        layer.assign(keys, values)  # pyright: ignore[reportAttributeAccessIssue] - a GrowingLayer
     else:
         layer.keys, layer.values = keys, values
 
 
-def _select_cache(cache: Any, index: Tensor) -> None:
+def _select_cache(cache: KVCache, index: Tensor) -> None:
     for layer in cache.layers:
         _assign(layer, layer.keys.index_select(0, index), layer.values.index_select(0, index))
 
 
-def _trim(cache: Any, mask: Tensor) -> tuple[Any, Tensor]:
+def _trim(cache: KVCache, mask: Tensor) -> tuple[KVCache, Tensor]:
     """Cut the columns that are padding in every row (all on the left)."""
     real = mask.sum(-1)
     cut = int(mask.shape[1] - int(real.max()))
@@ -508,7 +516,7 @@ def _trim(cache: Any, mask: Tensor) -> tuple[Any, Tensor]:
     return cache, mask
 
 
-def _growing_layer(keys: Tensor, values: Tensor) -> Any:
+def _growing_layer(keys: Tensor, values: Tensor) -> KVLayer:
     """A full-attention KV cache layer whose keys and values live in a buffer with room to grow: a decode step
     writes one column, where transformers' `DynamicLayer` concatenates (copies the whole cache every step).
     A subclass of `DynamicLayer` (defined on first use: transformers is imported late)."""
@@ -530,10 +538,10 @@ def _growing_layer(keys: Tensor, values: Tensor) -> Any:
                 self.length, self.device, self.is_initialized = length, keys.device, True
                 self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
-            def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
                 n = key_states.shape[-2]
                 if self.length + n > self._k.shape[-2]:
-                    self.assign(self.keys, self.values, room=max(64, self.length))  # double the room: amortised O(1)
+                    self.assign(self._k[:, :, : self.length], self._v[:, :, : self.length], room=max(64, self.length))  # double the room: amortised O(1)
                 self._k[:, :, self.length : self.length + n] = key_states
                 self._v[:, :, self.length : self.length + n] = value_states
                 self.length += n
@@ -547,7 +555,7 @@ def _growing_layer(keys: Tensor, values: Tensor) -> Any:
 _GROWING: type | None = None
 
 
-def _batchable_cache(model: Any) -> bool:
+def _batchable_cache(model: PreTrainedModel) -> bool:
     """Whether the model's KV cache is plain full-attention layers, which left padding and row selection handle."""
     try:
         from transformers import DynamicCache
@@ -559,7 +567,7 @@ def _batchable_cache(model: Any) -> bool:
         return False
 
 
-def _eos_ids(lm: Any) -> set[int]:
+def _eos_ids(lm: LoadedModel) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(lm.tokenizer, "eos_token_id", None), getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
         if isinstance(source, int):
@@ -588,20 +596,20 @@ def _sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) 
 
 
 def generate_batch(
-    lm: Any,
-    prompts: Sequence[Any],
+    lm: LoadedModel,
+    prompts: Sequence[Prompt | Sequence[int] | Tensor],
     *,
-    steerings: "Steering | None | Sequence[Steering | None]" = None,
+    steerings: Steering | None | Sequence[Steering | None] = None,
     max_new_tokens: int = 40,
     temperature: float = 0.0,
     top_p: float | None = None,
-    seed: "int | None | Sequence[int | None]" = None,
+    seed: int | None | Sequence[int | None] = None,
     stop: Sequence[str] = (),
     raw: bool = False,
     ignore_eos: bool = False,
     max_batch: int = 16,
     on_text: Callable[[int, str], None] | None = None,
-) -> list[Any]:
+) -> list[Generation]:
     """Generate from many prompts at once, each with its own steering (or one `Steering` for all, or None).
 
     `prompts`: strings (through the chat template when the model has one, unless `raw`), chat messages, or
@@ -611,27 +619,20 @@ def generate_batch(
     bad one raises at once. Returns one `Generation` per prompt, in order, with `finish_reason` (stop, length
     or error: a steering so strong that the activations became NaN/inf ends its row, the others go on).
     """
-    from .generation import Generation, encode_prompt
-
     prompts = list(prompts)
     n = len(prompts)
     if n == 0:
         return []
-    specs = list(steerings) if isinstance(steerings, (list, tuple)) else [steerings] * n
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
+    specs: list[Steering | None] = list(steerings) if isinstance(steerings, (list, tuple)) else [steerings] * n  # type: ignore[list-item]
+    seeds: list[int | None] = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n  # type: ignore[list-item]
     if len(specs) != n or len(seeds) != n:
         raise MonoscopeError(f"got {n} prompts but {len(specs)} steerings and {len(seeds)} seeds; give one each, or one for all")
     engine = BatchEngine(lm, max_batch=max_batch)
-    results: list[Any] = [None] * n
+    results: list[Generation | None] = [None] * n
     for i, (prompt, spec, row_seed) in enumerate(zip(prompts, specs, seeds)):
-        if isinstance(prompt, Tensor):
-            ids = prompt.flatten().tolist()
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            ids = encode_prompt(lm.tokenizer, prompt, raw=raw)[0].tolist()
-        temp = 1.0 if (row_seed is not None and not temperature) else temperature
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, top_p=top_p, seed=row_seed, stop=tuple(stop),
+        ids = prompt_token_ids(lm.tokenizer, prompt, raw=raw)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=sampling_temperature(temperature, row_seed), top_p=top_p,
+                                seed=row_seed, stop=tuple(stop),
                                 min_new_tokens=max_new_tokens if ignore_eos else 0)
         callback = None if on_text is None else (lambda delta, i=i: on_text(i, delta))
 
@@ -641,4 +642,4 @@ def generate_batch(
 
         engine.add(Request(ids, spec, params, on_text=callback), on_done=done)
     engine.run()
-    return results
+    return [r for r in results if r is not None]

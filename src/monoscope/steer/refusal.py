@@ -110,7 +110,7 @@ def refusal_log_odds(logits: Tensor, refusal_ids: Tensor) -> Tensor:
 
 
 def _encode(lm: Any, prompts: Sequence[str], chat_template: bool) -> list[Tensor]:
-    from .generation import encode_prompt
+    from .runtime import encode_prompt
 
     return [encode_prompt(lm.tokenizer, p, raw=not chat_template)[0].cpu() for p in prompts]
 

@@ -113,7 +113,7 @@ class SteeringVector:
 
 
 def _encode_all(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> list[torch.Tensor]:
-    from .generation import encode_prompt
+    from .runtime import encode_prompt
 
     out = []
     for p in prompts:
