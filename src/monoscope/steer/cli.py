@@ -14,23 +14,31 @@ import textwrap
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable, ContextManager, TextIO, cast
 
 from ..argtypes import fraction, positive_float, positive_int
+from ..cli_common import Parsers, add_hook_arg, add_json_flag, add_model_args, default_hooks
 from ..errors import MonoscopeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..model import LoadedModel
+    from ..sae import SAE
+    from .featuredb import FeatureDB
+    from .steering import Steering
+    from .toward import Option, SteeringPlan, TowardConfig
+
+#: --model's default in words, for commands that steer an SAE's features (the model falls back to the embedded one).
+SAE_MODEL = "the SAE's model, else smollm2-135m-instruct"
 
 
 def _loud_warnings() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:
         print(f"monoscope: warning: {message}", file=sys.stderr, flush=True)
 
-    warnings.showwarning = show  # type: ignore[assignment]
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or smollm2-135m-instruct (default: the SAE's model, else the embedded one)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
+    warnings.showwarning = show
 
 
 def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 40) -> None:
@@ -41,20 +49,19 @@ def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 40) -
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template to the prompt")
 
 
-def _open_sae(args: argparse.Namespace):
+def _open_sae(args: argparse.Namespace) -> "SAE | None":
     from .steering import load_steering_sae
 
     return load_steering_sae(args.sae, device=args.device) if getattr(args, "sae", None) else None
 
 
-def _open_model(args: argparse.Namespace, sae=None):
+def _open_model(args: argparse.Namespace, sae: "SAE | None" = None) -> "LoadedModel":
+    """--model, else the model the SAE recorded, else the embedded one."""
     from ..model import EMBEDDED_MODEL, load_model
-    from ..sae.io import sae_model_name
+    from ..sae.recorded import SAERecord
 
-    name = args.model or (sae_model_name(sae) if sae is not None else None) or EMBEDDED_MODEL
-    if args.model is None and sae is not None and sae_model_name(sae) and not Path(name).exists() and name.startswith((".", "/", "~")):
-        raise MonoscopeError(f"the SAE was trained on {name}, which is not here; pass --model")
-    return load_model(name, device=args.device, dtype=args.model_dtype)
+    record = SAERecord.of(sae) if sae is not None else SAERecord()
+    return load_model(record.model_name(args.model, fallback=EMBEDDED_MODEL), device=args.device, dtype=args.model_dtype)
 
 
 def _add_ablate_arg(p: argparse.ArgumentParser) -> None:
@@ -63,7 +70,7 @@ def _add_ablate_arg(p: argparse.ArgumentParser) -> None:
                    "and position while generating: hooked directional ablation, exact for every family incl. Gemma 2/3 and OLMo 2")
 
 
-def _ablation(args: argparse.Namespace, lm) -> tuple[str | None, Any]:
+def _ablation(args: argparse.Namespace, lm: "LoadedModel") -> tuple[str | None, ContextManager[object]]:
     """(description, context manager applying it) for --ablate-direction, checked against the model."""
     import contextlib
 
@@ -75,21 +82,21 @@ def _ablation(args: argparse.Namespace, lm) -> tuple[str | None, Any]:
     return label, directional_ablation(lm.model, direction)
 
 
-def _db(args: argparse.Namespace, sae) -> Any:
+def _db(args: argparse.Namespace, sae: "SAE | None") -> "FeatureDB | None":
     """The feature database: --db, else the one next to the SAE, else None."""
     from .featuredb import FeatureDB, default_db_path
 
     db = None
     if getattr(args, "db", None):
         db = FeatureDB(args.db)
-    elif sae is not None and getattr(sae, "folder", None) is not None and default_db_path(sae.folder).is_file():
-        db = FeatureDB(default_db_path(sae.folder))
+    elif sae is not None and isinstance(folder := getattr(sae, "folder", None), (str, Path)) and default_db_path(folder).is_file():
+        db = FeatureDB(default_db_path(folder))
     if db is not None and sae is not None:
         db.check_fits(sae)
     return db
 
 
-def _steering_from_args(args: argparse.Namespace, sae, db):
+def _steering_from_args(args: argparse.Namespace, sae: "SAE | None", db: "FeatureDB | None") -> "Steering":
     from .spec import Condition
     from .steering import Steering
     from .vectors import SteeringVector
@@ -194,7 +201,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     if plan is not None:
-        _print_plan(plan, args.sae, args.toward)
+        _print_plan(plan, args.sae, str(args.toward))
         print()
     print(f"prompt: {args.prompt}")
     print("steering: " + ("; ".join(steering.describe()) or "none"))
@@ -205,7 +212,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_steer(sub) -> None:
+def _add_steer(sub: Parsers) -> None:
     p = sub.add_parser("steer", help="generate with SAE features clamped, nudged or ablated, or toward a concept (side by side with unsteered)",
                        description="Generate from a prompt with features turned up, down or off, next to the unsteered text. "
                        "VALUE is a number in the feature's activation units or a multiple of its max activation like 8x "
@@ -224,8 +231,8 @@ def _add_steer(sub) -> None:
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
     _add_ablate_arg(p)
     _add_generation_args(p)
-    _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="print a JSON object with prompt, unsteered and steered texts")
+    add_model_args(p, None, SAE_MODEL)
+    add_json_flag(p, "a JSON object with prompt, unsteered and steered texts")
     p.set_defaults(func=cmd_steer)
 
 
@@ -245,7 +252,8 @@ CHAT_HELP = """commands (between turns):
 class ChatSession:
     """The state of `monoscope chat`: conversation, equalizer, and the command interpreter."""
 
-    def __init__(self, lm, sae, db, args: argparse.Namespace, out=sys.stdout):
+    def __init__(self, lm: "LoadedModel", sae: "SAE | None", db: "FeatureDB | None", args: argparse.Namespace,
+                 out: TextIO = sys.stdout):
         from .steering import Steering
 
         self.lm, self.sae, self.db, self.args, self.out = lm, sae, db, args, out
@@ -297,7 +305,7 @@ class ChatSession:
                 raise MonoscopeError("usage: /strength S (e.g. /strength 0.5)")
             from .spec import check_number
 
-            self.steering.strength = check_number(rest[0], "strength")
+            self.steering.strength = check_number(rest[0], "strength")  # pyright: ignore[reportArgumentType]  # it parses text
             self.say(f"strength {self.steering.strength:g}")
         elif name == "/reset":
             self.steering.reset()
@@ -332,16 +340,19 @@ class ChatSession:
         from .generation import generation_kwargs
         from .steering import steer
 
+        # LoadedModel holds a transformers causal LM and its tokenizer
+        generate: Callable[..., object] = getattr(self.lm.model, "generate")
+        tokenizer = cast("PreTrainedTokenizerBase", self.lm.tokenizer)
         self.history.append({"role": "user", "content": text})
         ids = self._prompt_ids()
-        kw = generation_kwargs(self.lm.tokenizer, self.args.max_new_tokens, self.args.temperature, self.args.top_p, self.args.seed)
-        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kw = generation_kwargs(tokenizer, self.args.max_new_tokens, self.args.temperature, self.args.top_p, self.args.seed)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.lm.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kw)
+                    generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kw)
             except BaseException as err:  # surfaced in the main thread
                 errors.append(err)
                 streamer.end()
@@ -378,7 +389,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return _chat_loop(ChatSession(lm, sae, db, args), args, lm, ablated)
 
 
-def _chat_loop(session: "ChatSession", args: argparse.Namespace, lm, ablated: str | None) -> int:
+def _chat_loop(session: "ChatSession", args: argparse.Namespace, lm: "LoadedModel", ablated: str | None) -> int:
     for spec in args.feature or []:
         session.command(f"/set {spec.replace('=', ' ', 1)}")
     interactive = sys.stdin.isatty()
@@ -408,7 +419,7 @@ def _chat_loop(session: "ChatSession", args: argparse.Namespace, lm, ablated: st
     return 0
 
 
-def _add_chat(sub) -> None:
+def _add_chat(sub: Parsers) -> None:
     p = sub.add_parser("chat", help="chat in the terminal with a steerable model (/set, /off, /list, /strength, /reset)",
                        description="A terminal chat with the model (the embedded SmolLM2-135M-Instruct by default). Between turns, "
                        "/set ID VALUE clamps a feature (or /set ID add:4), /off ID removes it, /list shows the equalizer, "
@@ -419,7 +430,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
     _add_ablate_arg(p)
     _add_generation_args(p, default_tokens=60)
-    _add_model_args(p)
+    add_model_args(p, None, SAE_MODEL)
     p.set_defaults(func=cmd_chat)
 
 
@@ -455,7 +466,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attribute_by_ablation(args: argparse.Namespace, lm, sae, db) -> int:
+def _attribute_by_ablation(args: argparse.Namespace, lm: "LoadedModel", sae: "SAE | None", db: "FeatureDB | None") -> int:
     from .attribution import map_by_ablation
 
     result = map_by_ablation(lm, sae, args.prompt, args.target, hook=args.hook, metric=args.metric, raw=not args.chat,
@@ -480,37 +491,37 @@ def _attribute_by_ablation(args: argparse.Namespace, lm, sae, db) -> int:
     return 0
 
 
-def _add_attribute(sub) -> None:
+def _add_attribute(sub: Parsers) -> None:
     p = sub.add_parser("attribute", help="which features push the model toward a target token", description="Attribute the target's logit after the prompt to the SAE's features (activation x gradient, with the SAE spliced in and its error kept). Positive: the feature raises the target.")
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("--prompt", required=True, help="text the model reads")
     p.add_argument("--target", required=True, help="the continuation to explain, e.g. ' Paris'; with several tokens, their logits (or log-probs) are summed")
     p.add_argument("--top", type=positive_int, default=15, help="features to show (default: 15)")
     p.add_argument("--metric", default="logit", choices=["logit", "logprob"], help="what to attribute (default: logit)")
-    p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
+    add_hook_arg(p, default_help="the SAE's own")
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt (default: raw text)")
     p.add_argument("--ablation", action="store_true", help="also ablate each active feature (one forward pass each) and rank by the exact effect")
     p.add_argument("--max-features", type=positive_int, default=256, help="with --ablation: active features to ablate, by |attribution| (default: 256)")
     p.add_argument("--db", help="feature database for labels (default: features.db next to the SAE, if any)")
-    _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_model_args(p, None, "the SAE's model")
+    add_json_flag(p, "JSON")
     p.set_defaults(func=cmd_attribute)
 
 
 # ---------------------------------------------------------------- suggest
 
 
-def _toward_config(args: argparse.Namespace):
+def _toward_config(args: argparse.Namespace) -> "TowardConfig":
     from .toward import TowardConfig
 
     return TowardConfig(method=args.method)
 
 
-def _suggestion_rows(plan) -> list[dict]:
+def _suggestion_rows(plan: "SteeringPlan") -> list[dict[str, object]]:
     """`suggest --json`: one entry per candidate feature, best first: the chosen option's features (a single
     feature or a group, `chosen` true, `steer_value` its add value), then the others by measured effect, then
     by log-prob score. A chosen learned vector is one entry with `feature` null and kind `vector`."""
-    measured: dict[int, Any] = {}
+    measured: dict[int, "Option"] = {}
     for option in plan.options:
         if option.kind == "feature" and option.features:
             f = option.features[0][0]
@@ -542,7 +553,7 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
 
-def _print_plan(plan, sae_dir: str, concept: str) -> None:
+def _print_plan(plan: "SteeringPlan", sae_dir: str, concept: str) -> None:
     chosen = plan.chosen
     print(f"unsteered: mean cosine with {concept!r} {plan.unsteered_similarity:.3f}, perplexity {plan.unsteered_perplexity:.2f}")
     if chosen is None:
@@ -596,7 +607,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_suggest(sub) -> None:
+def _add_suggest(sub: Parsers) -> None:
     p = sub.add_parser("suggest", help="find what steers the model toward a concept ('the ocean', 'talk like a pirate')",
                        description="Find how to steer toward a concept: candidate features from the feature database (search) and from "
                        "what fires on the references and on the model's own text about the concept, ranked by their share of a learned feature group "
@@ -611,8 +622,8 @@ def _add_suggest(sub) -> None:
     p.add_argument("--top", type=positive_int, default=10, help="features to show (default: 10)")
     p.add_argument("--scale", type=positive_float, default=2.0, help="accepted for compatibility: candidates are now ranked by a learned group and by generation, not by a log-prob gain at a fixed add value")
     p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
-    _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_model_args(p, None, "the SAE's model")
+    add_json_flag(p, "JSON")
     p.set_defaults(func=cmd_suggest)
 
 
@@ -630,7 +641,7 @@ def cmd_vector_make(args: argparse.Namespace) -> int:
     from ..model import EMBEDDED_MODEL, load_model
 
     lm = load_model(args.model or EMBEDDED_MODEL, device=args.device, dtype=args.model_dtype)
-    hooks = args.hook or [f"resid_post.{lm.n_layers // 2}"]
+    hooks = default_hooks(args.hook, lm)
     vector = contrastive_vector(lm, positive, negative, hooks, position=args.position, chat_template=args.chat_template, name=Path(args.out).stem)
     tensors, meta = vector.save(args.out)
     print(f"wrote {tensors} and {meta}")
@@ -716,7 +727,7 @@ def cmd_vector_refusal(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_vector(sub) -> None:
+def _add_vector(sub: Parsers) -> None:
     p = sub.add_parser("vector", help="steering vectors: make a contrastive one, export it for llama.cpp", description="Steering vectors (difference of mean activations between two prompt sets).")
     vsub = p.add_subparsers(dest="vector_command", metavar="ACTION")
     vsub.required = True
@@ -725,11 +736,11 @@ def _add_vector(sub) -> None:
     m.add_argument("--negative", action="append", help="a negative prompt (repeatable)")
     m.add_argument("--positive-file", action="append", help="file of positive prompts, one per line")
     m.add_argument("--negative-file", action="append", help="file of negative prompts, one per line")
-    m.add_argument("--hook", action="append", help="hook point, e.g. resid_post.15 (repeatable; default: the middle resid_post)")
+    add_hook_arg(m, repeat=True, default_help="the middle resid_post")
     m.add_argument("--position", default="last", choices=["last", "mean"], help="last token of each prompt, or the mean over its tokens (default: last)")
     m.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template as a user turn")
     m.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it)")
-    _add_model_args(m)
+    add_model_args(m, None, "smollm2-135m-instruct")
     m.set_defaults(func=cmd_vector_make)
     r = vsub.add_parser("refusal", help="find a refusal direction: score every layer and position (Arditi et al.)",
                         description="Candidate directions mean(harmful) - mean(harmless) at resid_pre.L for each layer L and each of "
@@ -750,8 +761,8 @@ def _add_vector(sub) -> None:
     r.add_argument("--kl-max", type=positive_float, default=0.1, help="largest KL on harmless prompts when ablated (default: 0.1)")
     r.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     r.add_argument("--out", required=True, help="output NAME.safetensors (NAME.json is written beside it, with the scores)")
-    r.add_argument("--json", action="store_true", help="print every candidate's scores as JSON")
-    _add_model_args(r)
+    add_json_flag(r, "every candidate's scores as JSON")
+    add_model_args(r, None, "smollm2-135m-instruct")
     r.set_defaults(func=cmd_vector_refusal)
     e = vsub.add_parser("export-gguf", help="write a vector as a llama.cpp control vector (GGUF)", description="llama.cpp adds direction.N to the output of block N: a vector at resid_post.N becomes direction.N (N >= 1).")
     e.add_argument("vector", help="NAME.safetensors from `monoscope vector make`")
@@ -796,7 +807,7 @@ def cmd_ablate_direction(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_ablate_direction(sub) -> None:
+def _add_ablate_direction(sub: Parsers) -> None:
     p = sub.add_parser("ablate-direction", help="remove a direction everywhere (e.g. refusal); write it into the weights",
                        description="Directional ablation: x -> x - (x.r)r at every layer and position, previewed with --prompt, and baked into a "
                        "new transformers checkpoint with --out (embedding, attention and MLP output weights orthogonalised to r). Post-norm "
@@ -807,11 +818,11 @@ def _add_ablate_direction(sub) -> None:
     p.add_argument("--prompt", default=None, help="compare generations with and without the ablation")
     p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate for --prompt (default: 40)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
-    _add_model_args(p)
+    add_model_args(p, None, "the vector's model, else smollm2-135m-instruct")
     p.set_defaults(func=cmd_ablate_direction)
 
 
-def register(subparsers) -> None:
+def register(subparsers: Parsers) -> None:
     """Add the intervention commands to the `monoscope` command line."""
     for add in (_add_steer, _add_chat, _add_attribute, _add_suggest, _add_vector, _add_ablate_direction):
         add(subparsers)
