@@ -5,24 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from monoscope.cli import build_parser, main
 from monoscope.data import HarvestConfig, open_corpus
 from monoscope.errors import MonoscopeError
-from monoscope.sae import SAEConfig, TopKSAE, load_sae, save_sae
+from monoscope.sae import load_sae, save_sae
 from monoscope.sae.evaluation import EvalConfig
 from monoscope.sae.recorded import RecordedCorpus, SAERecord
-
-
-def lossless_sae(d: int = 32) -> TopKSAE:
-    """Latents ReLU(x) and ReLU(-x) with k = d: reconstructs every input exactly."""
-    sae = TopKSAE(SAEConfig(d_in=d, d_sae=2 * d, architecture="topk", k=d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-    return sae
+from tests.test_sae_lm_eval import split_sign_sae  # reconstructs every input exactly
 
 
 def test_a_recorded_corpus_reads_the_same_as_keywords_or_a_plain_spec(text_corpus):
@@ -46,7 +36,7 @@ def test_a_recorded_corpus_reads_the_same_as_keywords_or_a_plain_spec(text_corpu
 
 
 def test_the_record_falls_back_to_saelens_metadata_and_names_what_is_missing(tmp_path):
-    sae = lossless_sae()
+    sae = split_sign_sae(32)
     sae.cfg.metadata.update(model_name="org/some-model", hook_name="blocks.1.hook_resid_post", context_size=64)
     record = SAERecord.of(sae)
     assert (record.model, record.hook, record.context()) == ("org/some-model", "resid_post.1", 64)
@@ -65,7 +55,7 @@ def test_eval_reopens_an_sae_whose_corpus_is_recorded_as_a_plain_spec(tiny_llama
     folder = tmp_path / "sae"
     info = {"model": str(tiny_llama_dir), "hook_point": "resid_post.0", "context_size": 16, "corpus": str(text_corpus),
             "harvest_contexts": 4}
-    save_sae(lossless_sae(), folder, info)
+    save_sae(split_sign_sae(32), folder, info)
     assert load_sae(folder).info["corpus"] == str(text_corpus)
     assert main(["eval", "--sae", str(folder), "--tokens", "64", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -13,7 +13,9 @@ from .cli_shared import (
     SAE_MODEL,
     ablation_from_args,
     add_ablate_arg,
+    add_db_arg,
     add_generation_args,
+    add_positions_arg,
     feature_db,
     loud_warnings,
     open_model,
@@ -218,8 +220,8 @@ def add_chat(sub: Parsers) -> None:
                        "/strength S scales it, /reset flattens it, /quit leaves.")
     p.add_argument("--sae", help="SAE folder whose features /set refers to")
     p.add_argument("--feature", action="append", metavar="ID=MODE:VALUE", help="start with this edit (repeatable)")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
-    p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
+    add_positions_arg(p)
+    add_db_arg(p)
     add_ablate_arg(p)
     add_generation_args(p, default_tokens=60)
     add_model_args(p, None, SAE_MODEL)

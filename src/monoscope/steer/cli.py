@@ -18,7 +18,9 @@ from .cli_shared import (
     SAE_MODEL,
     ablation_from_args,
     add_ablate_arg,
+    add_db_arg,
     add_generation_args,
+    add_positions_arg,
     feature_db,
     loud_warnings,
     open_model,
@@ -128,9 +130,9 @@ def _add_steer(sub: Parsers) -> None:
     p.add_argument("--method", default="auto", choices=["auto", "features", "vector"], help="with --toward: what may steer (default: auto)")
     p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the model has one)")
     p.add_argument("--strength", type=float, default=1.0, help="global strength multiplying every edit (default: 1)")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
+    add_positions_arg(p)
     p.add_argument("--when", metavar="ID>THRESHOLD", help="apply the feature edits only where feature ID is above THRESHOLD (e.g. 12>0.5 or 12>0.1x)")
-    p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
+    add_db_arg(p)
     add_ablate_arg(p)
     add_generation_args(p)
     add_model_args(p, None, SAE_MODEL)
@@ -206,7 +208,7 @@ def _add_attribute(sub: Parsers) -> None:
     p.add_argument("--chat", action="store_true", help="apply the chat template to the prompt (default: raw text)")
     p.add_argument("--ablation", action="store_true", help="also ablate each active feature (one forward pass each) and rank by the exact effect")
     p.add_argument("--max-features", type=positive_int, default=256, help="with --ablation: active features to ablate, by |attribution| (default: 256)")
-    p.add_argument("--db", help="feature database for labels (default: features.db next to the SAE, if any)")
+    add_db_arg(p, "feature database for labels")
     add_model_args(p, None, "the SAE's model")
     add_json_flag(p, "JSON")
     p.set_defaults(func=cmd_attribute)
@@ -325,7 +327,7 @@ def _add_suggest(sub: Parsers) -> None:
                    help="features, a learned vector, or auto: features, and a learned vector when none moves the text (default: auto)")
     p.add_argument("--top", type=positive_int, default=10, help="features to show (default: 10)")
     p.add_argument("--scale", type=positive_float, default=2.0, help="accepted for compatibility: candidates are now ranked by a learned group and by generation, not by a log-prob gain at a fixed add value")
-    p.add_argument("--db", help="feature database (default: features.db next to the SAE, if any)")
+    add_db_arg(p)
     add_model_args(p, None, "the SAE's model")
     add_json_flag(p, "JSON")
     p.set_defaults(func=cmd_suggest)

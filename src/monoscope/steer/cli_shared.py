@@ -58,6 +58,14 @@ def open_model(args: argparse.Namespace, sae: "SAE | None" = None) -> "LoadedMod
     return load_model(record.model_name(args.model, fallback=EMBEDDED_MODEL), device=args.device, dtype=args.model_dtype)
 
 
+def add_positions_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
+
+
+def add_db_arg(p: argparse.ArgumentParser, what: str = "feature database") -> None:
+    p.add_argument("--db", help=f"{what} (default: features.db next to the SAE, if any)")
+
+
 def add_ablate_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate-direction", metavar="FILE[:HOOK]", default=None,
                    help="project this direction (a vector from `monoscope vector make`) out of the residual stream at every layer "
