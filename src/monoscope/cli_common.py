@@ -16,7 +16,8 @@ from .config import JsonConfig
 if TYPE_CHECKING:
     from .model import LoadedModel
 
-MODEL_SOURCES = "hub id, local folder, .gguf file (dequantised once into the cache), or smollm2-135m-instruct (embedded, offline)"
+MODEL_SOURCES = ("hub id, local folder, .gguf file (dequantised once into the cache), "
+                 "or smollm2-135m-instruct (embedded, offline)")
 CORPUS_SOURCES = "starter (offline), a .txt/.jsonl/.parquet file or folder, or hf:DATASET_ID"
 HOOK_POINT = "hook point KIND.LAYER (resid_pre, resid_post, attn_out, mlp_out)"
 
@@ -54,7 +55,8 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None, default_help
 def add_hook_arg(p: argparse.ArgumentParser, *, repeat: bool = False, default_help: str | None = None) -> None:
     """--hook: one hook point, or (repeat) several, one per flag."""
     text = HOOK_POINT + ("; repeat for several" if repeat else "")
-    p.add_argument("--hook", default=None, action="append" if repeat else "store", help=_with_default(text, None, default_help))
+    p.add_argument("--hook", default=None, action="append" if repeat else "store",
+                   help=_with_default(text, None, default_help))
 
 
 def default_hooks(hooks: Sequence[str] | None, loaded: "LoadedModel") -> list[str]:
@@ -74,10 +76,13 @@ def add_corpus_args(
     """--corpus, --text-column, --split, --dataset-config. A None default for the column or split means the
     one `recorded` says (e.g. "the SAE's"), else open_corpus's own (text, train)."""
     p.add_argument("--corpus", default=default, help=_with_default(CORPUS_SOURCES, default, default_help))
+    column_help = "column holding the text in JSONL/Parquet/HF data"
     p.add_argument("--text-column", default=text_column,
-                   help=_with_default("column holding the text in JSONL/Parquet/HF data", text_column, recorded and f"{recorded}, else text"))
-    p.add_argument("--split", default=split, help=_with_default("HF dataset split", split, recorded and f"{recorded}, else train"))
-    p.add_argument("--dataset-config", default=None, help="HF dataset configuration name" + (f" (default: {recorded})" if recorded else ""))
+                   help=_with_default(column_help, text_column, recorded and f"{recorded}, else text"))
+    p.add_argument("--split", default=split,
+                   help=_with_default("HF dataset split", split, recorded and f"{recorded}, else train"))
+    p.add_argument("--dataset-config", default=None,
+                   help="HF dataset configuration name" + (f" (default: {recorded})" if recorded else ""))
 
 
 def add_context_size_arg(p: argparse.ArgumentParser, default: int | None, default_help: str | None = None, *,

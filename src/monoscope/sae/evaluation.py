@@ -25,12 +25,13 @@ class EvalConfig(JsonConfig):
     sample_seed: int = field(default=0, metadata={
         "help": "seed of the held-out contexts sampled across the held-out text and of the bootstrap"})
     untouched_positions: int = field(default=1, metadata={
-        "help": "positions at the start of each context left as they are and not scored: 1 = BOS; 2 also skips the first "
-                "token after BOS, whose outsized activations dominate FVU in some models (SmolLM2)"})
+        "help": "positions at the start of each context left as they are and not scored: 1 = BOS; 2 also skips "
+                "the first token after BOS, whose outsized activations dominate FVU in some models (SmolLM2)"})
 
     def __post_init__(self) -> None:
         require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
-        require(self.context_size is None or self.context_size > 0, f"context size must be positive, got {self.context_size}")
+        require(self.context_size is None or self.context_size > 0,
+                f"context size must be positive, got {self.context_size}")
         require(self.untouched_positions >= 1, f"untouched positions start at 1 (BOS), got {self.untouched_positions}")
 
 
@@ -76,8 +77,9 @@ def evaluate_folder(
     if loaded is None or loaded.name != model_name:
         loaded = load_model(model_name, device=device, dtype=dtype)
     skip = held_out_skip(sae.info, text)
-    result = evaluate_sae(sae, loaded, text, hook_point=hook_point, tokens=cfg.tokens, context_size=record.context(cfg.context_size),
-                          skip_contexts=skip, seed=cfg.sample_seed, untouched_positions=cfg.untouched_positions)
+    result = evaluate_sae(sae, loaded, text, hook_point=hook_point, tokens=cfg.tokens,
+                          context_size=record.context(cfg.context_size), skip_contexts=skip, seed=cfg.sample_seed,
+                          untouched_positions=cfg.untouched_positions)
     path = Path(sae_dir) / EVAL_FILENAME
     atomic_write_json(path, result)
     return EvalRun(result=result, model=model_name, hook=hook_point, skip_contexts=skip, path=path)
