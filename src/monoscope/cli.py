@@ -8,10 +8,30 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from .argtypes import positive_float, positive_int
+from .cli_common import (
+    Parsers,
+    add_config_flag,
+    add_context_size_arg,
+    add_corpus_args,
+    add_hook_arg,
+    add_json_flag,
+    add_model_args,
+    config_default,
+    config_from_args,
+    default_hooks,
+)
 from .errors import MonoscopeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import ActivationCache, CacheBatches, HarvestConfig
+    from .model import LoadedModel
+    from .sae import TrainResult
+    from .sae.evaluation import EvalRun
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -28,49 +48,25 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m-instruct") -> None:
-    p.add_argument("--model", default=default_model, help="hub id, local folder, .gguf file (dequantised once into the cache), or smollm2-135m-instruct (embedded, offline)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
-
-
-def _add_corpus_args(p: argparse.ArgumentParser, default: str | None = "starter") -> None:
-    p.add_argument("--corpus", default=default, help="starter (offline), a .txt/.jsonl/.parquet file or folder, or hf:DATASET_ID")
-    p.add_argument("--text-column", default="text", help="column holding the text in JSONL/Parquet/HF data (default: text)")
-    p.add_argument("--split", default="train", help="HF dataset split (default: train)")
-    p.add_argument("--dataset-config", default=None, help="HF dataset configuration name")
-
-
-def _middle_resid(loaded) -> str:
-    return f"resid_post.{loaded.n_layers // 2}"
-
-
 # ---------------------------------------------------------------- harvest
 
 
-def cmd_harvest(args: argparse.Namespace, loaded=None) -> int:
-    from .data import HarvestConfig, harvest_to_cache
-    from .data.cache import describe_size
+def cmd_harvest(args: argparse.Namespace) -> int:
+    from .data import HarvestConfig
     from .model import load_model
 
-    loaded = loaded or load_model(args.model, device=args.device, dtype=args.model_dtype)
-    cfg = HarvestConfig(
-        model=args.model,
-        hook_points=args.hook or [_middle_resid(loaded)],
-        corpus=args.corpus,
-        text_column=args.text_column,
-        split=args.split,
-        dataset_config=args.dataset_config,
-        tokens=args.tokens,
-        context_size=args.context_size,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        model_dtype=args.model_dtype,
-        cache_dtype=args.cache_dtype,
-        shard_tokens=args.shard_tokens,
-    )
-    report = harvest_to_cache(cfg, args.out, loaded=loaded)
+    loaded = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    cfg = config_from_args(HarvestConfig, args, hook_points=default_hooks(args.hook, loaded))
+    _harvest(cfg, args.out, loaded, as_json=args.json)
+    return 0
+
+
+def _harvest(cfg: "HarvestConfig", out: str | Path, loaded: "LoadedModel", *, as_json: bool = False) -> None:
+    """Harvest (or continue harvesting) into `out` and print what the cache holds."""
+    from .data import harvest_to_cache
+    from .data.cache import describe_size
+
+    report = harvest_to_cache(cfg, out, loaded=loaded)
     size = sum(p.stat().st_size for p in Path(report.folder).glob("shard-*.safetensors"))
     summary = {
         "out": str(report.folder),
@@ -85,34 +81,39 @@ def cmd_harvest(args: argparse.Namespace, loaded=None) -> int:
         "tokens_per_second": round(report.tokens_per_second, 1) if report.new_tokens else None,
         "resumed": report.resumed,
     }
-    if args.json:
+    if as_json:
         print(json.dumps(summary, indent=2))
-        return 0
+        return
     if report.already_complete:
         print(f"{report.folder} already holds {report.n_tokens:,} tokens of this harvest; nothing to do.")
     else:
         verb = "continued" if report.resumed else "harvested"
         print(f"{verb} {report.new_tokens:,} tokens at {report.tokens_per_second:,.0f} tok/s")
-    print(f"  cache:   {report.folder}  ({report.n_tokens:,} tokens, {report.n_shards} shards, {summary['disk']}, {cfg.cache_dtype})")
+    print(f"  cache:   {report.folder}  ({report.n_tokens:,} tokens, {report.n_shards} shards, {summary['disk']}, "
+          f"{cfg.cache_dtype})")
     print(f"  model:   {cfg.model} (d_model {loaded.d_model}, {loaded.n_layers} layers)")
     for name, scale in (report.scale_factors or {}).items():
         print(f"  {name}: scale factor {scale:.4g} (so that E||x|| = sqrt({loaded.d_model}))")
-    return 0
 
 
-def _add_harvest(sub) -> None:
-    p = sub.add_parser("harvest", help="harvest activations at hook points into an on-disk cache", description="Run the model over a corpus and store activations at hook points (sharded safetensors). Re-running an interrupted harvest continues it.")
-    _add_model_args(p)
-    p.add_argument("--hook", action="append", help="hook point KIND.LAYER (resid_pre, resid_post, attn_out, mlp_out); repeat for several (default: middle resid_post)")
-    _add_corpus_args(p)
-    p.add_argument("--tokens", type=positive_int, default=200_000, help="tokens to harvest (default: 200000)")
+def _add_harvest(sub: Parsers) -> None:
+    from .data.harvest import CACHE_DTYPES, HarvestConfig
+
+    p = sub.add_parser("harvest", help="harvest activations at hook points into an on-disk cache",
+                       description="Run the model over a corpus and store activations at hook points (sharded safetensors). "
+                       "Re-running an interrupted harvest continues it.")
+    add_model_args(p, config_default(HarvestConfig, "model"))
+    add_hook_arg(p, repeat=True, default_help="middle resid_post")
+    add_corpus_args(p, config_default(HarvestConfig, "corpus"), text_column=config_default(HarvestConfig, "text_column"),
+                    split=config_default(HarvestConfig, "split"))
+    add_config_flag(p, HarvestConfig, "tokens", type=positive_int)
     p.add_argument("--out", required=True, help="cache folder to create (or continue)")
-    p.add_argument("--context-size", type=positive_int, default=128, help="tokens per packed context, BOS included (default: 128)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="contexts per forward pass (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="corpus shuffling seed (default: 0)")
-    p.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype (default: float16)")
-    p.add_argument("--shard-tokens", type=positive_int, default=32_768, help="rows per shard file (default: 32768)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_config_flag(p, HarvestConfig, "context_size", type=positive_int)
+    add_config_flag(p, HarvestConfig, "batch_size", type=positive_int)
+    add_config_flag(p, HarvestConfig, "seed", type=int)
+    add_config_flag(p, HarvestConfig, "cache_dtype", choices=list(CACHE_DTYPES))
+    add_config_flag(p, HarvestConfig, "shard_tokens", type=positive_int)
+    add_json_flag(p)
     p.set_defaults(func=cmd_harvest)
 
 
@@ -129,10 +130,40 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _sae_info(*, model, context_size, corpus, harvest_contexts, source) -> dict:
+def _sae_info(*, model: str | None, context_size: int | None, corpus: object, harvest_contexts: int | None,
+              source: str) -> dict[str, Any]:
     """monoscope.json facts shared by every SAE of a run (the trainer adds each SAE's own hook point)."""
     return {"model": model, "model_name": model, "context_size": context_size, "corpus": corpus,
             "harvest_contexts": harvest_contexts, "activations": source}
+
+
+def _cache_source(folder: str | Path, hook: str | None, batch_size: int, seed: int
+                  ) -> tuple["ActivationCache", str, "CacheBatches", dict[str, Any]]:
+    """(cache, hook point, shuffled batches, monoscope.json facts) for training on a harvest cache."""
+    from .data import ActivationCache
+
+    cache = ActivationCache(folder)
+    hook = cache.hook(hook)
+    harvest = cache.manifest["harvest"]
+    corpus = {"spec": harvest.get("corpus"), **{key: harvest.get(key) for key in ("seed", "text_column", "split", "dataset_config")}}
+    info = _sae_info(model=cache.model_name, context_size=harvest.get("context_size"), corpus=corpus,
+                     harvest_contexts=cache.manifest.get("contexts_done"), source=str(cache.path))
+    return cache, hook, cache.batches(batch_size, hook, seed=seed), info
+
+
+def _say_training_on(cache: "ActivationCache", hook: str, tokens: int) -> str:
+    return (f"training on {cache.path} ({cache.n_tokens:,} tokens at {hook}, d_model {cache.d_model}; "
+            f"{tokens / cache.n_tokens:.1f} epochs)")
+
+
+def _say_trained(results: Mapping[str, "TrainResult"]) -> Iterator[str]:
+    """What `train` prints of the SAEs it saved, and the next command."""
+    for result in results.values():
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items() if isinstance(v, (int, float)))
+        status = "" if result.complete else " (stopped early: the activation stream ended)"
+        yield f"saved {result.folder}: {result.tokens:,} tokens, {result.steps} steps{status}; {metrics}"
+    if results:
+        yield f"next: monoscope eval --sae {next(iter(results.values())).folder}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,25 +186,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise MonoscopeError(f"{flag.flag} is for --arch {other.name}; {args.arch} sets its sparsity with --k")
     sweep = [(d, k) for d in args.d_sae for k in args.k]
     if args.activations:
-        from .data import ActivationCache
-
-        cache = ActivationCache(args.activations)
-        hook = cache.hook(args.hook[0] if args.hook else None)
-        batches = cache.batches(args.batch_size, hook, seed=args.seed)
-        harvest = cache.manifest["harvest"]
-        corpus = {"spec": harvest.get("corpus"), **{key: harvest.get(key) for key in ("seed", "text_column", "split", "dataset_config")}}
-        info = _sae_info(model=cache.model_name, context_size=harvest.get("context_size"), corpus=corpus,
-                         harvest_contexts=cache.manifest.get("contexts_done"), source=str(cache.path))
+        cache, hook, batches, info = _cache_source(args.activations, args.hook[0] if args.hook else None, args.batch_size, args.seed)
         hooks, scales, d_in = [hook], {hook: cache.scale_factor(hook)}, cache.d_model
         stream = _KeyedBatches(batches, hook) if len(sweep) > 1 else batches
-        say(f"training on {cache.path} ({cache.n_tokens:,} tokens at {hook}, d_model {d_in}; {args.tokens / cache.n_tokens:.1f} epochs)")
+        say(_say_training_on(cache, hook, args.tokens))
     else:
         from .data import ActivationStream, Harvester, open_corpus
         from .model import EMBEDDED_MODEL, load_model
 
         model_name = args.model or EMBEDDED_MODEL
         loaded = load_model(model_name, device=dist.device if dist.world > 1 else args.device, dtype=args.model_dtype)
-        hooks = args.hook or [_middle_resid(loaded)]
+        hooks = default_hooks(args.hook, loaded)
         corpus_obj = open_corpus(args.corpus or "starter", seed=args.seed, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config)
         if args.distribute == "data":
             corpus_obj = shard_corpus(corpus_obj)  # rank r reads every N-th document
@@ -204,30 +227,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         results = {".": train_sae(configs["."], stream, args.out, info=info)}
     else:
         results = train_saes(configs, stream, args.out, info=info)
-    for name, result in results.items():
-        folder = result.folder
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items() if isinstance(v, (int, float)))
-        status = "" if result.complete else " (stopped early: the activation stream ended)"
-        say(f"saved {folder}: {result.tokens:,} tokens, {result.steps} steps{status}; {metrics}")
-    if results:
-        say(f"next: monoscope eval --sae {next(iter(results.values())).folder}")
+    for line in _say_trained(results):
+        say(line)
     return 0
 
 
 class _KeyedBatches:
     """A single-hook batch source as the {hook: tensor} stream a sweep trains from; keeps iter_from."""
 
-    def __init__(self, batches, hook: str):
+    def __init__(self, batches: "CacheBatches", hook: str):
         self.batches, self.hook = batches, hook
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, "torch.Tensor"]]:
         return self.iter_from(0)
 
-    def iter_from(self, index: int):
+    def iter_from(self, index: int) -> Iterator[dict[str, "torch.Tensor"]]:
         return ({self.hook: b} for b in self.batches.iter_from(index))
 
 
-def _add_train(sub) -> None:
+def _add_train(sub: Parsers) -> None:
+    from .data import HarvestConfig
+
     p = sub.add_parser("train", help="train sparse autoencoders on activations", description="Train SAEs from a harvest cache (many epochs, cheap resume) or straight from the model. Comma-separated --d-sae/--k values train a sweep from one pass. Re-running an interrupted command resumes from its last checkpoint.")
     p.add_argument("--activations", help="harvest cache folder, or a .safetensors file with an 'activations' tensor [N, d_in]")
     p.add_argument("--d-sae", type=_int_list, required=True, help="latents (comma-separated for a sweep)")
@@ -245,10 +265,10 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     for flag in {flag.flag: flag for a in architectures for flag in a.cli_flags}.values():  # once if shared
         p.add_argument(flag.flag, type=flag.type, default=None, help=flag.help)
-    p.add_argument("--hook", action="append", help="hook point (needed for a cache with several, or when streaming)")
-    _add_model_args(p, default_model=None)
-    _add_corpus_args(p, default=None)
-    p.add_argument("--context-size", type=positive_int, default=128, help="when streaming: tokens per context (default: 128)")
+    add_hook_arg(p, repeat=True, default_help="a cache's only one; when streaming, the middle resid_post")
+    add_model_args(p, None, "smollm2-135m-instruct when streaming")
+    add_corpus_args(p, None, default_help="starter when streaming")
+    add_context_size_arg(p, config_default(HarvestConfig, "context_size"), when="when streaming: ")
     p.add_argument("--distribute", choices=["data", "spread"], default="data", help="under torchrun: data = every rank trains every SAE on its share of each batch (default); spread = the SAEs of a sweep are dealt to the ranks")
     p.set_defaults(func=cmd_train)
 
@@ -256,65 +276,59 @@ def _add_train(sub) -> None:
 # ---------------------------------------------------------------- eval
 
 
-def cmd_eval(args: argparse.Namespace, loaded=None) -> int:
-    from ._io import atomic_write_json
-    from .data import open_corpus
-    from .model import load_model
-    from .sae import load_sae
-    from .sae.io import sae_hook_point, sae_model_name
-    from .sae.lm_eval import evaluate_sae, held_out_skip
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .sae.evaluation import EvalConfig, evaluate_folder
 
-    sae = load_sae(args.sae)
-    model_name = args.model or sae_model_name(sae)
-    if not model_name:
-        raise MonoscopeError("the SAE does not name its model; pass --model")
-    hook = args.hook or sae_hook_point(sae)
-    if not hook:
-        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
-    trained_corpus = sae.info.get("corpus") or {}
-    spec = args.corpus or trained_corpus.get("spec") or "starter"
-    seed = trained_corpus.get("seed", 0) if args.seed is None else args.seed
-    corpus = open_corpus(spec, seed=seed, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config)
-    context_size = args.context_size or sae.info.get("context_size") or sae.cfg.metadata.get("context_size") or 128
-    loaded = loaded if loaded is not None and loaded.name == model_name else load_model(model_name, device=args.device, dtype=args.model_dtype)
-    skip = held_out_skip(sae.info, corpus)
-    result = evaluate_sae(sae, loaded, corpus, hook_point=hook, tokens=args.tokens, context_size=int(context_size), skip_contexts=skip,
-                          seed=args.sample_seed, untouched_positions=args.untouched_positions)
-    atomic_write_json(Path(args.sae) / "eval.json", result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    region = f"contexts {skip:,}-{skip + result['held_out_region_contexts']:,}"
-    print(f"{args.sae}: {hook} of {model_name}, {result['tokens']:,} held-out tokens in {result['contexts']} contexts sampled from "
-          f"{region}" + (" (after the training contexts)" if skip else "") + f"; [95% bootstrap interval over contexts]")
-    rows = [
-        ("L0", "l0"), ("explained variance", "explained_variance"), ("FVU", "fvu"), ("MSE", "mse"), ("cosine(x, x_hat)", "cosine_similarity"),
-        ("shrinkage", "shrinkage"), ("alive latents", "frac_alive"), ("denser than 1%", "frac_dense_1pct"), ("denser than 10%", "frac_dense_10pct"),
-        ("CE clean", "ce_clean"), ("CE with SAE", "ce_sae"), ("CE zero-ablated", "ce_zero_ablation"), ("CE mean-ablated", "ce_mean_ablation"),
-        ("ce_loss_score", "ce_loss_score"), ("delta loss (CE_sae - CE_clean)", "delta_loss"), ("ce_loss_score (mean abl.)", "ce_loss_score_mean_ablation"),
-        ("KL div score", "kl_div_score"),
-    ]
-    intervals = result.get("intervals", {})
-    for label, key in rows:
-        low_high = intervals.get(key)
-        spread = f"  [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
-        print(f"  {label:<31}{result[key]:.4f}{spread}")
-    print(f"written to {Path(args.sae) / 'eval.json'}")
+    run = evaluate_folder(args.sae, config_from_args(EvalConfig, args), model=args.model, hook=args.hook, corpus=args.corpus,
+                          seed=args.seed, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config,
+                          device=args.device, dtype=args.model_dtype)
+    _print_eval(run, args.sae, as_json=args.json)
     return 0
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an SAE: reconstruction and LM loss with the SAE spliced in", description="SAEBench-style metrics on held-out text; writes eval.json next to the SAE.")
+#: The rows `monoscope eval` prints: (label, key of eval.json).
+EVAL_ROWS = (
+    ("L0", "l0"), ("explained variance", "explained_variance"), ("FVU", "fvu"), ("MSE", "mse"),
+    ("cosine(x, x_hat)", "cosine_similarity"), ("shrinkage", "shrinkage"), ("alive latents", "frac_alive"),
+    ("denser than 1%", "frac_dense_1pct"), ("denser than 10%", "frac_dense_10pct"), ("CE clean", "ce_clean"),
+    ("CE with SAE", "ce_sae"), ("CE zero-ablated", "ce_zero_ablation"), ("CE mean-ablated", "ce_mean_ablation"),
+    ("ce_loss_score", "ce_loss_score"), ("delta loss (CE_sae - CE_clean)", "delta_loss"),
+    ("ce_loss_score (mean abl.)", "ce_loss_score_mean_ablation"), ("KL div score", "kl_div_score"),
+)
+
+
+def _print_eval(run: "EvalRun", sae_dir: str | Path, *, as_json: bool = False) -> None:
+    result, skip = run.result, run.skip_contexts
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    region = f"contexts {skip:,}-{skip + result['held_out_region_contexts']:,}"
+    print(f"{sae_dir}: {run.hook} of {run.model}, {result['tokens']:,} held-out tokens in {result['contexts']} contexts sampled from "
+          f"{region}" + (" (after the training contexts)" if skip else "") + "; [95% bootstrap interval over contexts]")
+    intervals = result.get("intervals", {})
+    for label, key in EVAL_ROWS:
+        low_high = intervals.get(key)
+        spread = f"  [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
+        print(f"  {label:<31}{result[key]:.4f}{spread}")
+    print(f"written to {run.path}")
+
+
+def _add_eval(sub: Parsers) -> None:
+    from .sae.evaluation import EvalConfig
+
+    p = sub.add_parser("eval", help="evaluate an SAE: reconstruction and LM loss with the SAE spliced in",
+                       description="SAEBench-style metrics on held-out text; writes eval.json next to the SAE.")
     p.add_argument("--sae", required=True, help="SAE folder")
-    _add_model_args(p, default_model=None)
-    _add_corpus_args(p, default=None)
-    p.add_argument("--tokens", type=positive_int, default=8192, help="held-out tokens (default: 8192)")
-    p.add_argument("--hook", default=None, help="hook point (default: the SAE's own)")
-    p.add_argument("--context-size", type=positive_int, default=None, help="default: the SAE's training context size")
-    p.add_argument("--seed", type=int, default=None, help="corpus seed (default: the training corpus seed, so held-out text follows the training text)")
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of the held-out contexts sampled across the held-out text and of the bootstrap (default: 0)")
-    p.add_argument("--untouched-positions", type=positive_int, default=1, help="positions at the start of each context left as they are and not scored: 1 = BOS (default); 2 also skips the first token after BOS, whose outsized activations dominate FVU in some models (SmolLM2)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_model_args(p, None, "the SAE's model")
+    add_corpus_args(p, None, default_help="the SAE's training corpus")
+    add_config_flag(p, EvalConfig, "tokens", type=positive_int)
+    add_hook_arg(p, default_help="the SAE's own")
+    add_config_flag(p, EvalConfig, "context_size", type=positive_int)
+    p.add_argument("--seed", type=int, default=None,
+                   help="corpus seed (default: the training corpus seed, so held-out text follows the training text)")
+    add_config_flag(p, EvalConfig, "sample_seed", type=int)
+    add_config_flag(p, EvalConfig, "untouched_positions", type=positive_int)
+    add_json_flag(p, "the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
 
@@ -329,34 +343,33 @@ QUICKSTART_HOOK = "resid_post.9"
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Harvest -> train -> evaluate on the embedded default, each step resumable, then say what to run next."""
+    from .data import HarvestConfig
+    from .features.analyze import AnalysisConfig, analyze_sae
+    from .features.cli import print_analysis
     from .model import EMBEDDED_MODEL, load_model
+    from .sae.evaluation import EvalConfig, evaluate_folder
 
     out = Path(args.out)
     acts, sae_dir = out / "activations", out / "sae"
     print(f"monoscope quickstart: {EMBEDDED_MODEL} + starter corpus -> {out}")
     loaded = load_model(EMBEDDED_MODEL)
-    hook = args.hook
-    print(f"\n[1/4] harvest {args.tokens:,} tokens of {hook} activations")
-    harvest_args = build_parser().parse_args(["harvest", "--hook", hook, "--tokens", str(args.tokens), "--out", str(acts)])
-    cmd_harvest(harvest_args, loaded=loaded)
+    print(f"\n[1/4] harvest {args.tokens:,} tokens of {args.hook} activations")
+    _harvest(HarvestConfig(model=EMBEDDED_MODEL, hook_points=[args.hook], tokens=args.tokens), acts, loaded)
     print(f"\n[2/4] train a TopK SAE (d_sae {args.d_sae}, k {args.k}) on {args.train_tokens:,} tokens")
     if (sae_dir / "sae_weights.safetensors").is_file():
         print(f"{sae_dir} already holds a trained SAE; delete it to train again")
     else:
-        cmd_train(build_parser().parse_args(["train", "--activations", str(acts), "--d-sae", str(args.d_sae), "--k", str(args.k),
-                                              "--tokens", str(args.train_tokens), "--out", str(sae_dir)]))
+        _quickstart_train(acts, sae_dir, d_sae=args.d_sae, k=args.k, tokens=args.train_tokens)
     print(f"\n[3/4] evaluate on {args.eval_tokens:,} held-out tokens (the first token after BOS, whose outsized activations "
           "would decide FVU, is left out: --untouched-positions 2)")
-    cmd_eval(build_parser().parse_args(["eval", "--sae", str(sae_dir), "--tokens", str(args.eval_tokens), "--untouched-positions", "2"]),
-             loaded=loaded)
+    _print_eval(evaluate_folder(sae_dir, EvalConfig(tokens=args.eval_tokens, untouched_positions=2), loaded=loaded), sae_dir)
     print(f"\n[4/4] build the feature database from {args.analyze_tokens:,} tokens")
     db = sae_dir / "features.db"
     if db.is_file():
         print(f"{db} already exists; `monoscope analyze --sae {sae_dir}` rebuilds it")
     else:
-        from .features.cli import cmd_analyze
-
-        cmd_analyze(build_parser().parse_args(["analyze", "--sae", str(sae_dir), "--tokens", str(args.analyze_tokens)]))
+        report = analyze_sae(sae_dir, config=AnalysisConfig(tokens=args.analyze_tokens), loaded=loaded)
+        print_analysis(report, sae_dir, args.analyze_tokens)
     _print_sample_features(db)
     print("\nnext:")
     print(f"  monoscope serve --sae {sae_dir}                     # browse, scan and steer in the web UI at http://127.0.0.1:8000")
@@ -365,6 +378,25 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"  monoscope steer --sae {sae_dir} --feature ID=clamp:8x --prompt \"Tell me a story\" --max-new-tokens 40")
     print(f"  monoscope chat --sae {sae_dir}                      # /set ID 8x between turns")
     return 0
+
+
+def _quickstart_train(acts: Path, sae_dir: Path, *, d_sae: int, k: int, tokens: int) -> None:
+    """What `monoscope train --activations ACTS --d-sae D --k K --tokens T --out SAE_DIR` does (one TopK SAE, default
+    batch size, optimiser and seed), resuming from its last checkpoint."""
+    from .sae import TrainConfig, train_sae
+    from .sae.distributed import describe_memory
+    from .sae.optim import optimizer_config
+
+    batch_size, seed = config_default(TrainConfig, "batch_size"), config_default(TrainConfig, "seed")
+    cache, hook, batches, info = _cache_source(acts, None, batch_size, seed)
+    print(_say_training_on(cache, hook, tokens))
+    cfg = TrainConfig(d_in=cache.d_model, total_tokens=tokens, d_sae=d_sae, architecture="topk", k=k, batch_size=batch_size,
+                      optimizer=optimizer_config(), seed=seed, hook_name=hook, activation_scale=cache.scale_factor(hook))
+    memory = describe_memory([cfg])
+    if memory:
+        print(memory)
+    for line in _say_trained({".": train_sae(cfg, batches, sae_dir, info=info)}):
+        print(line)
 
 
 def _print_sample_features(db: Path, n: int = 8) -> None:
@@ -389,7 +421,7 @@ def _print_sample_features(db: Path, n: int = 8) -> None:
               f"{sum(v >= 0.8 for v in values) / len(values):.0%} at 0.8 or more")
 
 
-def _add_quickstart(sub) -> None:
+def _add_quickstart(sub: Parsers) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded model and starter corpus", description="Harvest activations from the embedded SmolLM2-135M-Instruct on the offline starter corpus, train a TopK SAE, evaluate it and build its feature database. Every step resumes if interrupted.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     p.add_argument("--hook", default=QUICKSTART_HOOK, help=f"hook point (default: {QUICKSTART_HOOK}, chosen by benchmarks/bench_concepts.py)")
@@ -411,7 +443,8 @@ from .server.cli import register as register_server  # noqa: E402
 from .sae.cli_interop import register as register_import_sae  # noqa: E402
 from .features.export_cli import register as register_export  # noqa: E402
 
-_COMMANDS: list[Callable] = [_add_quickstart, _add_harvest, _add_train, _add_eval, register_features, register_explain, register_steer, register_server, register_import_sae, register_export]
+_COMMANDS: list[Callable[[Parsers], object]] = [_add_quickstart, _add_harvest, _add_train, _add_eval, register_features, register_explain,
+                                              register_steer, register_server, register_import_sae, register_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

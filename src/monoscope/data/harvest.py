@@ -29,20 +29,21 @@ CACHE_DTYPES = ("float16", "bfloat16", "float32")
 class HarvestConfig(JsonConfig):
     """What to harvest: model, hook points, corpus, how many tokens, in what shape."""
 
+    # `help` is what `monoscope harvest --help` says of the field's flag (its default is read from here too).
     model: str = EMBEDDED_MODEL
     hook_points: list[str] = field(default_factory=lambda: ["resid_post.15"])
     corpus: str = "starter"
     text_column: str = "text"
     split: str = "train"
     dataset_config: str | None = None
-    tokens: int = 200_000
-    context_size: int = 128
-    batch_size: int = 16
-    seed: int = 0
+    tokens: int = field(default=200_000, metadata={"help": "tokens to harvest"})
+    context_size: int = field(default=128, metadata={"help": "tokens per packed context, BOS included"})
+    batch_size: int = field(default=16, metadata={"help": "contexts per forward pass"})
+    seed: int = field(default=0, metadata={"help": "corpus shuffling seed"})
     device: str = "cpu"
     model_dtype: str = "auto"
-    cache_dtype: str = "float16"
-    shard_tokens: int = 32_768
+    cache_dtype: str = field(default="float16", metadata={"help": "storage dtype"})
+    shard_tokens: int = field(default=32_768, metadata={"help": "rows per shard file"})
     norm_sample_tokens: int = 16_384
 
     def __post_init__(self) -> None:

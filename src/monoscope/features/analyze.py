@@ -31,13 +31,14 @@ import torch
 
 from .. import __version__
 from ..config import JsonConfig, require
-from ..data import Harvester, open_corpus
+from ..data import Harvester
 from ..data.corpus import Corpus
 from ..data.packing import special_ids
 from ..errors import MonoscopeError
 from ..model import LoadedModel
 from ..progress import progress_bar
 from ..sae import SAE
+from ..sae.recorded import SAERecord
 from .accumulate import HIST_BINS, HIST_EDGES, FeatureAccumulator, sparse_codes
 from .store import DB_FILENAME, SCHEMA_VERSION, TOKEN_LABEL_SOURCE, StoreBuilder, default_db_path, now_iso
 
@@ -240,9 +241,7 @@ def analyze_loaded(
     """Analyse an SAE already in memory over `corpus` and write the database at `db_path`."""
     cfg = config or AnalysisConfig()
     if cfg.context_size is None:
-        from .loading import sae_context_size
-
-        cfg = AnalysisConfig.from_dict({**cfg.to_dict(), "context_size": sae_context_size(sae)})
+        cfg = AnalysisConfig.from_dict({**cfg.to_dict(), "context_size": SAERecord.of(sae).context()})
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -647,27 +646,19 @@ def analyze_sae(
 
     Model, hook point, context size and corpus default to those the SAE recorded.
     """
-    from .loading import open_sae_and_model, sae_context_size, sae_corpus
+    from .loading import open_sae_and_model
 
     cfg = config or AnalysisConfig()
     overrides: dict[str, Any] = {}
     if tokens is not None:
         overrides["tokens"] = tokens
     sae, loaded, hook_point = open_sae_and_model(sae_dir, model=model, hook=hook, device=device, dtype=model_dtype, loaded=loaded)
+    record = SAERecord.of(sae)
     if cfg.context_size is None:
-        overrides["context_size"] = sae_context_size(sae)
+        overrides["context_size"] = record.context()
     if overrides:
         cfg = AnalysisConfig.from_dict({**cfg.to_dict(), **overrides})
-    recorded = sae_corpus(sae)
-    spec = corpus or recorded["spec"]
-    same = corpus is None or corpus == recorded["spec"]
-    corpus_obj = open_corpus(
-        spec,
-        seed=corpus_seed if corpus_seed is not None else (recorded.get("seed", 0) if same else 0),
-        text_column=text_column or (recorded.get("text_column", "text") if same else "text"),
-        split=split or (recorded.get("split", "train") if same else "train"),
-        dataset_config=dataset_config if dataset_config is not None else (recorded.get("dataset_config") if same else None),
-    )
+    corpus_obj = record.corpus.reopen(corpus, seed=corpus_seed, text_column=text_column, split=split, dataset_config=dataset_config)
     db_path = Path(db) if db is not None else default_db_path(sae_dir)
     return analyze_loaded(sae, loaded, hook_point, corpus_obj, db_path, cfg, sae_dir=sae_dir, progress=progress, on_batch=on_batch)
 

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..argtypes import positive_int as _positive_int
+from ..cli_common import (
+    Parsers,
+    add_context_size_arg,
+    add_corpus_args,
+    add_device_args,
+    add_hook_arg,
+    add_json_flag,
+    add_model_arg,
+)
 from ..errors import MonoscopeError
+
+if TYPE_CHECKING:
+    from .analyze import AnalysisReport
+    from .store import FeatureStore
 
 
 def _feature_id(text: str) -> int:
@@ -25,17 +39,18 @@ def _feature_id(text: str) -> int:
     return value
 
 
-def _print_json(obj: Any) -> None:
+def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default))
 
 
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
+def _json_default(obj: object) -> object:
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
     raise TypeError(type(obj).__name__)
 
 
-def _clean(obj: Any) -> Any:
+def _clean(obj: object) -> object:
     """JSON-safe: NaN/inf -> None."""
     import math
 
@@ -49,10 +64,10 @@ def _clean(obj: Any) -> Any:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model to read: hub id, folder or .gguf file (default: the one the SAE was trained on)")
-    p.add_argument("--hook", default=None, help="hook point KIND.LAYER (default: the SAE's own)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
+    """--model, --hook, --device, --model-dtype of a command that reopens the model an SAE reads."""
+    add_model_arg(p, None, "the SAE's model")
+    add_hook_arg(p, default_help="the SAE's own")
+    add_device_args(p)
 
 
 def _add_store_args(p: argparse.ArgumentParser, sae_required: bool = False) -> None:
@@ -77,7 +92,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     if args.json:
         _print_json(_clean(report.to_dict()))
-        return 0
+    else:
+        print_analysis(report, args.sae, args.tokens)
+    return 0
+
+
+def print_analysis(report: "AnalysisReport", sae_dir: str | os.PathLike[str], tokens: int) -> None:
+    """What `monoscope analyze` prints of the database it wrote, and what to run next."""
     print(f"analysed {report.tokens:,} tokens ({report.contexts:,} contexts) at {report.tokens_per_second:,.0f} tok/s "
           f"in {report.seconds:.1f} s")
     print(f"  database:  {report.db}  ({report.db_bytes / 1e6:.1f} MB, {report.n_features:,} features, "
@@ -86,12 +107,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if report.labels_carried:
         print(f"  labels:    kept {report.labels_carried} labels from the previous database")
     if report.corpus_exhausted:
-        print(f"  note: the corpus ended before {args.tokens:,} tokens")
-    print(f"next: monoscope features search --sae {args.sae} \"some words\"   |   monoscope features show --sae {args.sae} 0")
-    return 0
+        print(f"  note: the corpus ended before {tokens:,} tokens")
+    print(f"next: monoscope features search --sae {sae_dir} \"some words\"   |   monoscope features show --sae {sae_dir} 0")
 
 
-def _add_analyze(sub) -> None:
+def _add_analyze(sub: Parsers) -> None:
+    from .analyze import AnalysisConfig
+
+    defaults = AnalysisConfig()
     p = sub.add_parser(
         "analyze", help="build the feature database of an SAE (examples, stats, logit effects, neighbours, map, labels)",
         description="Run the SAE over a corpus in one streaming pass and write a searchable feature database "
@@ -100,27 +123,27 @@ def _add_analyze(sub) -> None:
     )
     p.add_argument("--sae", required=True, help="SAE folder (cfg.json, sae_weights.safetensors, monoscope.json)")
     _add_model_args(p)
-    p.add_argument("--corpus", default=None, help="starter, a .txt/.jsonl/.parquet file or folder, or hf:DATASET_ID (default: the SAE's training corpus)")
-    p.add_argument("--text-column", default=None, help="column holding the text in JSONL/Parquet/HF data")
-    p.add_argument("--split", default=None, help="HF dataset split (default: train)")
-    p.add_argument("--dataset-config", default=None, help="HF dataset configuration name")
+    add_corpus_args(p, None, default_help="the SAE's training corpus", text_column=None, split=None, recorded="the SAE's")
     p.add_argument("--corpus-seed", type=int, default=None, help="corpus shuffling seed (default: the SAE's)")
-    p.add_argument("--tokens", type=_positive_int, default=200_000, help="tokens to analyse (default: 200000)")
+    p.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help=f"tokens to analyse (default: {defaults.tokens})")
     p.add_argument("--db", default=None, help="database file to write (default: SAE/features.db)")
-    p.add_argument("--context-size", type=_positive_int, default=None, help="tokens per context, BOS included (default: the SAE's)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="contexts per forward pass (default: 16)")
-    p.add_argument("--top-examples", type=_positive_int, default=20, help="top-activating contexts kept per feature (default: 20)")
-    p.add_argument("--map", default="auto", choices=["auto", "umap", "pca", "none"], help="2-D map of the features (default: auto = UMAP when installed)")
+    add_context_size_arg(p, defaults.context_size, "the SAE's")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help=f"contexts per forward pass (default: {defaults.batch_size})")
+    p.add_argument("--top-examples", type=_positive_int, default=defaults.n_top,
+                   help=f"top-activating contexts kept per feature (default: {defaults.n_top})")
+    p.add_argument("--map", default=defaults.map, choices=["auto", "umap", "pca", "none"],
+                   help="2-D map of the features (default: auto = UMAP when installed)")
     p.add_argument("--no-embeddings", action="store_true", help="skip label embeddings and embedding scores (no search by meaning)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default: {defaults.seed})")
+    add_json_flag(p)
     p.set_defaults(func=cmd_analyze)
 
 
 # ---------------------------------------------------------------- features search / show
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace) -> "FeatureStore":
     from .store import FeatureStore
 
     return FeatureStore.for_sae(args.sae, args.db)
@@ -211,7 +234,7 @@ def cmd_family(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_features(sub) -> None:
+def _add_features(sub: Parsers) -> None:
     p = sub.add_parser("features", help="search and show features of an analysed SAE",
                        description="Browse the feature database that `monoscope analyze` wrote.")
     fsub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND")
@@ -227,7 +250,7 @@ def _add_features(sub) -> None:
     s.add_argument("--mode", default="hybrid", choices=["hybrid", "words", "meaning"], help="word search, meaning search, or both (default)")
     s.add_argument("--limit", type=_positive_int, default=20, help="results to show (default: 20)")
     _add_model_args(s)
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(s, "JSON")
     s.set_defaults(func=cmd_search)
 
     sh = fsub.add_parser("show", help="a feature's dashboard: examples, histogram, logit effects, neighbours",
@@ -236,7 +259,7 @@ def _add_features(sub) -> None:
     _add_store_args(sh)
     sh.add_argument("id", type=_feature_id, help="feature id")
     sh.add_argument("--examples", type=_positive_int, default=5, help="top examples to show (default: 5)")
-    sh.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(sh, "JSON")
     sh.set_defaults(func=cmd_show)
 
     fa = fsub.add_parser("family", help="a feature's closest features in wider (or narrower) SAEs of the same hook point",
@@ -249,7 +272,7 @@ def _add_features(sub) -> None:
     fa.add_argument("--top", type=_positive_int, default=5, help="matches per SAE by each measure (default: 5)")
     fa.add_argument("--no-coactivation", action="store_true", help="decoder cosine only (does not load the model)")
     _add_model_args(fa)
-    fa.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(fa, "JSON")
     fa.set_defaults(func=cmd_family)
 
 
@@ -280,7 +303,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_scan(sub) -> None:
+def _add_scan(sub: Parsers) -> None:
     p = sub.add_parser("scan", help="which features fire on each token of a text",
                        description="Run the model and SAE on a text and list, for every token, the features that fire on "
                                    "it (strongest first) with their labels.")
@@ -289,11 +312,11 @@ def _add_scan(sub) -> None:
     p.add_argument("--db", default=None, help="feature database for labels (default: SAE/features.db when present)")
     p.add_argument("--top", type=_positive_int, default=5, help="features per token (default: 5)")
     _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(p, "JSON")
     p.set_defaults(func=cmd_scan)
 
 
-def register(subparsers) -> None:
+def register(subparsers: Parsers) -> None:
     """Add `analyze`, `features` (search, show) and `scan` to the top-level subparsers."""
     _add_analyze(subparsers)
     _add_features(subparsers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_common import Parsers, add_json_flag
+
 
 def cmd_import_sae(args: argparse.Namespace) -> int:
     from ..model import HookPoint
@@ -36,7 +38,7 @@ def cmd_import_sae(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Parsers) -> None:
     p = subparsers.add_parser(
         "import-sae", help="convert an SAE from SAELens, sparsify, Gemma Scope or the HF hub into a monoscope folder",
         description="Read an SAE written by another tool (SAELens folder incl. gated, sparsify folder, Gemma Scope "
@@ -46,5 +48,5 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="the model the SAE reads, when the source does not say")
     p.add_argument("--hook", default=None, help="hook point (resid_post.12, blocks.12.hook_resid_post, layers.12), when the source does not say")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_json_flag(p)
     p.set_defaults(func=cmd_import_sae)

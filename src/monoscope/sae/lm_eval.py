@@ -327,8 +327,9 @@ def lm_loss_metrics(
 
 def held_out_skip(sae_info: dict, corpus: Corpus) -> int:
     """Contexts to skip so evaluation text was not seen in training (same corpus and seed), else 0."""
-    trained_on = sae_info.get("corpus") or {}
-    same = trained_on.get("spec") == corpus.spec and trained_on.get("seed") == corpus.seed
+    from .recorded import RecordedCorpus
+
+    same = RecordedCorpus.from_info(sae_info).is_source_of(corpus)  # the corpus may be recorded as a plain spec
     return int(sae_info.get("harvest_contexts") or 0) if same else 0
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..argtypes import port, positive_int
+from ..cli_common import Parsers, add_device_args, add_model_arg
 
 API_KEY_ENV = "MONOSCOPE_API_KEY"
 
@@ -61,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: Parsers) -> None:
     p = sub.add_parser(
         "serve", help="serve the model, its SAE(s) and feature databases: web UI + OpenAI-compatible API with steering",
         description="Start one process that serves the model the SAE reads, the SAE(s) and their feature databases: a web UI "
@@ -70,7 +71,7 @@ def register(sub) -> None:
     p.add_argument("--sae", action="append", metavar="DIR",
                    help="SAE folder (its features.db is served when present); repeat for several, NAME=DIR to name one "
                         "(none: serve --model alone, the OpenAI-compatible API only)")
-    p.add_argument("--model", default=None, help="hub id, local folder, .gguf file or smollm2-135m-instruct (default: the model the SAE records)")
+    add_model_arg(p, None, "the model the SAE records")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` on /v1 and /api (default: ${API_KEY_ENV}, else none)")
@@ -83,8 +84,7 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=64, help="model requests that may wait or run at once before 503 (default: 64)")
     p.add_argument("--max-batch", type=positive_int, default=16,
                    help="completions decoded together; more wait for a free row (default: 16; on a GPU 64-256, see docs/server.md)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--model-dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16")
+    add_device_args(p)
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level; info logs every request (default: warning)")
     p.set_defaults(func=cmd_serve)
