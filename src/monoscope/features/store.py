@@ -40,7 +40,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -157,7 +157,12 @@ def default_db_path(sae_dir: str | os.PathLike) -> Path:
 
 
 def _ro_uri(path: Path) -> str:
-    return "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+    """A read-only SQLite URI for `path`: every character URIs reserve ('?', '#', '%', spaces) percent-escaped."""
+    return "file:" + urllib.parse.quote(str(path.resolve()), safe="/") + "?mode=ro"
+
+
+def _connect_read_only(path: Path, **kwargs: Any) -> sqlite3.Connection:
+    return sqlite3.connect(_ro_uri(path), uri=True, **kwargs)
 
 
 def _finite(x: Any) -> float | None:
@@ -168,6 +173,62 @@ def _finite(x: Any) -> float | None:
 
 
 # ---------------------------------------------------------------- records
+
+#: The columns the analysis writes, per table (in the order of the row tuples `StoreBuilder.add_*` take).
+_COLUMNS: dict[str, tuple[str, ...]] = {
+    "features": ("id", "n_active", "n_contexts", "density", "mean_activation", "max_activation", "std_activation"),
+    "examples": ("feature_id", "kind", "rank", "bin", "context", "start", "length", "peak", "activation", "activations"),
+    "contexts": ("id", "token_ids"),
+    "tokens": ("id", "text"),
+    "histograms": ("feature_id", "first_bin", "counts"),
+    "logit_effects": ("feature_id", "direction", "rank", "token_id", "value"),
+    "neighbours": ("feature_id", "rank", "neighbour_id", "cosine"),
+    "map": ("feature_id", "x", "y"),
+    "labels": ("id", "feature_id", "source", "text", "embedding_score", "created"),
+    "label_embeddings": ("label_id", "model", "vector"),
+    "example_embeddings": ("feature_id", "vector"),
+}
+#: (id, n_active, n_contexts, density, mean activation or None, max activation, std activation)
+FeatureRow = tuple[int, int, int, float, "float | None", float, float]
+#: (feature id, kind, rank, quantile bin or None, context, start, length, peak, activation, activations or None)
+ExampleRow = tuple[int, str, int, "int | None", int, int, int, int, float, "bytes | None"]
+
+
+class StoredLabel(NamedTuple):
+    """A label as stored, with its cached embedding: what a re-analysis carries over from the database it replaces."""
+
+    feature_id: int
+    source: str
+    text: str
+    detection: float | None
+    fuzzing: float | None
+    embedding_score: float | None
+    created: str
+    model: str | None
+    vector: bytes | None
+
+
+def carried_labels(path: Path, fingerprint: str | None) -> list[StoredLabel]:
+    """The labels not made by the analysis (`monoscope explain`, humans) of the database at `path`, when it
+    describes the SAE with this fingerprint (see `analyze.sae_fingerprint`); [] otherwise or when unreadable."""
+    if fingerprint is None or not path.is_file():
+        return []
+    try:
+        conn = _connect_read_only(path)
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if json.loads(meta.get("sae_fingerprint", "null")) != fingerprint:
+                return []
+            rows = conn.execute(
+                "SELECT l.feature_id, l.source, l.text, l.detection, l.fuzzing, l.embedding_score, l.created, e.model, "
+                "e.vector FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id "
+                "WHERE l.source NOT LIKE 'heuristic%' ORDER BY l.id"
+            ).fetchall()
+        finally:
+            conn.close()
+    except (sqlite3.Error, ValueError):
+        return []
+    return [StoredLabel(*row) for row in rows]
 
 
 @dataclass
@@ -276,9 +337,65 @@ class StoreBuilder:
         self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                               [(k, json.dumps(v)) for k, v in values.items()])
 
-    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    def _insert(self, table: str, rows: Iterable[Sequence[Any]]) -> None:
+        columns = _COLUMNS[table]
         marks = ", ".join("?" for _ in columns)
         self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def add_features(self, rows: Iterable[FeatureRow]) -> None:
+        self._insert("features", rows)
+
+    def add_examples(self, rows: Iterable[ExampleRow]) -> None:
+        self._insert("examples", rows)
+
+    def add_contexts(self, rows: Iterable[tuple[int, bytes]]) -> None:
+        """(context id, token ids as meta token_dtype bytes)."""
+        self._insert("contexts", rows)
+
+    def add_tokens(self, rows: Iterable[tuple[int, str]]) -> None:
+        self._insert("tokens", rows)
+
+    def add_histograms(self, rows: Iterable[tuple[int, int, bytes]]) -> None:
+        """(feature id, first occupied bin, int32 counts)."""
+        self._insert("histograms", rows)
+
+    def add_logit_effects(self, rows: Iterable[tuple[int, str, int, int, float]]) -> None:
+        """(feature id, 'up' | 'down', rank, token id, value)."""
+        self._insert("logit_effects", rows)
+
+    def add_neighbours(self, rows: Iterable[tuple[int, int, int, float]]) -> None:
+        """(feature id, rank, neighbour id, cosine)."""
+        self._insert("neighbours", rows)
+
+    def add_map(self, rows: Iterable[tuple[int, float, float]]) -> None:
+        self._insert("map", rows)
+
+    def add_labels(self, rows: Iterable[tuple[int, int, str, str, float | None, str]]) -> None:
+        """(label id, feature id, source, text, embedding score, created): labels made by the analysis."""
+        self._insert("labels", rows)
+
+    def add_label_embeddings(self, rows: Iterable[tuple[int, str | None, bytes]]) -> None:
+        """(label id, embedding model, float32 vector)."""
+        self._insert("label_embeddings", rows)
+
+    def add_example_embeddings(self, rows: Iterable[tuple[int, bytes]]) -> None:
+        self._insert("example_embeddings", rows)
+
+    def carry_labels(self, labels: Iterable[StoredLabel]) -> int:
+        """Add labels read from an earlier database (new ids, after every label already here); returns how many."""
+        n = 0
+        for label in labels:
+            cur = self.conn.execute(
+                "INSERT INTO labels (feature_id, source, text, detection, fuzzing, embedding_score, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (label.feature_id, label.source, label.text, label.detection, label.fuzzing, label.embedding_score,
+                 label.created),
+            )
+            if label.vector is not None:
+                self.conn.execute("INSERT INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
+                                  (cur.lastrowid, label.model, label.vector))
+            n += 1
+        return n
 
     def refresh_labels(self) -> None:
         refresh_shown_labels(self.conn, None)
@@ -363,7 +480,7 @@ class FeatureStore:
             raise MonoscopeError(f"no feature database at {self.path}: run `monoscope analyze{where}` first")
         self._lock = threading.RLock()
         try:
-            self.conn = sqlite3.connect(_ro_uri(self.path), uri=True, check_same_thread=False)
+            self.conn = _connect_read_only(self.path, check_same_thread=False)
             self.conn.execute("PRAGMA busy_timeout = 5000")
             meta_rows = self.conn.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.DatabaseError as err:
@@ -623,6 +740,18 @@ class FeatureStore:
                 raise MonoscopeError(f"could not add a label to {self.path}: {err}") from err
             self._vectors = None
         return label_id
+
+    def search_label_words(self, match: str, promoted_weight: float, limit: int) -> list[tuple[int, float]]:
+        """(feature id, bm25 score; lower is better) of the labels matching the FTS5 query `match`, best first;
+        words among a heuristic label's promoted tokens count `promoted_weight` times a word of its main part."""
+        return self._query(
+            f"SELECT l.feature_id, bm25(labels_fts, 1.0, {float(promoted_weight)}) AS s FROM labels_fts "
+            "JOIN labels l ON l.id = labels_fts.rowid WHERE labels_fts MATCH ? ORDER BY s LIMIT ?", (match, int(limit))
+        )
+
+    def has_label_embeddings(self) -> bool:
+        """Whether any label has a cached embedding (false after `analyze --no-embeddings`)."""
+        return bool(self._query("SELECT EXISTS (SELECT 1 FROM label_embeddings)")[0][0])
 
     def missing_label_vectors(self) -> int:
         """How many labels have no cached embedding (e.g. after `analyze --no-embeddings`)."""
