@@ -41,6 +41,12 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
 
 
+def _output_embeddings(model: nn.Module) -> object:
+    """The model's unembedding module (lm_head), or None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def final_norm(model: nn.Module) -> tuple[Tensor | None, bool]:
     """(effective multiplicative weight of the norm before the unembedding or None, whether it centres)."""
     try:
@@ -48,7 +54,7 @@ def final_norm(model: nn.Module) -> tuple[Tensor | None, bool]:
         inside = {id(m) for m in blocks.modules()}
     except Exception:  # noqa: BLE001 - a model without a block list: consider every module
         inside = set()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_embeddings(model)
     chosen = None
     for _, module in model.named_modules():
         if id(module) in inside or module is head or module is model:
@@ -69,8 +75,7 @@ def final_norm(model: nn.Module) -> tuple[Tensor | None, bool]:
 
 
 def unembedding(model: nn.Module, vocab_size: int | None = None) -> Tensor:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
+    weight = getattr(_output_embeddings(model), "weight", None)
     if not isinstance(weight, torch.Tensor):
         from ..errors import MonoscopeError
 

@@ -95,7 +95,8 @@ class _Chunks:
     def text(self, chunk: Chunk) -> str:
         context, j = chunk
         start = 1 + j * self.length
-        return self.texts.window(self.examples.contexts, context, start, min(self.length, self.examples.body - start + 1))
+        length = min(self.length, self.examples.body - start + 1)
+        return self.texts.window(self.examples.contexts, context, start, length)
 
 
 def _alternate(top_part: list[Chunk], quantile_part: list[Chunk], avoid: set[int], n: int) -> list[Chunk]:

@@ -165,7 +165,7 @@ def _connect_read_only(path: Path, **kwargs: Any) -> sqlite3.Connection:
     return sqlite3.connect(_ro_uri(path), uri=True, **kwargs)
 
 
-def _finite(x: Any) -> float | None:
+def _finite(x: float | None) -> float | None:
     if x is None:
         return None
     x = float(x)
@@ -324,6 +324,7 @@ class StoreBuilder:
         self.conn.execute("PRAGMA journal_mode = OFF")
         self.conn.execute("PRAGMA synchronous = OFF")
         self.conn.executescript(SCHEMA)
+        self._table_columns: dict[str, set[str]] = {}
         self._done = False
 
     def __enter__(self) -> "StoreBuilder":
@@ -337,10 +338,22 @@ class StoreBuilder:
         self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                               [(k, json.dumps(v)) for k, v in values.items()])
 
-    def _insert(self, table: str, rows: Iterable[Sequence[Any]]) -> None:
-        columns = _COLUMNS[table]
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Insert rows of `columns` into `table` (any table and columns of the schema: tests build databases so)."""
+        known = self._table_columns.get(table)
+        if known is None:
+            known = {r[1] for r in self.conn.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+            if not known:
+                raise ValueError(f"the feature database has no table {table!r}")
+            self._table_columns[table] = known
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            raise ValueError(f"table {table} has no column(s) {', '.join(map(repr, unknown))}")
         marks = ", ".join("?" for _ in columns)
         self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def _insert(self, table: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.insert(table, _COLUMNS[table], rows)
 
     def add_features(self, rows: Iterable[FeatureRow]) -> None:
         self._insert("features", rows)
@@ -504,9 +517,11 @@ class FeatureStore:
     @classmethod
     def for_sae(cls, sae_dir: str | os.PathLike | None = None, db: str | os.PathLike | None = None) -> "FeatureStore":
         """The database of an SAE folder (`<folder>/features.db`), or the one at `db` when given."""
-        if db is None and sae_dir is None:
+        if db is not None:
+            return cls(Path(db), sae_dir=sae_dir)
+        if sae_dir is None:
             raise MonoscopeError("say which features to read: pass --sae SAE_FOLDER (or --db FILE)")
-        return cls(Path(db) if db is not None else default_db_path(sae_dir), sae_dir=sae_dir)
+        return cls(default_db_path(sae_dir), sae_dir=sae_dir)
 
     # ---- lifecycle
 
@@ -716,9 +731,11 @@ class FeatureStore:
             raise MonoscopeError("a label cannot be empty")
         if not source:
             raise MonoscopeError("a label needs a source, e.g. 'llm:gpt-4o-mini' or 'human'")
+        from .embedding import EMBEDDING_MODEL
+
         vector = None
         if embed:
-            from .embedding import EMBEDDING_MODEL, embed_texts, embeddings_available
+            from .embedding import embed_texts, embeddings_available
 
             if embeddings_available():
                 vector = embed_texts([text])[0].astype("<f4").tobytes()
@@ -731,7 +748,9 @@ class FeatureStore:
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (fid, str(source), text, _finite(detection), _finite(fuzzing), _finite(embedding_score), now_iso()),
                     )
-                    label_id = int(cur.lastrowid)
+                    label_id = cur.lastrowid
+                    if label_id is None:  # pragma: no cover - sqlite3 always sets it after an INSERT
+                        raise sqlite3.OperationalError("no id for the new label")
                     if vector is not None:
                         conn.execute("INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
                                      (label_id, EMBEDDING_MODEL, vector))

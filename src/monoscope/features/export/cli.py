@@ -5,20 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..store import FeatureStore
 
 
-def _store(args: argparse.Namespace):
-    from .store import FeatureStore
+def _store(args: argparse.Namespace) -> FeatureStore:
+    from ..store import FeatureStore
 
     return FeatureStore.for_sae(args.sae, db=args.db)
 
 
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
-    from .export import export_neuronpedia
+    from .neuronpedia import export_neuronpedia
 
     sae = None
     if not args.no_vectors:
-        from ..sae import load_sae
+        from ...sae import load_sae
 
         sae = load_sae(args.sae)
     with _store(args) as store:
@@ -35,7 +39,7 @@ def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
 
 
 def cmd_export_parquet(args: argparse.Namespace) -> int:
-    from .export import export_parquet
+    from .parquet import export_parquet
 
     with _store(args) as store:
         report = export_parquet(store, args.out)
@@ -47,7 +51,7 @@ def cmd_export_parquet(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `export neuronpedia` and `export parquet` to the top-level subparsers."""
     p = subparsers.add_parser("export", help="export a feature database (Neuronpedia layout, Parquet)",
                               description="Write an SAE's feature database (from `monoscope analyze`) in other formats.")
