@@ -134,35 +134,32 @@ class Examples:
     def rows(self, acts_dtype: str) -> Iterator[ExampleRow]:
         """Each feature's top, quantile and random examples, with their windows' activations as `acts_dtype`."""
         left, right, body = self.window_left, self.window_right, self.body
-        top_ctx, top_peak, top_val = self.top.context.numpy(), self.top.peak.numpy(), self.top.value.numpy()
-        top_acts = self.top.acts.numpy().astype(acts_dtype)
-        qc, qp, qv = self.quantile_context.numpy(), self.quantile_peak.numpy(), self.quantile_value.numpy()
-        qa = self.quantile_acts.numpy().astype(acts_dtype)
-        for f in range(top_ctx.shape[0]):
-            for rank in range(top_ctx.shape[1]):
-                c = int(top_ctx[f, rank])
-                if c < 0:
-                    break
-                p = int(top_peak[f, rank])
-                start, length = example_window(p, left, right, body)
-                o = start - (p - left)
-                yield (f, "top", rank, None, c, start, length, p, float(top_val[f, rank]),
-                       top_acts[f, rank, o : o + length].tobytes())
-            rank = 0
-            for slot in range(qc.shape[1]):
-                c = int(qc[f, slot])
-                if c < 0:
-                    continue
-                p = int(qp[f, slot])
-                start, length = example_window(p, left, right, body)
-                o = start - (p - left)
-                yield (f, "quantile", rank, slot // self.per_quantile, c, start, length, p, float(qv[f, slot]),
-                       qa[f, slot, o : o + length].tobytes())
-                rank += 1
+        top = (self.top.context.numpy(), self.top.peak.numpy(), self.top.value.numpy(),
+               self.top.acts.numpy().astype(acts_dtype))
+        quantile = (self.quantile_context.numpy(), self.quantile_peak.numpy(), self.quantile_value.numpy(),
+                    self.quantile_acts.numpy().astype(acts_dtype))
+        for f in range(top[0].shape[0]):
+            yield from self._activating_rows(f, "top", *top, per_bin=None)
+            yield from self._activating_rows(f, "quantile", *quantile, per_bin=self.per_quantile)
             for rank, s in enumerate(self.random_slots(f)):
                 centre = int(self.pool_centre[s])
                 start, length = example_window(centre, left, right, body)
                 yield (f, "random", rank, None, int(self.pool_context[s]), start, length, centre, 0.0, None)
+
+    def _activating_rows(self, f: int, kind: str, context: np.ndarray, peak: np.ndarray, value: np.ndarray,
+                         acts: np.ndarray, per_bin: int | None) -> Iterator[ExampleRow]:
+        """The filled slots of feature f, ranked in slot order (quantile slots: bin = slot // per_bin)."""
+        rank = 0
+        for slot in range(context.shape[1]):
+            c = int(context[f, slot])
+            if c < 0:
+                continue
+            p = int(peak[f, slot])
+            start, length = example_window(p, self.window_left, self.window_right, self.body)
+            o = start - (p - self.window_left)
+            yield (f, kind, rank, None if per_bin is None else slot // per_bin, c, start, length, p,
+                   float(value[f, slot]), acts[f, slot, o : o + length].tobytes())
+            rank += 1
 
 
 def collect_examples(

@@ -9,12 +9,19 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..store import FeatureStore
+    from .report import ExportReport
 
 
 def _store(args: argparse.Namespace) -> FeatureStore:
     from ..store import FeatureStore
 
     return FeatureStore.for_sae(args.sae, db=args.db)
+
+
+def _say(args: argparse.Namespace, report: ExportReport, line: str) -> int:
+    """The report as JSON with --json, else one line."""
+    print(json.dumps(report.to_dict(), indent=2) if args.json else line)
+    return 0
 
 
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
@@ -30,12 +37,8 @@ def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
                                     batch_size=args.batch_size, release_id=args.release_id, creator_name=args.creator_name,
                                     url=args.url, hf_repo_id=args.hf_repo_id, hf_folder_id=args.hf_folder_id,
                                     include_vectors=not args.no_vectors)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(f"wrote {report.features:,} features, {report.activations:,} activation examples and "
-              f"{report.explanations:,} explanations to {report.folder} (Neuronpedia dataset layout)")
-    return 0
+    return _say(args, report, f"wrote {report.features:,} features, {report.activations:,} activation examples and "
+                              f"{report.explanations:,} explanations to {report.folder} (Neuronpedia dataset layout)")
 
 
 def cmd_export_parquet(args: argparse.Namespace) -> int:
@@ -43,12 +46,8 @@ def cmd_export_parquet(args: argparse.Namespace) -> int:
 
     with _store(args) as store:
         report = export_parquet(store, args.out)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(f"wrote {report.features:,} features, {report.activations:,} examples and {report.explanations:,} labels "
-              f"to {Path(report.folder)}/*.parquet")
-    return 0
+    return _say(args, report, f"wrote {report.features:,} features, {report.activations:,} examples and "
+                              f"{report.explanations:,} labels to {Path(report.folder)}/*.parquet")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
