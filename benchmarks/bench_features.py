@@ -190,7 +190,7 @@ def main() -> None:
         results["quickstart_db"] = {
             **{k: report.to_dict()[k] for k in ("n_features", "tokens", "seconds", "tokens_per_second", "map_method", "timings")},
             "db_mb": round(report.db_bytes / 1e6, 2),
-            "examples": store._query("SELECT COUNT(*) FROM examples")[0][0],
+            "examples": sum(store.example_counts().values()),
             **search_latency(store, QUERIES),
             "show_ms": show_latency(store),
         }
@@ -214,7 +214,7 @@ def main() -> None:
             conn.commit()
             conn.close()
             store = FeatureStore(db)
-            counts = dict(store._query("SELECT kind, COUNT(*) FROM examples GROUP BY kind"))
+            counts = store.example_counts()
             results["big_db"] = {
                 "n_features": args.big_d_sae, "tokens": report.tokens, "examples": counts,
                 "db_mb_without_label_vectors": round(report.db_bytes / 1e6, 2),

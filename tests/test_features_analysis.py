@@ -304,6 +304,22 @@ def test_rerun_keeps_explain_labels(tmp_path, tiny_llama_dir, text_corpus, llama
         assert store.feature(2).label == "something" and len(store.labels(2)) == 2
 
 
+def test_paths_with_uri_characters(tmp_path, tiny_llama_dir, text_corpus, llama, az_id):
+    """Databases are read through SQLite URIs: a folder with spaces, '?', '#' and '%' in its name still works,
+    re-analysis included (the labels of the database it replaces are carried over)."""
+    folder = tmp_path / "my sae?mode=rw#1 %41"
+    save_sae(planted_sae(llama, az_id, d_sae=16), folder, info=_info(tiny_llama_dir, text_corpus, "resid_pre.0"))
+    cfg = AnalysisConfig(map="none", embeddings=False, tokens=300)
+    analyze_sae(folder, loaded=llama, progress=False, config=cfg)
+    with FeatureStore.for_sae(folder) as store:
+        store.add_label(3, "human", "an odd path", embed=False)
+    report = analyze_sae(folder, loaded=llama, progress=False, config=cfg)
+    assert report.labels_carried == 1
+    with FeatureStore.for_sae(folder) as store:
+        assert store.path.parent.name == "my sae?mode=rw#1 %41"
+        assert store.feature(3).label == "an odd path" and store.n_features == 16
+
+
 def test_jumprelu_sae_at_a_later_layer(tmp_path, tiny_llama_dir, text_corpus, llama):
     """The non-TopK path (dense codes, non-zeros) against the same dense recomputation."""
     from monoscope.model import run_to

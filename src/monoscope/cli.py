@@ -441,7 +441,7 @@ from .autointerp.cli import register_explain  # noqa: E402
 from .steer.cli import register as register_steer  # noqa: E402
 from .server.cli import register as register_server  # noqa: E402
 from .sae.cli_interop import register as register_import_sae  # noqa: E402
-from .features.export_cli import register as register_export  # noqa: E402
+from .features.export.cli import register as register_export  # noqa: E402
 
 _COMMANDS: list[Callable[[Parsers], object]] = [_add_quickstart, _add_harvest, _add_train, _add_eval, register_features, register_explain,
                                               register_steer, register_server, register_import_sae, register_export]

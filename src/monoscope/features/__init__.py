@@ -17,7 +17,17 @@ argument parsing, none of the analysis code for the explain modules that live he
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names, for type checkers and editors
+    from .analyze import AnalysisConfig, AnalysisReport, analyze_loaded, analyze_sae, run_pass
+    from .embedding import auroc, embed_texts, embedding_score
+    from .geometry import feature_map, final_norm, logit_effects, nearest_features
+    from .labels import heuristic_labels
+    from .loading import open_sae_and_model
+    from .scan import ScanResult, scan_text
+    from .search import ExampleHit, SearchHit, SearchResults, features_for_examples, search_features
+    from .store import Example, FeatureRecord, FeatureStore, Label, SCHEMA_VERSION, default_db_path
 
 _EXPORTS = {
     # analysis
@@ -55,7 +65,11 @@ _EXPORTS = {
     "open_sae_and_model": "loading",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["AnalysisConfig", "AnalysisReport", "Example", "ExampleHit", "FeatureRecord", "FeatureStore", "Label",
+    "SCHEMA_VERSION", "ScanResult", "SearchHit", "SearchResults", "analyze_loaded", "analyze_sae", "auroc",
+    "default_db_path", "embed_texts", "embedding_score", "feature_map", "features_for_examples", "final_norm",
+    "heuristic_labels", "logit_effects", "nearest_features", "open_sae_and_model", "run_pass", "scan_text",
+    "search_features"]
 
 
 def __getattr__(name: str) -> Any:

@@ -377,7 +377,7 @@ class FeatureAccumulator:
     def _cells(self, n_contexts: int) -> tuple[Tensor, Tensor]:
         """Zeroed per-batch [n_contexts * d_sae] buffers for context maxima and their positions (reused)."""
         size = n_contexts * self.d_sae
-        if self._cell_max is None or self._cell_max.numel() < size:
+        if self._cell_max is None or self._cell_pos is None or self._cell_max.numel() < size:
             self._cell_max = torch.zeros(size, device=self.device)
             self._cell_pos = torch.full((size,), self.context_size, dtype=torch.int64, device=self.device)
         return self._cell_max[:size], self._cell_pos[:size]

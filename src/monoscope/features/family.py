@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,9 @@ from ..errors import MonoscopeError
 from ..sae import SAE
 from ..sae.io import sae_hook_point, sae_model_name
 from .store import FeatureStore, default_db_path
+
+if TYPE_CHECKING:
+    from ..model import LoadedModel
 
 
 @dataclass
@@ -97,7 +100,9 @@ def analysed_contexts(store: FeatureStore, feature: int, limit: int = 64) -> lis
 
 
 @torch.inference_mode()
-def activations_on_contexts(loaded: Any, hook: str, store: FeatureStore, contexts: Sequence[int], saes: Sequence[SAE]) -> list[Tensor]:
+def activations_on_contexts(
+    loaded: LoadedModel, hook: str, store: FeatureStore, contexts: Sequence[int], saes: Sequence[SAE],
+) -> list[Tensor]:
     """Codes [tokens, d_sae] of each SAE on the stored contexts (the first position of each left out)."""
     from ..model import run_to
 
@@ -127,7 +132,7 @@ def feature_family(
     top: int = 5,
     store: FeatureStore | None = None,
     other_stores: Sequence[FeatureStore | None] | None = None,
-    loaded: Any = None,
+    loaded: LoadedModel | None = None,
     hook: str | None = None,
 ) -> Family:
     """The closest features of `feature` (of `source`) in each SAE of `others` ([(name, SAE)]).
@@ -159,13 +164,14 @@ def feature_family(
     for i, (name, other) in enumerate(others):
         cos = decoder_cosines(source, feature, other)
         picked = set(torch.topk(cos, min(top, cos.numel())).indices.tolist())
-        if coacts[i] is not None:
-            picked |= set(torch.topk(coacts[i], min(top, cos.numel())).indices.tolist())
+        coact = coacts[i]
+        if coact is not None:
+            picked |= set(torch.topk(coact, min(top, cos.numel())).indices.tolist())
         ranked = sorted(picked, key=lambda j: float(cos[j]), reverse=True)
         ostore = other_stores[i] if other_stores and i < len(other_stores) else None
         records = {r.id: r for r in ostore.features(ranked)} if ostore is not None else {}
         matches = [FamilyMatch(int(j), round(float(cos[j]), 4),
-                               None if coacts[i] is None else round(float(coacts[i][j]), 4),
+                               None if coact is None else round(float(coact[j]), 4),
                                records[j].label if j in records else None,
                                records[j].density if j in records else None) for j in ranked]
         across.append(FamilyInSAE(name, other.cfg.d_sae, matches))

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ from torch import Tensor, nn
 from ..model import find_blocks
 
 UMAP_MIN_FEATURES = 1024
+
+
+class _Progress(Protocol):
+    def update(self, n: int) -> object: ...
 _BLOCK_ELEMENTS = 1 << 25  # at most this many similarities / logits in memory at a time
 
 
@@ -36,6 +41,12 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential))
 
 
+def _output_embeddings(model: nn.Module) -> object:
+    """The model's unembedding module (lm_head), or None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def final_norm(model: nn.Module) -> tuple[Tensor | None, bool]:
     """(effective multiplicative weight of the norm before the unembedding or None, whether it centres)."""
     try:
@@ -43,7 +54,7 @@ def final_norm(model: nn.Module) -> tuple[Tensor | None, bool]:
         inside = {id(m) for m in blocks.modules()}
     except Exception:  # noqa: BLE001 - a model without a block list: consider every module
         inside = set()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_embeddings(model)
     chosen = None
     for _, module in model.named_modules():
         if id(module) in inside or module is head or module is model:
@@ -64,8 +75,7 @@ def final_norm(model: nn.Module) -> tuple[Tensor | None, bool]:
 
 
 def unembedding(model: nn.Module, vocab_size: int | None = None) -> Tensor:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
+    weight = getattr(_output_embeddings(model), "weight", None)
     if not isinstance(weight, torch.Tensor):
         from ..errors import MonoscopeError
 
@@ -88,7 +98,7 @@ def logit_directions(w_dec: Tensor, norm_weight: Tensor | None, centres: bool) -
 @torch.inference_mode()
 def logit_effects(
     w_dec: Tensor, w_u: Tensor, norm_weight: Tensor | None = None, centres: bool = False, n: int = 10,
-    progress: Any = None,
+    progress: _Progress | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(up_values, up_ids, down_values, down_ids), each [d_sae, n]: the most promoted and most suppressed
     tokens of each decoder row through the final norm's weight and the unembedding."""
@@ -113,7 +123,7 @@ def logit_effects(
 
 
 @torch.inference_mode()
-def nearest_features(w_dec: Tensor, n: int = 10, progress: Any = None) -> tuple[Tensor, Tensor]:
+def nearest_features(w_dec: Tensor, n: int = 10, progress: _Progress | None = None) -> tuple[Tensor, Tensor]:
     """(neighbour ids [d_sae, n], cosines [d_sae, n]): by |cosine| of the decoder rows, sign kept, self excluded."""
     unit = unit_rows(w_dec)
     d_sae = unit.shape[0]
@@ -181,3 +191,80 @@ def _has_umap() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("umap") is not None
+
+
+# ---------------------------------------------------------------- the analysis steps
+
+
+@dataclass
+class LogitEffects:
+    """Each feature's most promoted (`up`) and suppressed (`down`) tokens: [d_sae, n] values and token ids."""
+
+    up_values: Tensor
+    up_ids: Tensor
+    down_values: Tensor
+    down_ids: Tensor
+    final_norm: str  # 'layernorm' (centres, then scales), 'weighted' (scales) or 'none'
+
+    def top_promoted(self, feature: int, n: int) -> list[int]:
+        return self.up_ids[feature, :n].tolist()
+
+    def rows(self) -> Iterator[tuple[int, str, int, int, float]]:
+        """(feature, 'up' | 'down', rank, token id, value), feature by feature, 'up' first."""
+        for f in range(self.up_ids.shape[0]):
+            for r in range(self.up_ids.shape[1]):
+                yield (f, "up", r, int(self.up_ids[f, r]), float(self.up_values[f, r]))
+            for r in range(self.down_ids.shape[1]):
+                yield (f, "down", r, int(self.down_ids[f, r]), float(self.down_values[f, r]))
+
+
+def compute_logit_effects(
+    w_dec: Tensor, model: nn.Module, vocab_size: int, n: int, progress: _Progress | None = None,
+) -> LogitEffects:
+    """The logit effects of every decoder row through `model`'s final norm and unembedding (the first
+    `vocab_size` rows: those past the tokenizer's vocabulary are padding)."""
+    w_u = unembedding(model, vocab_size)
+    norm_weight, centres = final_norm(model)
+    up_v, up_i, dn_v, dn_i = logit_effects(w_dec.to(w_u.device), w_u, norm_weight, centres, n, progress=progress)
+    kind = "layernorm" if centres else ("weighted" if norm_weight is not None else "none")
+    return LogitEffects(up_v, up_i, dn_v, dn_i, kind)
+
+
+@dataclass
+class Neighbours:
+    """Each feature's nearest features by decoder cosine: [d_sae, n] ids and cosines (n = 0 for one feature)."""
+
+    ids: Tensor
+    cosines: Tensor
+
+    def rows(self) -> Iterator[tuple[int, int, int, float]]:
+        for f in range(self.ids.shape[0]):
+            for r in range(self.ids.shape[1]):
+                yield (f, r, int(self.ids[f, r]), float(self.cosines[f, r]))
+
+
+def find_neighbours(w_dec: Tensor, n: int, progress: _Progress | None = None) -> Neighbours:
+    d_sae = w_dec.shape[0]
+    if d_sae <= 1:
+        return Neighbours(torch.zeros((d_sae, 0), dtype=torch.int64), torch.zeros((d_sae, 0)))
+    return Neighbours(*nearest_features(w_dec, n, progress=progress))
+
+
+@dataclass
+class FeatureMap:
+    """The 2-D layout of the features ([d_sae, 2] in [0, 1]), or none (`method` None) when not asked for."""
+
+    xy: np.ndarray | None
+    method: str | None
+
+    def rows(self) -> Iterator[tuple[int, float, float]]:
+        if self.xy is not None:
+            for f in range(self.xy.shape[0]):
+                yield (f, float(self.xy[f, 0]), float(self.xy[f, 1]))
+
+
+def make_map(w_dec: Tensor, method: str, seed: int) -> FeatureMap:
+    """`method`: auto, umap, pca or none."""
+    if method == "none":
+        return FeatureMap(None, None)
+    return FeatureMap(*feature_map(w_dec, method, seed))

@@ -17,10 +17,17 @@ token gets that token. Up to 3 tokens with a score of at least a quarter of the 
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Collection, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .collect import Examples, Statistics, TokenTexts
 
 MAX_TOKEN_CHARS = 24
 
@@ -196,3 +203,94 @@ def shared_words(
         if len(out[feature]) < n and sc >= min_share * top:
             out[feature].append(wid)
     return out
+
+
+# ---------------------------------------------------------------- the analysis step
+
+
+@dataclass
+class HeuristicLabels:
+    """Each feature's token label and concept-label candidates (the words its examples share), and which of its
+    examples made them: `making` [d_sae, top + quantile slots] marks the even top ranks and the even quantile
+    slots whose context is not a scoring top example's; the other examples score the labels out of sample."""
+
+    token_labels: list[str]
+    shared: list[list[int]]  # word ids per feature, best first (empty without a word list)
+    words: list[str]
+    making: Tensor
+
+    def options(self, feature: int) -> list[str]:
+        """The labels to choose from: the token label, then the shared words and the best word alone."""
+        options = [self.token_labels[feature]]
+        if self.shared and self.shared[feature]:
+            options.append(", ".join(self.words[w] for w in self.shared[feature]))
+            if len(self.shared[feature]) > 1:
+                options.append(self.words[self.shared[feature][0]])
+        return options
+
+
+def making_examples(examples: Examples) -> Tensor:
+    """[d_sae, top + quantile slots]: the examples that make labels (see `HeuristicLabels`)."""
+    top_context, quantile_context = examples.top.context, examples.quantile_context
+    n_top = top_context.shape[1]
+    scoring_top_ctx = top_context[:, 1::2]
+    q_in_scoring = (quantile_context.unsqueeze(-1) == scoring_top_ctx.unsqueeze(1)).any(-1) & (quantile_context >= 0)
+    making = torch.zeros(top_context.shape[0], n_top + quantile_context.shape[1], dtype=torch.bool)
+    making[:, 0:n_top:2] = True
+    making[:, n_top::2] = ~q_in_scoring[:, 0::2]
+    return making
+
+
+def _word_idf(tokenizer: PreTrainedTokenizerBase, vocab_size: int, words: Collection[str], unigram: Tensor,
+              n_tokens: int) -> tuple[Tensor, list[str], Tensor]:
+    """(token -> word id table, the words, each word's idf over the analysed tokens)."""
+    vocab_texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
+    token_word, word_list = word_table(vocab_texts, words)
+    counts_of_tokens = unigram.double()
+    counts = torch.zeros(len(word_list), dtype=torch.float64)
+    mapped = token_word[: counts_of_tokens.numel()] >= 0
+    counts.index_add_(0, token_word[: counts_of_tokens.numel()][mapped], counts_of_tokens[mapped])
+    return token_word, word_list, torch.log((n_tokens + 1.0) / (counts + 1.0))
+
+
+def make_heuristic_labels(
+    stats: Statistics, examples: Examples, texts: TokenTexts, promoted_ids: Tensor, tokenizer: PreTrainedTokenizerBase,
+    vocab_size: int, words: Collection[str] | None, chunk: int = 2048,
+) -> HeuristicLabels:
+    """Token labels from every feature's examples; with `words` (an English word list), token labels and
+    concept-label candidates from the making half of the examples only."""
+    d_sae, n_tokens = stats.d_sae, stats.n_tokens
+    body, context_size = examples.body, examples.context_size
+    offsets = torch.arange(-examples.window_left, examples.window_right + 1)
+    making = making_examples(examples)
+    concepts = None if words is None else _word_idf(tokenizer, vocab_size, words, stats.unigram, n_tokens)
+    contexts = torch.from_numpy(np.asarray(examples.contexts))
+    fire_tokens: list[list[int]] = []
+    shared: list[list[int]] = []
+    for lo in range(0, d_sae, chunk):
+        ctx, peak, peak_value, acts = examples.slots(lo, lo + chunk)
+        pos = peak.long().unsqueeze(-1) + offsets
+        ok = (ctx.unsqueeze(-1) >= 0) & (pos >= 1) & (pos <= body)
+        if contexts.shape[0]:
+            toks = contexts[ctx.clamp_min(0).unsqueeze(-1).expand_as(pos), pos.clamp(0, context_size - 1)].long()
+        else:
+            toks = torch.zeros_like(pos)
+        toks = torch.where(ok, toks, torch.full_like(toks, -1))
+        fmax = stats.act_max[lo : lo + chunk]
+        if concepts is None:
+            fire_tokens.extend(characteristic_tokens(acts, toks, fmax, stats.unigram, n_tokens, n=3))
+            continue
+        token_word, _, word_idf = concepts
+        part = making[lo : lo + chunk]
+        fire_tokens.extend(characteristic_tokens(acts * part.unsqueeze(-1), toks, fmax, stats.unigram, n_tokens, n=3))
+        peak_value = peak_value.float()
+        weight = torch.where((ctx >= 0) & part, peak_value / fmax.float().clamp_min(1e-12).unsqueeze(1),
+                             torch.zeros_like(peak_value))
+        shared.extend(shared_words(toks, weight, token_word, word_idf, n=3))
+    dead = stats.dead
+    token_labels = [
+        format_label([texts.text(t) for t in fire_tokens[f]], [texts.text(t) for t in promoted_ids[f, :3].tolist()],
+                     dead=dead[f])
+        for f in range(d_sae)
+    ]
+    return HeuristicLabels(token_labels, shared, concepts[1] if concepts is not None else [], making)

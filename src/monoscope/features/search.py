@@ -69,10 +69,7 @@ def search_words(store: FeatureStore, query: str, limit: int = 100) -> list[tupl
     q = fts_query(query)
     if q is None:
         return []
-    rows = store._query(
-        f"SELECT l.feature_id, bm25(labels_fts, 1.0, {PROMOTED_WEIGHT}) AS s FROM labels_fts JOIN labels l ON l.id = labels_fts.rowid "
-        "WHERE labels_fts MATCH ? ORDER BY s LIMIT ?", (q, int(limit) * 4)
-    )
+    rows = store.search_label_words(q, PROMOTED_WEIGHT, int(limit) * 4)
     out: dict[int, float] = {}
     for fid, score in rows:
         if fid not in out:

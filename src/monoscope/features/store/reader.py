@@ -1,33 +1,4 @@
-"""The feature database: one SQLite file per SAE (default `<sae folder>/features.db`).
-
-Schema version 1 (docs/feature-db.md describes every column):
-
-    meta(key, value)                        schema_version, sae_path, model, hook_point, d_sae, d_in,
-                                            tokens_analysed, contexts_analysed, created, ... (values are JSON)
-    features(id, n_active, n_contexts, density, mean_activation, max_activation, std_activation, label,
-             label_source)
-    examples(feature_id, kind, rank, bin, context, start, length, peak, activation, activations)
-        kind 'top' | 'quantile' | 'random'; the window's tokens are contexts[context][start:start+length];
-        activations: `length` little-endian floats (meta acts_dtype), NULL when all zero (random examples)
-    contexts(id, token_ids)                 every context an example uses, BOS included (meta token_dtype)
-    tokens(id, text)                        the decoded string of every token id that appears in a context
-    histograms(feature_id, first_bin, counts)   int32 counts over meta hist_edges[first_bin:]
-    logit_effects(feature_id, direction 'up'|'down', rank, token_id, value)
-    neighbours(feature_id, rank, neighbour_id, cosine)
-    map(feature_id, x, y)                   2-D layout in [0, 1] (meta map_method)
-    labels(id, feature_id, source, text, detection, fuzzing, embedding_score, created)
-    labels_fts(main, promoted)              FTS5 index (porter, unicode61) of labels.text, rowid = labels.id;
-                                            a heuristic label's promoted tokens (after ' → ') in `promoted`
-    label_embeddings(label_id, model, vector)   float32 [384] of each label (meta embedding_model)
-    example_embeddings(feature_id, vector)  float32 [384]: the normalised mean embedding of the texts a feature
-                                            fires on most (absent in databases analysed without embeddings
-                                            or by an earlier monoscope)
-
-Writers build the whole file under a temporary name in the same folder and rename it into place when it is
-complete (`StoreBuilder`), so readers never see a half-written database; readers open it read-only
-(`file:...?mode=ro`). `FeatureStore.add_label` is the one write to a finished database (for `monoscope
-explain`); it opens a read-write connection on first use.
-"""
+"""Reading a feature database (read-only), and adding labels to it (`monoscope explain`, humans)."""
 
 from __future__ import annotations
 
@@ -35,322 +6,21 @@ import json
 import os
 import sqlite3
 import threading
-import time
-import urllib.parse
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import MonoscopeError
-
-SCHEMA_VERSION = 1
-DB_FILENAME = "features.db"
-EXAMPLE_KINDS = ("top", "quantile", "random")
-#: The source of a feature's token label when its shown heuristic label is a concept label (`monoscope analyze`).
-TOKEN_LABEL_SOURCE = "heuristic-tokens"
-
-SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE features (
-    id INTEGER PRIMARY KEY,
-    n_active INTEGER NOT NULL,
-    n_contexts INTEGER NOT NULL,
-    density REAL NOT NULL,
-    mean_activation REAL,
-    max_activation REAL NOT NULL,
-    std_activation REAL NOT NULL,
-    label TEXT,
-    label_source TEXT
-);
-CREATE TABLE examples (
-    feature_id INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('top', 'quantile', 'random')),
-    rank INTEGER NOT NULL,
-    bin INTEGER,
-    context INTEGER NOT NULL,
-    start INTEGER NOT NULL,
-    length INTEGER NOT NULL,
-    peak INTEGER NOT NULL,
-    activation REAL NOT NULL,
-    activations BLOB,
-    PRIMARY KEY (feature_id, kind, rank)
-) WITHOUT ROWID;
-CREATE TABLE contexts (id INTEGER PRIMARY KEY, token_ids BLOB NOT NULL);
-CREATE TABLE tokens (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
-CREATE TABLE histograms (feature_id INTEGER PRIMARY KEY, first_bin INTEGER NOT NULL, counts BLOB NOT NULL);
-CREATE TABLE logit_effects (
-    feature_id INTEGER NOT NULL,
-    direction TEXT NOT NULL CHECK (direction IN ('up', 'down')),
-    rank INTEGER NOT NULL,
-    token_id INTEGER NOT NULL,
-    value REAL NOT NULL,
-    PRIMARY KEY (feature_id, direction, rank)
-) WITHOUT ROWID;
-CREATE TABLE neighbours (
-    feature_id INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    neighbour_id INTEGER NOT NULL,
-    cosine REAL NOT NULL,
-    PRIMARY KEY (feature_id, rank)
-) WITHOUT ROWID;
-CREATE TABLE map (feature_id INTEGER PRIMARY KEY, x REAL NOT NULL, y REAL NOT NULL);
-CREATE TABLE labels (
-    id INTEGER PRIMARY KEY,
-    feature_id INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    text TEXT NOT NULL,
-    detection REAL,
-    fuzzing REAL,
-    embedding_score REAL,
-    created TEXT NOT NULL
-);
-CREATE INDEX labels_by_feature ON labels (feature_id);
-CREATE TABLE label_embeddings (label_id INTEGER PRIMARY KEY, model TEXT NOT NULL, vector BLOB NOT NULL);
-CREATE TABLE example_embeddings (feature_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
-CREATE VIRTUAL TABLE labels_fts USING fts5(main, promoted, tokenize='porter unicode61');
-CREATE TRIGGER labels_ai AFTER INSERT ON labels BEGIN
-    INSERT INTO labels_fts (rowid, main, promoted) VALUES (
-        new.id,
-        CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
-             THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
-        CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
-             THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END);
-END;
-CREATE TRIGGER labels_ad AFTER DELETE ON labels BEGIN
-    DELETE FROM labels_fts WHERE rowid = old.id;
-    DELETE FROM label_embeddings WHERE label_id = old.id;
-END;
-CREATE TRIGGER labels_au AFTER UPDATE OF text ON labels BEGIN
-    UPDATE labels_fts SET
-        main = CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
-                    THEN substr(new.text, 1, instr(new.text, ' → ') - 1) ELSE new.text END,
-        promoted = CASE WHEN new.source LIKE 'heuristic%' AND instr(new.text, ' → ') > 0
-                        THEN substr(new.text, instr(new.text, ' → ') + 3) ELSE '' END
-    WHERE rowid = new.id;
-    DELETE FROM label_embeddings WHERE label_id = old.id;
-END;
-"""
-
-# The label shown for a feature: any non-heuristic label before heuristic ones (the chosen heuristic label before
-# the token label kept beside a concept label), scored before unscored, then by the mean of its scores, then the
-# newest.
-_BEST_LABEL = """
-SELECT text, source FROM labels WHERE feature_id = ?
-ORDER BY (source NOT LIKE 'heuristic%') DESC, (source = 'heuristic') DESC,
-         (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
-         (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
-           / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
-         id DESC
-LIMIT 1
-"""
+from ...errors import MonoscopeError
+from .records import Example, FeatureRecord, Label, Neighbour, TokenEffect
+from .schema import EXAMPLE_KINDS, SCHEMA_VERSION, connect_read_only, default_db_path, now_iso, refresh_shown_labels
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def default_db_path(sae_dir: str | os.PathLike) -> Path:
-    return Path(sae_dir) / DB_FILENAME
-
-
-def _ro_uri(path: Path) -> str:
-    return "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
-
-
-def _finite(x: Any) -> float | None:
+def _finite(x: float | None) -> float | None:
     if x is None:
         return None
     x = float(x)
     return x if np.isfinite(x) else None
-
-
-# ---------------------------------------------------------------- records
-
-
-@dataclass
-class Example:
-    """One stored excerpt: a window of a context around the feature's strongest activation in it."""
-
-    feature_id: int
-    kind: str  # 'top' | 'quantile' | 'random'
-    rank: int
-    tokens: list[str]
-    activations: list[float]
-    text: str
-    token_ids: list[int]
-    context: int  # index of the context in the analysed stream
-    start: int  # position of tokens[0] in the context (position 0 is BOS)
-    peak: int  # index into tokens of the strongest activation (random examples: the window's centre)
-    max_activation: float
-    bin: int | None = None  # quantile bin, 0 = lowest
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Label:
-    id: int
-    feature_id: int
-    source: str
-    text: str
-    detection: float | None
-    fuzzing: float | None
-    embedding_score: float | None
-    created: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class TokenEffect:
-    token: str
-    token_id: int
-    value: float
-
-
-@dataclass
-class Neighbour:
-    id: int
-    cosine: float
-    label: str | None
-
-
-@dataclass
-class FeatureRecord:
-    """A feature's statistics and its shown label."""
-
-    id: int
-    n_active: int
-    n_contexts: int
-    density: float
-    mean_activation: float | None  # mean over the tokens it fires on
-    max_activation: float
-    std_activation: float  # standard deviation over all analysed tokens (zeros included)
-    label: str | None
-    label_source: str | None
-    x: float | None = None
-    y: float | None = None
-
-    @property
-    def dead(self) -> bool:
-        return self.n_active == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------- writing a new database
-
-
-class StoreBuilder:
-    """Builds a database under a temporary name beside `path`; `finish()` renames it into place.
-
-    Used as a context manager, an exception (or Ctrl-C) removes the temporary file and leaves whatever was
-    at `path` before untouched.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.path)
-        self.tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{int(time.time() * 1000) % 10**9}.tmp"
-        self.conn = sqlite3.connect(self.tmp)
-        self.conn.execute("PRAGMA journal_mode = OFF")
-        self.conn.execute("PRAGMA synchronous = OFF")
-        self.conn.executescript(SCHEMA)
-        self._done = False
-
-    def __enter__(self) -> "StoreBuilder":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._done:
-            self.abort()
-
-    def set_meta(self, values: dict[str, Any]) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                              [(k, json.dumps(v)) for k, v in values.items()])
-
-    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        marks = ", ".join("?" for _ in columns)
-        self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
-
-    def refresh_labels(self) -> None:
-        refresh_shown_labels(self.conn, None)
-
-    def finish(self) -> Path:
-        try:
-            self.conn.execute("INSERT INTO labels_fts (labels_fts) VALUES ('optimize')")
-            self.conn.commit()
-            self.conn.execute("PRAGMA journal_mode = DELETE")
-            self.conn.close()
-            with open(self.tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        return self.path
-
-    def abort(self) -> None:
-        try:
-            self.conn.close()
-        except Exception:  # noqa: BLE001
-            pass
-        self.tmp.unlink(missing_ok=True)
-        self._done = True
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove temporary databases of earlier runs that died (their process is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name.split(".")
-        try:
-            pid = int(parts[-3])
-        except (ValueError, IndexError):
-            continue
-        if pid == os.getpid() or _alive(pid):
-            continue
-        tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def refresh_shown_labels(conn: sqlite3.Connection, feature_ids: Iterable[int] | None) -> None:
-    """Set features.label/label_source to the best label of each feature (all features when None)."""
-    if feature_ids is None:
-        conn.execute(
-            """UPDATE features SET (label, label_source) = (
-                   SELECT text, source FROM labels WHERE labels.feature_id = features.id
-                   ORDER BY (source NOT LIKE 'heuristic%') DESC, (source = 'heuristic') DESC,
-                            (detection IS NOT NULL OR fuzzing IS NOT NULL OR embedding_score IS NOT NULL) DESC,
-                            (COALESCE(detection, 0) + COALESCE(fuzzing, 0) + COALESCE(embedding_score, 0))
-                              / MAX(1, (detection IS NOT NULL) + (fuzzing IS NOT NULL) + (embedding_score IS NOT NULL)) DESC,
-                            id DESC
-                   LIMIT 1)"""
-        )
-        return
-    for fid in feature_ids:
-        row = conn.execute(_BEST_LABEL, (int(fid),)).fetchone()
-        conn.execute("UPDATE features SET label = ?, label_source = ? WHERE id = ?",
-                     (row[0] if row else None, row[1] if row else None, int(fid)))
-
-
-# ---------------------------------------------------------------- reading
 
 
 class FeatureStore:
@@ -363,7 +33,7 @@ class FeatureStore:
             raise MonoscopeError(f"no feature database at {self.path}: run `monoscope analyze{where}` first")
         self._lock = threading.RLock()
         try:
-            self.conn = sqlite3.connect(_ro_uri(self.path), uri=True, check_same_thread=False)
+            self.conn = connect_read_only(self.path, check_same_thread=False)
             self.conn.execute("PRAGMA busy_timeout = 5000")
             meta_rows = self.conn.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.DatabaseError as err:
@@ -387,9 +57,11 @@ class FeatureStore:
     @classmethod
     def for_sae(cls, sae_dir: str | os.PathLike | None = None, db: str | os.PathLike | None = None) -> "FeatureStore":
         """The database of an SAE folder (`<folder>/features.db`), or the one at `db` when given."""
-        if db is None and sae_dir is None:
+        if db is not None:
+            return cls(Path(db), sae_dir=sae_dir)
+        if sae_dir is None:
             raise MonoscopeError("say which features to read: pass --sae SAE_FOLDER (or --db FILE)")
-        return cls(Path(db) if db is not None else default_db_path(sae_dir), sae_dir=sae_dir)
+        return cls(default_db_path(sae_dir), sae_dir=sae_dir)
 
     # ---- lifecycle
 
@@ -599,9 +271,11 @@ class FeatureStore:
             raise MonoscopeError("a label cannot be empty")
         if not source:
             raise MonoscopeError("a label needs a source, e.g. 'llm:gpt-4o-mini' or 'human'")
+        from ..embedding import EMBEDDING_MODEL
+
         vector = None
         if embed:
-            from .embedding import EMBEDDING_MODEL, embed_texts, embeddings_available
+            from ..embedding import embed_texts, embeddings_available
 
             if embeddings_available():
                 vector = embed_texts([text])[0].astype("<f4").tobytes()
@@ -614,7 +288,9 @@ class FeatureStore:
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (fid, str(source), text, _finite(detection), _finite(fuzzing), _finite(embedding_score), now_iso()),
                     )
-                    label_id = int(cur.lastrowid)
+                    label_id = cur.lastrowid
+                    if label_id is None:  # pragma: no cover - sqlite3 always sets it after an INSERT
+                        raise sqlite3.OperationalError("no id for the new label")
                     if vector is not None:
                         conn.execute("INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
                                      (label_id, EMBEDDING_MODEL, vector))
@@ -623,6 +299,22 @@ class FeatureStore:
                 raise MonoscopeError(f"could not add a label to {self.path}: {err}") from err
             self._vectors = None
         return label_id
+
+    def search_label_words(self, match: str, promoted_weight: float, limit: int) -> list[tuple[int, float]]:
+        """(feature id, bm25 score; lower is better) of the labels matching the FTS5 query `match`, best first;
+        words among a heuristic label's promoted tokens count `promoted_weight` times a word of its main part."""
+        return self._query(
+            f"SELECT l.feature_id, bm25(labels_fts, 1.0, {float(promoted_weight)}) AS s FROM labels_fts "
+            "JOIN labels l ON l.id = labels_fts.rowid WHERE labels_fts MATCH ? ORDER BY s LIMIT ?", (match, int(limit))
+        )
+
+    def has_label_embeddings(self) -> bool:
+        """Whether any label has a cached embedding (false after `analyze --no-embeddings`)."""
+        return bool(self._query("SELECT EXISTS (SELECT 1 FROM label_embeddings)")[0][0])
+
+    def example_counts(self) -> dict[str, int]:
+        """How many examples of each kind ('top', 'quantile', 'random') the database holds."""
+        return {str(kind): int(n) for kind, n in self._query("SELECT kind, COUNT(*) FROM examples GROUP BY kind")}
 
     def missing_label_vectors(self) -> int:
         """How many labels have no cached embedding (e.g. after `analyze --no-embeddings`)."""
@@ -639,7 +331,7 @@ class FeatureStore:
             rows = self._query(
                 "SELECT l.id, l.feature_id, l.text, e.vector FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id ORDER BY l.id"
             )
-        from .embedding import EMBEDDING_DIM, embed_texts
+        from ..embedding import EMBEDDING_DIM, embed_texts
 
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         fids = np.array([r[1] for r in rows], dtype=np.int64)
@@ -651,7 +343,7 @@ class FeatureStore:
             else:
                 missing.append(i)
         if missing:
-            from .embedding import EMBEDDING_MODEL
+            from ..embedding import EMBEDDING_MODEL
 
             matrix[missing] = embed_texts([rows[i][2] for i in missing])
             try:
@@ -690,4 +382,3 @@ class FeatureStore:
         out["dead_features"] = self._query("SELECT COUNT(*) FROM features WHERE n_active = 0")[0][0]
         out["labels"] = self._query("SELECT COUNT(*) FROM labels")[0][0]
         return out
-

@@ -5,20 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..store import FeatureStore
+    from .report import ExportReport
 
 
-def _store(args: argparse.Namespace):
-    from .store import FeatureStore
+def _store(args: argparse.Namespace) -> FeatureStore:
+    from ..store import FeatureStore
 
     return FeatureStore.for_sae(args.sae, db=args.db)
 
 
+def _say(args: argparse.Namespace, report: ExportReport, line: str) -> int:
+    """The report as JSON with --json, else one line."""
+    print(json.dumps(report.to_dict(), indent=2) if args.json else line)
+    return 0
+
+
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
-    from .export import export_neuronpedia
+    from .neuronpedia import export_neuronpedia
 
     sae = None
     if not args.no_vectors:
-        from ..sae import load_sae
+        from ...sae import load_sae
 
         sae = load_sae(args.sae)
     with _store(args) as store:
@@ -26,28 +37,20 @@ def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
                                     batch_size=args.batch_size, release_id=args.release_id, creator_name=args.creator_name,
                                     url=args.url, hf_repo_id=args.hf_repo_id, hf_folder_id=args.hf_folder_id,
                                     include_vectors=not args.no_vectors)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(f"wrote {report.features:,} features, {report.activations:,} activation examples and "
-              f"{report.explanations:,} explanations to {report.folder} (Neuronpedia dataset layout)")
-    return 0
+    return _say(args, report, f"wrote {report.features:,} features, {report.activations:,} activation examples and "
+                              f"{report.explanations:,} explanations to {report.folder} (Neuronpedia dataset layout)")
 
 
 def cmd_export_parquet(args: argparse.Namespace) -> int:
-    from .export import export_parquet
+    from .parquet import export_parquet
 
     with _store(args) as store:
         report = export_parquet(store, args.out)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(f"wrote {report.features:,} features, {report.activations:,} examples and {report.explanations:,} labels "
-              f"to {Path(report.folder)}/*.parquet")
-    return 0
+    return _say(args, report, f"wrote {report.features:,} features, {report.activations:,} examples and "
+                              f"{report.explanations:,} labels to {Path(report.folder)}/*.parquet")
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `export neuronpedia` and `export parquet` to the top-level subparsers."""
     p = subparsers.add_parser("export", help="export a feature database (Neuronpedia layout, Parquet)",
                               description="Write an SAE's feature database (from `monoscope analyze`) in other formats.")
