@@ -64,7 +64,7 @@ def evaluate_folder(
     """Evaluate the SAE in `sae_dir`. Model, hook point, corpus (and its seed, so the held-out text follows the
     training text) and context size default to what the SAE recorded; `loaded` is used when it is that model."""
     from ..model import load_model
-    from .io import load_sae
+    from .loader import load_sae
     from .lm_eval import evaluate_sae, held_out_skip
     from .recorded import SAERecord
 

@@ -180,7 +180,7 @@ def _has_label_vectors(store: FeatureStore) -> bool:
     try:
         from ..features.embedding import embeddings_available
 
-        return embeddings_available() and bool(store._query("SELECT EXISTS (SELECT 1 FROM label_embeddings)")[0][0])
+        return embeddings_available() and store.has_label_embeddings()
     except Exception:  # noqa: BLE001 - an older or odd database: words only
         return False
 
