@@ -446,7 +446,7 @@ class Service:
         chosen = plan.chosen
         maxima = {r.id: float(r.max_activation) for r in served.store.features([f for f, _ in chosen.features])} \
             if served.store is not None and chosen is not None else {}
-        if chosen is not None and chosen.kind == "vector":
+        if chosen is not None and chosen.vector is not None:
             feats = [S.SuggestedFeature(feature=f, value=0.0, label=plan.labels.get(f)) for f, _ in plan.explanation]
             cosines = [float(c) for _, c in plan.explanation]
         else:
