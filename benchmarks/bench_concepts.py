@@ -11,9 +11,10 @@ Side by side in one run on the embedded model and an SAE with its feature databa
    - prompt: "Talk about CONCEPT." in front of the user's message;
    - sae-clamp: what monoscope offered before (the feature `suggest_features` ranked first by log-prob gain,
      clamped at 2x / 4x / 8x its max activation at every position);
-   - suggest: what `monoscope suggest` / `steer --toward` now choose (`plan_steering`: single features and a
-     learned feature group tried by generation on its own prompts; `features`: the best feature option;
-     `auto`: a learned vector instead when no feature option moves the text);
+   - suggest: what `monoscope suggest` / `steer --toward` now choose (`plan_steering`: single features, a learned
+     feature group, DiffMean's SAE features and the DiffMean vector, tried by generation on its own prompts;
+     `features`: the best option made of SAE features only; `auto`: the best of all, a learned vector too when
+     nothing else moves the text);
    - diffmean: mean activation on the concept's reference sentences minus the mean over the other concepts'
      (all tokens but the first), at the SAE's hook, length 0.5 / 1 / 2 x the hook's mean activation norm, at
      the generated positions or all;
@@ -258,7 +259,7 @@ def main() -> int:
         for c in concepts:
             t0 = time.perf_counter()
             plan = plan_steering(lm, sae, c, references=CONCEPTS[c][:3], db=db, config=TowardConfig(method="auto"))
-            feature_only = _best([o for o in plan.options if o.kind != "vector"], 3.0)
+            feature_only = _best([o for o in plan.options if o.vector is None], plan.max_perplexity_ratio)
             plans[c] = (plan, feature_only)
             steered = runner.run([(c, report_prompts[0], plan.steering(sae, db) if plan.works else None)])
             timing[c] = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.model import edit, load_model
 from monoscope.sae import save_sae
 from monoscope.steer.concepts import ReferenceObjective, check_references, explain_vector, learn_steering_vector, repetition
-from monoscope.steer.toward import TowardConfig, plan_steering
+from monoscope.steer.toward import TEST_PROMPTS, Option, TowardConfig, _refinements, plan_steering
 from tests.test_steer_core import make_sae
 
 HOOK = "resid_post.0"
@@ -81,15 +81,17 @@ def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae)
     plan = plan_steering(lm, sae, "fox", references=REFS, config=TowardConfig(method="auto", **SMALL))
     assert plan.options and all(math.isfinite(o.similarity) for o in plan.options)
     kinds = {o.kind for o in plan.options}
-    cfg = TowardConfig()
-    assert "feature" in kinds and len([o for o in plan.options if o.kind == "feature"]) == 2 * len(cfg.strengths) * len(cfg.positions)
+    cfg = TowardConfig(**SMALL)
+    assert {"feature", "contrast", "diffmean"} <= kinds
+    first_round = [o for o in plan.options if o.kind == "feature" and o.strength in cfg.strengths]
+    assert len(first_round) == cfg.shortlist * len(cfg.strengths) * len(cfg.positions)
     for o in plan.options:
-        assert len(o.texts) == 2 and o.perplexity > 0
-        if o.kind != "vector":  # the added vector's length is the strength in units of the hook's activation norm
-            v = sum(val * sae.W_dec[f] for f, val in o.features)
-            assert float(v.norm()) == pytest.approx(o.strength * plan.unit, rel=1e-3)
+        assert len(o.texts) == len(TEST_PROMPTS) and o.perplexity > 0
+        # the added vector's length is the strength in units of the hook's activation norm, whatever its kind
+        v = o.vector if o.vector is not None else sum(val * sae.W_dec[f] for f, val in o.features)
+        assert float(v.norm()) == pytest.approx(o.strength * plan.unit, rel=1e-3)
     out = json.loads(json.dumps(plan.to_dict()))
-    assert out["concept"] == "fox" and out["positions"] in ("generated", "all") and len(out["options"]) == len(plan.options)
+    assert out["concept"] == "fox" and out["positions"] in ("generated", "all", "prompt") and len(out["options"]) == len(plan.options)
     if plan.chosen is not None:
         assert plan.chosen in plan.options and plan.chosen.perplexity_ratio <= plan.max_perplexity_ratio
         assert plan.chosen.similarity > plan.unsteered_similarity
@@ -131,7 +133,7 @@ def test_steer_toward_json_and_suggest_json(sae_dir, capsys):
     if code == 0:
         out = json.loads(captured.out)
         assert {"prompt", "unsteered", "steered", "features", "vectors", "toward"} <= set(out)
-        assert out["toward"]["chosen"]["kind"] == "vector" and out["vectors"] and out["toward"]["explanation"]
+        assert out["toward"]["chosen"]["kind"] in ("vector", "diffmean") and out["vectors"] and out["toward"]["explanation"]
     else:  # nothing moved the tiny model's text toward 'fox': one line that says so and what to try
         assert code == 2 and captured.err.count("\n") == 1 and "found nothing that steers toward 'fox'" in captured.err
     assert main(["suggest", "--sae", str(sae_dir), "fox", "--reference", REFS[0], "--method", "features", "--json"]) == 0
@@ -151,3 +153,21 @@ def test_steer_toward_bad_input_exits_2_with_one_line(sae_dir, capsys, args, mes
     assert main(["steer", "--sae", str(sae_dir), *args, "--prompt", PROMPTS[0], "--max-new-tokens", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_refinement_tries_a_strength_between_fluent_and_broken():
+    """Two strengths a factor of two apart are a coarse grid: the next try sits between the strongest fluent one
+    and the weakest broken one of the most promising directions, or halves a direction that broke at every strength."""
+    base_a, base_b, base_c = object(), object(), object()
+
+    def option(strength, ratio, sim, base, feature):
+        return Option("feature", strength, [(feature, 10.0 * strength)], "prompt", similarity=sim, perplexity_ratio=ratio, base=base)
+
+    options = [option(0.5, 1.5, 0.2, base_a, 1), option(1.0, 6.0, 0.6, base_a, 1),  # fluent at 0.5, broken at 1
+               option(0.5, 4.0, 0.5, base_b, 2), option(1.0, 9.0, 0.5, base_b, 2),  # broken at both
+               option(0.5, 1.1, 0.1, base_c, 3), option(1.0, 1.2, 0.15, base_c, 3)]  # fluent at both: nothing to refine
+    extra = {o.features[0][0]: o for o in _refinements(options, 2.5, top=3)}
+    assert set(extra) == {1, 2}
+    assert extra[1].strength == pytest.approx(math.sqrt(0.5)) and extra[1].features[0][1] == pytest.approx(10 * math.sqrt(0.5))
+    assert extra[2].strength == pytest.approx(0.25) and extra[2].features[0][1] == pytest.approx(2.5)
+    assert _refinements(options, 2.5, top=1)[0].features[0][0] == 1  # only the most promising direction

@@ -79,14 +79,14 @@ class ModelJobs:
         chosen = plan.chosen
         maxima = {r.id: float(r.max_activation) for r in served.store.features([f for f, _ in chosen.features])} \
             if served.store is not None and chosen is not None else {}
-        if chosen is not None and chosen.kind == "vector":
+        if chosen is not None and chosen.vector is not None:
             feats = [S.SuggestedFeature(feature=f, value=0.0, multiple=None, label=plan.labels.get(f)) for f, _ in plan.explanation]
             cosines = [float(c) for _, c in plan.explanation]
         else:
             feats = [S.SuggestedFeature(feature=int(f), value=float(v), multiple=(float(v) / maxima[f] if maxima.get(f) else None),
                                         label=plan.labels.get(f)) for f, v in (chosen.features if chosen is not None else [])]
             cosines = []
-        kind = cast("Literal['feature', 'group', 'vector'] | None", chosen.kind if chosen else None)
+        kind = cast("Literal['feature', 'group', 'contrast', 'vector', 'diffmean'] | None", chosen.kind if chosen else None)
         positions = cast("Literal['all', 'prompt', 'generated']", plan.positions)
         return S.SuggestResponse(
             sae=served.id, concept=req.concept, works=plan.works, kind=kind, positions=positions,

@@ -600,7 +600,9 @@ class SuggestResponse(_Model):
     sae: str
     concept: str
     works: bool = Field(description="Whether anything tried moved the completions toward the concept at a bounded perplexity.")
-    kind: Optional[Literal["feature", "group", "vector"]] = None
+    kind: Optional[Literal["feature", "group", "contrast", "vector", "diffmean"]] = Field(
+        None, description="feature, group (learned weights) or contrast (DiffMean's features): `features` are added; vector "
+                          "(learned) or diffmean: a raw vector, `features` are those it points along.")
     positions: Literal["all", "prompt", "generated"]
     hook_point: str
     features: list[SuggestedFeature] = Field(description="The features to add (kind feature or group); for a vector, the SAE features it points along.")

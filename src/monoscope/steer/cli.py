@@ -226,7 +226,7 @@ def _toward_config(args: argparse.Namespace) -> "TowardConfig":
 def _suggestion_rows(plan: "SteeringPlan") -> list[dict[str, object]]:
     """`suggest --json`: one entry per candidate feature, best first: the chosen option's features (a single
     feature or a group, `chosen` true, `steer_value` its add value), then the others by measured effect, then
-    by log-prob score. A chosen learned vector is one entry with `feature` null and kind `vector`."""
+    by log-prob score. A chosen vector is one entry with `feature` null and kind `vector` (learned) or `diffmean`."""
     measured: dict[int, "Option"] = {}
     for option in plan.options:
         if option.kind == "feature" and option.features:
@@ -245,10 +245,11 @@ def _suggestion_rows(plan: "SteeringPlan") -> list[dict[str, object]]:
                    perplexity_ratio=_num(option.perplexity_ratio) if option else None)
         rows.append(row)
     rows.sort(key=lambda r: (not r["chosen"], r["similarity"] is None, -(r["similarity"] or 0.0), -r["score"]))
-    if chosen is not None and chosen.kind == "vector":
-        rows.insert(0, {"feature": None, "kind": "vector", "chosen": True, "strength": chosen.strength, "positions": plan.positions,
+    if chosen is not None and chosen.vector is not None:
+        rows.insert(0, {"feature": None, "kind": chosen.kind, "chosen": True, "strength": chosen.strength, "positions": plan.positions,
                         "similarity": _num(chosen.similarity), "mention_rate": _num(chosen.mention_rate),
-                        "perplexity_ratio": _num(chosen.perplexity_ratio), "label": None, "source": "learned",
+                        "perplexity_ratio": _num(chosen.perplexity_ratio), "label": None,
+                        "source": "diffmean" if chosen.kind == "diffmean" else "learned",
                         "explanation": [{"feature": f, "cosine": round(c, 4), "label": plan.labels.get(f)} for f, c in plan.explanation]})
     return rows
 
@@ -264,14 +265,16 @@ def _print_plan(plan: "SteeringPlan", sae_dir: str, concept: str) -> None:
     print(f"unsteered: mean cosine with {concept!r} {plan.unsteered_similarity:.3f}, perplexity {plan.unsteered_perplexity:.2f}")
     if chosen is None:
         print(f"nothing found steers toward {concept!r}.")
-    elif chosen.kind == "vector":
-        print(f"chosen: a learned steering vector at {plan.hook}, strength {chosen.strength:g} (|v| = {chosen.strength:g} x {plan.unit:.3g}), "
+    elif chosen.vector is not None:
+        name = "a DiffMean vector (concept answers - plain answers)" if chosen.kind == "diffmean" else "a learned steering vector"
+        print(f"chosen: {name} at {plan.hook}, strength {chosen.strength:g} (|v| = {chosen.strength:g} x {plan.unit:.3g}), "
               f"{chosen.positions} positions: mean cosine {chosen.similarity:.3f}, perplexity x{chosen.perplexity_ratio:.2f}")
         print("  carried by the SAE features (decoder cosine):")
         for f, c in plan.explanation:
             print(f"    {f:>7}  {c:+.3f}  {plan.labels.get(f) or ''}")
     else:
-        what = "one feature" if chosen.kind == "feature" else f"a group of {len(chosen.features)} features (learned weights)"
+        what = ("one feature" if chosen.kind == "feature" else
+                f"a group of {len(chosen.features)} features ({'DiffMean' if chosen.kind == 'contrast' else 'learned'} weights)")
         print(f"chosen: {what}, added at the {chosen.positions} positions, strength {chosen.strength:g}: mean cosine {chosen.similarity:.3f}, "
               f"mentions {chosen.mention_rate:.0%}, perplexity x{chosen.perplexity_ratio:.2f}")
         for f, v in chosen.features:

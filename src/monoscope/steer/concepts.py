@@ -332,3 +332,39 @@ def explain_vector(vector: Tensor, sae: Any, top: int = 8) -> list[tuple[int, fl
     cos = (w @ v) / (w.norm(dim=1).clamp_min(1e-12) * v.norm().clamp_min(1e-12))
     order = torch.argsort(cos, descending=True)[:top]
     return [(int(i), float(cos[i])) for i in order]
+
+
+# ---------------------------------------------------------------- contrast (DiffMean)
+
+
+@dataclass
+class Contrast:
+    """What separates text about a concept from neutral text at one hook, per token (first token left out)."""
+
+    activation: Tensor  # [d] mean activation on the concept's texts minus on the neutral ones (DiffMean)
+    features: Tensor  # [d_sae] the same difference of the SAE's feature activations
+
+
+@torch.inference_mode()
+def contrast(lm: Any, sae: Any, hook: str, positive: Sequence[str], negative: Sequence[str]) -> Contrast:
+    """DiffMean at `hook` between `positive` and `negative` texts, in activations and in SAE features. Each text
+    weighs the same; the first position (an attention sink many times the others' norm) is left out."""
+    from ..model import run_to
+
+    def means(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        acts, codes, n = torch.zeros(sae.W_dec.shape[1]), torch.zeros(sae.W_dec.shape[0]), 0
+        for text in texts:
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+            if ids.shape[1] < 2:
+                continue
+            x = run_to(lm.model, [hook], ids)[hook][0, 1:]
+            acts += x.float().mean(0).cpu()
+            codes += sae.encode(x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).float().mean(0).cpu()
+            n += 1
+        if n == 0:
+            raise MonoscopeError("no text of two or more tokens to contrast")
+        return acts / n, codes / n
+
+    pos_acts, pos_codes = means([t for t in positive if t.strip()])
+    neg_acts, neg_codes = means([t for t in negative if t.strip()])
+    return Contrast(pos_acts - neg_acts, pos_codes - neg_codes)

@@ -9,18 +9,23 @@
    the features more active on them than on neutral text). One fit ranks them all: non-negative weights over
    their decoder rows, learned so that the targets become likely (`learn_steering_vector` with a basis); a
    candidate's score is its share of the group (weight x decoder norm).
-3. Options, each a vector added at the SAE's hook point, at the generated positions (the prompt is read as it
-   is), at all of them (the prompt too, its first token left alone) or at the prompt only (the model reads a
-   prompt tilted toward the concept and then writes unsteered, which keeps it fluent: on the concept benchmark
-   the option that most often wins), with its length set by a strength: the
-   added vector's norm as a multiple of the hook's mean activation norm (`hook_norm`), so options of different
-   kinds compare at equal force:
+3. Options, each a vector added at the SAE's hook point, at all positions (the prompt too, its first token left
+   alone) or at the prompt only (the model reads a prompt tilted toward the concept and then writes unsteered,
+   which keeps it fluent: on the concept benchmark the option that most often wins), with its length set by a
+   strength: the added vector's norm as a multiple of the hook's mean activation norm (`hook_norm`), so options
+   of different kinds compare at equal force:
    - each of the `shortlist` best candidates alone, at each of `strengths`;
    - the group itself (features below `min_weight_share` of the largest dropped, so it is a handful of `add`
      edits), at each strength;
+   - DiffMean (`contrast`): the mean activation on the targets and references minus the mean on the model's
+     answers to the same prompts without "Talk about CONCEPT." (same style, no concept). As SAE features, the
+     `contrast_features` whose mean activation grows most, each added by its growth (`contrast`); as the raw
+     difference (`diffmean`, explained by the SAE features whose decoder rows point the same way) unless the
+     method is `features`. DiffMean on the prompt positions beat the feature options on the benchmark;
    - a learned vector (`learn_steering_vector`, free direction) when the method is `vector`, or under `auto`
-     when no feature option moves the text; it is explained by the SAE features whose decoder rows point the
-     same way.
+     when nothing else moves the text; it is explained like DiffMean.
+   Then the `refine` most promising directions get one more strength, between the strongest that stayed fluent
+   and the weakest that did not.
 4. Measured effect: every option generates `test_tokens` tokens from each of `TEST_PROMPTS` (other prompts than
    the targets', so a strength is not chosen on the text it was learned from), all in one batch with the
    unsteered rows; the judge is all-MiniLM-L6-v2's cosine of each completion with the concept, the cost its
@@ -42,11 +47,11 @@ from torch import Tensor
 from ..config import JsonConfig, require
 from ..errors import MonoscopeError
 from ..sae.io import sae_hook_point
-from .concepts import (ConceptJudge, LearnedVector, NEUTRAL_PROMPTS, check_references, check_strength, completion_nll,
-                       explain_vector, geometric_mean, hook_norm, learn_steering_vector, repetition)
+from .concepts import (ConceptJudge, Contrast, LearnedVector, NEUTRAL_PROMPTS, check_references, check_strength, completion_nll,
+                       contrast, explain_vector, geometric_mean, hook_norm, learn_steering_vector, repetition)
 
 #: Prompts on which options are compared (not those the targets and learned weights come from).
-TEST_PROMPTS = ("Can you help me with something?", "Tell me about your day.")
+TEST_PROMPTS = ("Can you help me with something?", "Tell me about your day.", "Share a thought with me.")
 METHODS = ("auto", "features", "vector")
 
 
@@ -59,22 +64,30 @@ def prompted(concept: str, prompt: str) -> str:
 class TowardConfig(JsonConfig):
     """How `plan_steering` searches (see the module docstring)."""
 
-    method: str = "auto"  # auto (features, a learned vector when none works), features, vector
+    method: str = "auto"  # auto (features and DiffMean, a learned vector when none works), features, vector
     candidates: int = 12  # candidates from each of search and examples
-    shortlist: int = 4  # single features tried by generation
+    shortlist: int = 2  # single features tried by generation
     basis: int = 24  # at most this many candidates in the group's fit (0: no group)
+    contrast: bool = True  # try DiffMean: its SAE features (contrast) and, unless method is features, the raw vector
+    contrast_features: int = 8  # features in the contrast group
     strengths: tuple[float, ...] = (0.5, 1.0)  # added vector's norm / the hook's mean activation norm
+    refine: int = 3  # families (direction x positions) given one more strength between the two tried
     test_tokens: int = 20
     target_tokens: int = 24
     learn_steps: int = 12
-    max_perplexity_ratio: float = 3.0
+    # A margin under the 3x a reader still finds fluent: the plan's own estimate (3 prompts x 20 tokens) is noisy
+    max_perplexity_ratio: float = 2.5
     min_gain: float = 0.05  # a feature option "works" when its mean cosine beats unsteered by this much
     min_weight_share: float = 0.02  # group features below this share of the largest weight are dropped
-    positions: tuple[str, ...] = ("generated", "all", "prompt")  # where options add: generated tokens only, everywhere, or the prompt only
+    # where options add: generated tokens only, everywhere, or the prompt only (the model reads a prompt tilted
+    # toward the concept, then writes unsteered). Adding at the generated tokens alone won 2 of 8 concepts on the
+    # concept benchmark, both with small gains, and costs a third of the plan's time: not tried by default.
+    positions: tuple[str, ...] = ("all", "prompt")
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         require(self.candidates >= 1 and self.shortlist >= 0 and self.basis >= 0, "candidates must be >= 1; shortlist and basis >= 0")
+        require(self.contrast_features >= 1 and self.refine >= 0, "contrast_features must be >= 1 and refine >= 0")
         self.strengths = tuple(check_strength(s) for s in self.strengths)
         require(len(self.strengths) > 0 and all(s > 0 for s in self.strengths), "give at least one positive strength")
         require(self.test_tokens >= 1 and self.target_tokens >= 1 and self.learn_steps >= 1, "token counts and steps must be positive")
@@ -87,7 +100,7 @@ class TowardConfig(JsonConfig):
 class Option:
     """One steering tried: `features` [(feature, add value in activation units)] or a `vector`, its measured effect."""
 
-    kind: str  # feature / group / vector
+    kind: str  # feature / group / contrast (features) or vector / diffmean (a raw vector)
     strength: float
     features: list[tuple[int, float]] = field(default_factory=list)
     positions: str = "generated"
@@ -98,15 +111,17 @@ class Option:
     perplexity_ratio: float = math.nan  # / the unsteered completions' perplexity
     repetition: float = math.nan  # mean share of repeated trigrams
     texts: list[str] = field(default_factory=list)
+    base: Any = field(default=None, repr=False, compare=False)  # shared by the options that differ only in strength
 
     def describe(self) -> str:
-        if self.kind == "vector":
-            return f"learned vector, strength {self.strength:g}, {self.positions} positions"
+        if self.vector is not None:
+            name = "DiffMean vector" if self.kind == "diffmean" else "learned vector"
+            return f"{name}, strength {self.strength:g}, {self.positions} positions"
         feats = ", ".join(f"{f}+{v:.3g}" for f, v in self.features[:6]) + (" ..." if len(self.features) > 6 else "")
         return f"{self.kind} {feats} (strength {self.strength:g}, {self.positions} positions)"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "vector"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("vector", "base")}
         out["features"] = [{"feature": int(f), "value": float(v)} for f, v in self.features]
         for key in ("similarity", "mention_rate", "perplexity", "perplexity_ratio", "repetition"):
             out[key] = None if not math.isfinite(out[key]) else round(float(out[key]), 4)
@@ -212,6 +227,92 @@ def _best(options: Sequence[Option], max_ratio: float) -> Option | None:
     return max(fluent, key=lambda o: (o.similarity, -len(o.features))) if fluent else None
 
 
+def _family(option: Option) -> tuple:
+    """Options that differ only in strength: same kind, positions and direction."""
+    return (option.kind, option.positions, id(option.base))
+
+
+def _refinements(options: Sequence[Option], max_ratio: float, top: int) -> list[Option]:
+    """One more strength for each of the `top` most promising families: between the strongest that stayed fluent
+    and the weakest that did not (geometric mean), or below the weakest when none stayed fluent. Two strengths
+    a factor of two apart are a coarse grid, and the best fluent steering is usually just under the bound."""
+    families: dict[tuple, list[Option]] = {}
+    for o in options:
+        if math.isfinite(o.similarity):
+            families.setdefault(_family(o), []).append(o)
+    ranked = sorted(families.values(), key=lambda fam: -max(o.similarity for o in fam))
+    out: list[Option] = []
+    for fam in ranked[:top]:
+        fluent = [o.strength for o in fam if o.perplexity_ratio <= max_ratio]
+        broken = [o.strength for o in fam if not o.perplexity_ratio <= max_ratio]
+        low, high = max(fluent, default=None), min((s for s in broken if s > max(fluent, default=0.0)), default=None)
+        if low is not None and high is not None:
+            strength = math.sqrt(low * high)
+        elif low is None and high is not None:
+            strength = high / 2
+        else:
+            continue
+        template = min(fam, key=lambda o: o.strength)
+        scale = strength / template.strength
+        out.append(Option(template.kind, strength, [(f, v * scale) for f, v in template.features], template.positions,
+                          None if template.vector is None else template.vector * scale, base=template.base))
+    return out
+
+
+def _direction_options(kind: str, features: list[tuple[int, float]], vector: Tensor | None, length: float, unit: float,
+                       cfg: TowardConfig) -> list[Option]:
+    """`features` (add values) or `vector`, of norm `length`, at each strength (x `unit`) and position set."""
+    if not length > 0:
+        return []
+    base = object()
+    out = []
+    for strength in cfg.strengths:
+        scale = strength * unit / length
+        for where in cfg.positions:
+            out.append(Option(kind, strength, [(f, v * scale) for f, v in features], where,
+                              None if vector is None else vector * scale, base=base))
+    return out
+
+
+def _group_options(lm: Any, sae: Any, hook: str, candidates: list[Any], learn_refs: list[str], norms: Tensor, unit: float,
+                   cfg: TowardConfig, learned: dict[str, Any]) -> list[Option]:
+    """The candidates as one group: non-negative weights over their decoder rows that make the targets likely.
+    Ranks the candidates in place (score: share of the group)."""
+    ids = [c.feature for c in candidates]
+    decoder = sae.W_dec.detach().float().cpu()
+    fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, basis=decoder[ids], steps=cfg.learn_steps)
+    learned["group"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps,
+                        "candidates": len(ids)}
+    weights = fit.weights if fit.weights is not None else torch.zeros(len(ids))
+    share = weights * norms[ids]
+    total = float(share.sum())
+    for c, w in zip(candidates, share.tolist()):
+        c.score = w / total if total > 0 else 0.0
+    candidates.sort(key=lambda c: -c.score)
+    keep = [(ids[i], float(weights[i])) for i in torch.argsort(share, descending=True).tolist()
+            if share[i] >= cfg.min_weight_share * float(share.max()) and share[i] > 0]
+    if not keep:
+        return []
+    length = float((torch.tensor([w for _, w in keep]) @ decoder[[f for f, _ in keep]]).norm())
+    return _direction_options("group", keep, None, length, unit, cfg)
+
+
+def _contrast_options(sae: Any, diff: Contrast, unit: float, cfg: TowardConfig) -> list[Option]:
+    """DiffMean between the concept's texts and neutral answers: as the SAE features that carry the difference
+    (`contrast`: the `contrast_features` largest gaps in mean feature activation, each added by its gap) unless the
+    method is `vector`, and as the raw activation difference (`diffmean`) unless it is `features`."""
+    out: list[Option] = []
+    gap = diff.features
+    top = [int(i) for i in torch.argsort(gap, descending=True)[: cfg.contrast_features] if gap[i] > 0]
+    if top and cfg.method != "vector":
+        decoder = sae.W_dec.detach().float().cpu()
+        length = float((gap[top] @ decoder[top]).norm())
+        out += _direction_options("contrast", [(f, float(gap[f])) for f in top], None, length, unit, cfg)
+    if cfg.method != "features":
+        out += _direction_options("diffmean", [], diff.activation, float(diff.activation.norm()), unit, cfg)
+    return out
+
+
 def plan_steering(
     lm: Any,
     sae: Any,
@@ -222,11 +323,11 @@ def plan_steering(
     config: TowardConfig | None = None,
     hook: str | None = None,
 ) -> SteeringPlan:
-    """Choose how to steer `lm` toward `concept` with `sae`'s features or a learned vector (module docstring)."""
+    """Choose how to steer `lm` toward `concept` with `sae`'s features or a vector (module docstring)."""
     from .batch import generate_batch
     from .featuredb import FeatureDB
     from .steering import check_sae_fits
-    from .suggest import candidate_features
+    from .suggest import NEUTRAL_TEXTS, candidate_features
 
     started = time.perf_counter()
     cfg = config or TowardConfig()
@@ -243,63 +344,41 @@ def plan_steering(
     judge = ConceptJudge(concept)
     notes: list[str] = []
 
-    targets = [g.text.strip() for g in generate_batch(lm, [prompted(concept, p) for p in NEUTRAL_PROMPTS], max_new_tokens=cfg.target_tokens,
-                                                      max_batch=len(NEUTRAL_PROMPTS))]
-    targets = [t for t in targets if t]
+    # the model's own answers to neutral prompts, asked to talk about the concept (targets) and not (contrast)
+    asked = [prompted(concept, p) for p in NEUTRAL_PROMPTS] + list(NEUTRAL_PROMPTS)
+    answers = [g.text.strip() for g in generate_batch(lm, asked, max_new_tokens=cfg.target_tokens, max_batch=len(asked))]
+    targets = [t for t in answers[: len(NEUTRAL_PROMPTS)] if t]
+    plain_answers = [t for t in answers[len(NEUTRAL_PROMPTS):] if t]
     learn_refs = refs[1:] + targets or refs
 
     candidates: list[Any] = []
     norms = sae.W_dec.detach().float().norm(dim=1).cpu()
     options: list[Option] = []
     learned: dict[str, Any] = {}
+    check_sae_fits(sae, lm.model, hook, lm)
     if cfg.method != "vector":
-        check_sae_fits(sae, lm.model, hook, lm)
         if db is not None:
             db.check_fits(sae)
         pool = candidate_features(lm, sae, concept, refs + targets, db=db, candidates=cfg.candidates, hook=hook)
         candidates = list(pool.values())
     if len(candidates) >= 2 and cfg.basis >= 2:
-        # one fit ranks them all: non-negative weights over their decoder rows that make the targets likely
         candidates = candidates[: cfg.basis]
-        ids = [c.feature for c in candidates]
-        basis = sae.W_dec.detach().float().cpu()[ids]
-        fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, basis=basis, steps=cfg.learn_steps)
-        learned["group"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps,
-                            "candidates": len(ids)}
-        weights = fit.weights if fit.weights is not None else torch.zeros(len(ids))
-        share = weights * norms[ids]
-        total = float(share.sum())
-        for c, w in zip(candidates, share.tolist()):
-            c.score = w / total if total > 0 else 0.0
-        candidates.sort(key=lambda c: -c.score)
-        keep = [(ids[i], float(weights[i])) for i in torch.argsort(share, descending=True).tolist()
-                if share[i] >= cfg.min_weight_share * float(share.max()) and share[i] > 0]
-        if keep:
-            length = float((torch.tensor([w for _, w in keep]) @ sae.W_dec.detach().float().cpu()[[f for f, _ in keep]]).norm())
-            for strength in cfg.strengths:
-                scale = strength * unit / max(length, 1e-12)
-                for where in cfg.positions:
-                    options.append(Option("group", strength, [(f, w * scale) for f, w in keep], positions=where))
+        options += _group_options(lm, sae, hook, candidates, learn_refs, norms, unit, cfg, learned)
     for c in candidates[: cfg.shortlist]:
-        for strength in cfg.strengths:
-            for where in cfg.positions:
-                options.append(Option("feature", strength, [(c.feature, strength * unit / float(norms[c.feature].clamp_min(1e-12)))], positions=where))
+        options += _direction_options("feature", [(c.feature, 1.0)], None, float(norms[c.feature]), unit, cfg)
+    if cfg.contrast:
+        options += _contrast_options(sae, contrast(lm, sae, hook, learn_refs, plain_answers + list(NEUTRAL_TEXTS)), unit, cfg)
     if not candidates and cfg.method == "features":
         notes.append(f"no SAE feature is a candidate for {concept!r}: nothing in the feature database or the references points to one; "
                      "try the learned vector (--method vector)")
 
-    def add_vector_options() -> None:
+    def add_vector_options() -> list[Option]:
         fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, steps=cfg.learn_steps)
         learned["vector"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps}
-        length = float(fit.vector.norm())
-        if length <= 0:
-            return
-        for strength in cfg.strengths:
-            for where in cfg.positions:
-                options.append(Option("vector", strength, vector=fit.vector * (strength * unit / length), positions=where))
+        return _direction_options("vector", [], fit.vector, float(fit.vector.norm()), unit, cfg)
 
     if cfg.method == "vector":
-        add_vector_options()
+        options += add_vector_options()
     base_sim = base_ppl = math.nan
     if options:
         base_sim, base_ppl = _score_options(lm, judge, options, TEST_PROMPTS, hook, sae, cfg.test_tokens)
@@ -310,13 +389,18 @@ def plan_steering(
         else:
             notes.append(f"no feature option moved the text toward {concept!r} (mean cosine +{cfg.min_gain:g} at perplexity <= "
                          f"{cfg.max_perplexity_ratio:g}x); a learned steering vector was tried too")
-        before = len(options)
-        add_vector_options()
-        if len(options) > before:
-            sim, ppl = _score_options(lm, judge, options[before:], TEST_PROMPTS, hook, sae, cfg.test_tokens)
+        extra = add_vector_options()
+        if extra:
+            sim, ppl = _score_options(lm, judge, extra, TEST_PROMPTS, hook, sae, cfg.test_tokens)
             if math.isnan(base_sim):
                 base_sim, base_ppl = sim, ppl
-        chosen = _best(options, cfg.max_perplexity_ratio)
+            options += extra
+    if cfg.refine > 0 and options:
+        extra = _refinements(options, cfg.max_perplexity_ratio, cfg.refine)
+        if extra:
+            _score_options(lm, judge, extra, TEST_PROMPTS, hook, sae, cfg.test_tokens)
+            options += extra
+    chosen = _best(options, cfg.max_perplexity_ratio)
     if chosen is not None and chosen.similarity <= base_sim:
         notes.append(f"nothing tried moved the text toward {concept!r} more than the unsteered model")
         chosen = None
