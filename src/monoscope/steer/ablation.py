@@ -37,7 +37,10 @@ _MLP_OUT = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "fc_out")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
-HOOKED_HINT = "apply it at run time instead: `monoscope steer --ablate-direction FILE` or `monoscope serve --ablate-direction FILE` (preview with `ablate-direction --prompt`)"
+HOOKED_HINT = (
+    "apply it at run time instead: `monoscope steer --ablate-direction FILE` or "
+    "`monoscope serve --ablate-direction FILE` (preview with `ablate-direction --prompt`)"
+)
 
 
 def unit(direction: Tensor, width: int | None = None) -> Tensor:

@@ -29,7 +29,7 @@ from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, cast
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,14 @@ from .spec import (
 
 if TYPE_CHECKING:
     from .featuredb import MaxActivationSource
-    from .vectors import SteeringVector
+
+
+@runtime_checkable
+class Directions(Protocol):
+    """What `Steering.add_vector` reads from a `SteeringVector`: one direction per hook point (a protocol, so this
+    module does not import `vectors`, which imports the generation helpers built on it)."""
+
+    directions: Mapping[str, Tensor]
 
 # ---------------------------------------------------------------- helpers on models and SAEs
 
@@ -265,11 +272,9 @@ class Steering:
         self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), direction, "cap", value, positions, label))
         return self
 
-    def add_vector(self, vector: Tensor | SteeringVector, coefficient: float = 1.0, *, hook: str | None = None, positions: str | None = None, label: str = "") -> "Steering":
+    def add_vector(self, vector: Tensor | Directions, coefficient: float = 1.0, *, hook: str | None = None, positions: str | None = None, label: str = "") -> "Steering":
         """Add `coefficient` x a vector: a raw tensor at `hook`, or a `SteeringVector` (each of its hook points)."""
-        from .vectors import SteeringVector
-
-        if isinstance(vector, SteeringVector):
+        if isinstance(vector, Directions):
             for point, tensor in vector.directions.items():
                 if hook is None or str(HookPoint.parse(hook)) == point:
                     self.direction_edits.append(DirectionEdit(point, tensor, "add", coefficient, positions, label or getattr(vector, "name", "") or "vector"))
