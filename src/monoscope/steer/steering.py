@@ -59,7 +59,8 @@ class Directions(Protocol):
     """What `Steering.add_vector` reads from a `SteeringVector`: one direction per hook point (a protocol, so this
     module does not import `vectors`, which imports the generation helpers built on it)."""
 
-    directions: Mapping[str, Tensor]
+    @property
+    def directions(self) -> Mapping[str, Tensor]: ...  # read-only here, so a dict attribute matches
 
 # ---------------------------------------------------------------- helpers on models and SAEs
 
