@@ -13,7 +13,7 @@ PEER_VENV ?= build/peer-venv
 PEER_PACKAGES := "$(TORCH)" eai-sparsify==1.3.3 sae-lens==6.54.12
 PEER_STAMP := $(PEER_VENV)/.monoscope-peers-installed
 
-.PHONY: setup demo test bench clean browser peers
+.PHONY: setup demo test lint bench clean browser peers
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/monoscope quickstart
 
-test: setup browser peers
+test: setup lint browser peers
 	$(BIN)/python -m pytest -q --durations=15
+
+# Lint, format and type checks; any finding fails `make test` before the tests run. Fix with
+# `$(BIN)/ruff format . && $(BIN)/ruff check --fix .` (then edit what remains). pyright uses .venv's
+# packages; PYRIGHT_PYTHON_IGNORE_WARNINGS stops its wrapper from asking pypi.org for a newer version.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright --pythonpath $(BIN)/python
 
 # Never fails: without a package registry the peer venv cannot be built and those tests skip.
 peers:

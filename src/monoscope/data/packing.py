@@ -7,25 +7,30 @@ boundaries. Position 0 (BOS) is an attention sink with outsized norms, so harves
 from __future__ import annotations
 
 from itertools import islice
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
 from ..errors import MonoscopeError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 _TOKENIZE_BATCH = 64
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """(BOS id that starts every context, separator id between documents)."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    # isinstance: transformers declares these ids with the type of any special-token attribute (str, lists)
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eos = eos_id if isinstance(eos_id, int) else None
+    bos = bos_id if isinstance(bos_id, int) else eos
     if bos is None:
         raise MonoscopeError("the tokenizer has neither a BOS nor an EOS token to start contexts with")
-    return int(bos), int(sep)
+    return bos, eos if eos is not None else bos
 
 
-def pack_contexts(documents: Iterable[str], tokenizer, context_size: int) -> Iterator[torch.Tensor]:
+def pack_contexts(documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int) -> Iterator[torch.Tensor]:
     """Yield LongTensor[context_size] contexts: BOS then `context_size - 1` tokens of the joined documents."""
     if context_size < 2:
         raise MonoscopeError(f"context size must be at least 2, got {context_size}")

@@ -10,9 +10,14 @@ import math
 import os
 import shutil
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence, TextIO
 
 from .store import Example, FeatureRecord, FeatureStore
+
+if TYPE_CHECKING:
+    from .family import Family
+    from .scan import ScanResult
+    from .search import ExampleHit, SearchHit
 
 SPARK = "▁▂▃▄▅▆▇█"
 _LEVELS = (230, 229, 228, 221, 214, 208)  # light yellow -> orange backgrounds
@@ -21,7 +26,7 @@ _BOLD = "\033[1m"
 _DIM = "\033[2m"
 
 
-def use_colour(stream: Any = None) -> bool:
+def use_colour(stream: TextIO | None = None) -> bool:
     stream = stream or sys.stdout
     if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
         return False
@@ -149,18 +154,18 @@ def render_feature(store: FeatureStore, feature_id: int, *, colour: bool = False
     return "\n".join(lines)
 
 
-def render_search(hits: Sequence[Any], width: int | None = None) -> str:
+def render_search(hits: Sequence[SearchHit], width: int | None = None) -> str:
     width = width or terminal_width()
     if not hits:
         return "no matching features"
     lines = [f"{'feature':>8}  {'score':>6}  {'density':>8}  {'max':>6}  {'holds':>5}  label"]
     for h in hits:
-        holds = "-" if getattr(h, "label_score", None) is None else f"{h.label_score:.2f}"
+        holds = "-" if h.label_score is None else f"{h.label_score:.2f}"
         lines.append(_trim(f"{h.feature_id:>8}  {h.score:>6.3f}  {fmt_density(h.density):>8}  {fmt_num(h.max_activation):>6}  {holds:>5}  {h.label or '-'}", width))
     return "\n".join(lines)
 
 
-def render_example_hits(hits: Sequence[Any], width: int | None = None) -> str:
+def render_example_hits(hits: Sequence[ExampleHit], width: int | None = None) -> str:
     width = width or terminal_width()
     if not hits:
         return "no feature fires on the examples"
@@ -171,7 +176,7 @@ def render_example_hits(hits: Sequence[Any], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def render_scan(result: Any, colour: bool = False, width: int | None = None) -> str:
+def render_scan(result: ScanResult, colour: bool = False, width: int | None = None) -> str:
     width = width or terminal_width()
     lines = []
     for t in result.tokens:
@@ -186,7 +191,7 @@ def render_scan(result: Any, colour: bool = False, width: int | None = None) -> 
     return "\n".join(lines)
 
 
-def render_family(family: Any) -> str:
+def render_family(family: Family) -> str:
     """A feature's family in other SAEs: one table per SAE, best decoder cosine first."""
     head = f"feature #{family.feature} of {family.sae}" + (f": {family.label}" if family.label else "")
     lines = [head]

@@ -15,6 +15,7 @@ from ..errors import MonoscopeError
 from ..model import LoadedModel, run_to
 from ..sae import SAE
 from .accumulate import SparseCodes, sparse_codes
+from .store import FeatureRecord, FeatureStore
 
 
 @dataclass
@@ -78,7 +79,7 @@ def encode_text(sae: SAE, loaded: LoadedModel, hook: str, text: str, max_tokens:
     return ids[0, 1:].tolist(), sparse_codes(sae, acts), truncated
 
 
-def _labels(store: Any, ids: list[int]) -> dict[int, Any]:
+def _labels(store: FeatureStore | None, ids: list[int]) -> dict[int, FeatureRecord]:
     if store is None or not ids:
         return {}
     return {r.id: r for r in store.features(sorted(set(ids)))}
@@ -90,7 +91,7 @@ def scan_text(
     sae: SAE,
     loaded: LoadedModel,
     hook: str | None = None,
-    store: Any = None,
+    store: FeatureStore | None = None,
     top: int = 5,
     n_top_features: int = 20,
     max_tokens: int | None = None,

@@ -22,13 +22,17 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import MonoscopeError
 from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from ..model import LoadedModel
+    from ..sae.base import SAE
 
 SEARCH_MODES = ("hybrid", "words", "meaning")
 RRF_K = 60
@@ -188,7 +192,7 @@ class ExampleHit:
         return asdict(self)
 
 
-def _mean_codes(sae, loaded, hook: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mean_codes(sae: SAE, loaded: LoadedModel, hook: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean activation per token, mean squared activation per token, fired-anywhere indicator, max activation),
     each [len(texts), d_sae]."""
     from .scan import encode_text
@@ -212,8 +216,8 @@ def _mean_codes(sae, loaded, hook: str, texts: Sequence[str]) -> tuple[torch.Ten
 def features_for_examples(
     examples: Sequence[str],
     *,
-    sae,
-    loaded,
+    sae: SAE,
+    loaded: LoadedModel,
     hook: str | None = None,
     store: FeatureStore | None = None,
     contrast: Sequence[str] | None = None,
@@ -247,10 +251,12 @@ def features_for_examples(
         if variance is None:
             variance = (c_square.mean(0) - baseline.square()).clamp_min(0)
     else:
+        assert store is not None  # checked above: without contrast texts the database is required
         density = torch.from_numpy(np.nan_to_num(store.column("density")))
         mean_active = torch.from_numpy(np.nan_to_num(store.column("mean_activation")))
         baseline = density * mean_active
     example_mean = ex_mean.mean(0)
+    assert variance is not None  # from the database, else from the contrast texts
     score = (example_mean - baseline) / (variance + (0.1 * scale).square()).sqrt().clamp_min(1e-12)
     score = torch.where(example_mean > 0, score, torch.full_like(score, -np.inf))
     n = min(limit, int((example_mean > 0).sum()))

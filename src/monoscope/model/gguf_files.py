@@ -22,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
@@ -147,7 +147,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     import gguf
     import numpy as np
 
-    blob = np.memmap(path, dtype=np.uint8, mode="r")
+    blob = np.memmap(path, dtype=np.uint8, mode="r").data  # a memoryview: what `struct` reads
     pos = 0
 
     def take(fmt: str):
@@ -319,7 +319,7 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
         raise MonoscopeError(f"transformers {_version('transformers')} could not convert {gguf_file}: {_first_line(err)}") from err
     config = quantized.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config
+        delattr(config, "quantization_config")
     if getattr(quantized, "hf_quantizer", None) is None:
         plain = quantized  # transformers' GGUF reader already gave plain float weights: no second copy in memory
     else:  # architectures read through GgufHfQuantizer: rebuild without it, since a quantized model does not save
@@ -358,7 +358,7 @@ def _gguf_parsed_once() -> Iterator[None]:
     original = gguf.GGUFReader
     readers: dict[tuple[str, str], object] = {}
 
-    def once(path, mode="r"):
+    def once(path: str | os.PathLike, mode: Literal["r", "r+", "c"] = "r"):
         key = (os.fspath(path), mode)
         if key not in readers:
             readers[key] = original(path, mode)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 from torch import nn
@@ -43,6 +43,8 @@ _ALIASES = [
 ]
 
 EditFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+# Mapping is invariant in its keys: a dict keyed by str alone must be accepted as well as a mixed one.
+EditFns = Union[Mapping[str, EditFn], Mapping["HookPoint", EditFn], Mapping[Union[str, "HookPoint"], EditFn]]
 
 
 class StopForward(Exception):
@@ -209,7 +211,7 @@ def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple,
 
 
 @contextmanager
-def edit(model: nn.Module, fns: Mapping["str | HookPoint", EditFn]) -> Iterator[None]:
+def edit(model: nn.Module, fns: EditFns) -> Iterator[None]:
     """Run `fn(activation)` at each hook point during any forward pass or `generate` call inside the block;
     a returned tensor replaces the activation (steering, splicing an SAE in). Always unhooks."""
     handles = []

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import MonoscopeError
 from .gguf_files import EMBEDDED_MODEL, embedded_gguf_path, ensure_embedded_checkpoint, ensure_gguf_checkpoint, is_gguf_file
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only the type checker reads it here
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["EMBEDDED_MODEL", "LoadedModel", "embedded_gguf_path", "ensure_embedded_checkpoint", "ensure_gguf_checkpoint", "load_model",
            "model_source", "resolve_device", "resolve_dtype"]
@@ -27,12 +31,13 @@ _DTYPES = {
 class LoadedModel:
     """A causal LM with its tokenizer and the name it was asked for (recorded in every artefact)."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
 
     @property
-    def config(self):
+    def config(self) -> PretrainedConfig:
+        """The text model's config (a multimodal model's `config` wraps it)."""
         cfg = self.model.config
         return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
@@ -131,7 +136,8 @@ def load_model(
             f"could not load model {name!r}: {first_line[:300]}. Pass a hub id (needs network or a filled HF cache), "
             f"a local folder with config.json, a .gguf file, or {EMBEDDED_MODEL}"
         ) from err
-    model.to(dev)
+    # transformers declares .to with functools.wraps(nn.Module.to), which pyright reads as the unbound method
+    model.to(dev)  # pyright: ignore[reportArgumentType]
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)

@@ -21,20 +21,26 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import MonoscopeError
-from ..model import edit, find_blocks, is_post_norm
+from ..model import LoadedModel, edit, find_blocks, is_post_norm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _ATTN_OUT = ("o_proj", "out_proj", "c_proj", "dense", "wo")
 _MLP_OUT = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "fc_out")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
-HOOKED_HINT = "apply it at run time instead: `monoscope steer --ablate-direction FILE` or `monoscope serve --ablate-direction FILE` (preview with `ablate-direction --prompt`)"
+HOOKED_HINT = (
+    "apply it at run time instead: `monoscope steer --ablate-direction FILE` or "
+    "`monoscope serve --ablate-direction FILE` (preview with `ablate-direction --prompt`)"
+)
 
 
 def unit(direction: Tensor, width: int | None = None) -> Tensor:
@@ -73,9 +79,9 @@ def ablation_points(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def directional_ablation(model: Any, direction: Tensor) -> Iterator[None]:
+def directional_ablation(model: nn.Module | LoadedModel, direction: Tensor) -> Iterator[None]:
     """Project `direction` out of the residual stream everywhere during forward passes inside the block."""
-    module = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    module = model if isinstance(model, nn.Module) else model.model
     r = unit(direction, _width(module)).to(next(module.parameters()).device)
 
     def project(x: Tensor) -> Tensor:
@@ -105,10 +111,17 @@ def _child(block: nn.Module, names: tuple[str, ...], what: str, layer: int) -> n
     raise MonoscopeError(f"layer {layer}: cannot find the {what} module; this architecture is not supported")
 
 
+def _weight(module: nn.Module) -> Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise MonoscopeError(f"cannot orthogonalise a {type(module).__name__}: it has no weight tensor")
+    return weight
+
+
 @torch.no_grad()
 def _orthogonalize_output(module: nn.Module, r: Tensor, width: int) -> None:
     """Make the outputs of a Linear ([out, in]) or GPT-2 Conv1D ([in, out]) orthogonal to r, bias included."""
-    w = module.weight
+    w = _weight(module)
     rr = r.to(device=w.device, dtype=torch.float32)
     if isinstance(module, nn.Linear) or (w.shape[0] == width and w.shape[1] != width):
         if w.shape[0] != width:
@@ -127,22 +140,22 @@ def _orthogonalize_output(module: nn.Module, r: Tensor, width: int) -> None:
 
 
 @torch.no_grad()
-def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
+def orthogonalize_weights(model: PreTrainedModel, direction: Tensor) -> PreTrainedModel:
     """Rewrite `model` in place so nothing it writes into the residual stream has a component along `direction`."""
     check_bakeable(model)
     width = _width(model)
     r = unit(direction, width)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is not None and out.weight is inp.weight:  # untie: the LM head keeps reading the original embedding
-        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+    if out is not None and _weight(out) is _weight(inp):  # untie: the LM head keeps reading the original embedding
+        out.weight = nn.Parameter(_weight(inp).detach().clone(), requires_grad=False)
         cfg = model.config
         cfg.tie_word_embeddings = False
         if hasattr(cfg, "get_text_config") and cfg.get_text_config() is not cfg:
             cfg.get_text_config().tie_word_embeddings = False
         if hasattr(model, "_tied_weights_keys"):
-            try:
-                model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
-            except Exception:
+            try:  # empty, of the type this transformers version uses (a list in 4.x, a dict in 5.x)
+                model._tied_weights_keys = type(model._tied_weights_keys)()
+            except (AttributeError, TypeError):  # read-only here, or not a plain container: nothing to untie
                 pass
     embeds = [inp]
     for name in ("wpe", "embed_positions", "position_embeddings"):  # learned absolute positions (GPT-2 & co)
@@ -150,7 +163,7 @@ def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
             if mod_name.endswith(name) and isinstance(mod, nn.Embedding) and mod.weight.shape[-1] == width:
                 embeds.append(mod)
     for emb in embeds:
-        w = emb.weight
+        w = _weight(emb)
         wf = w.float()
         rr = r.to(w.device)
         w.copy_((wf - torch.outer(wf @ rr, rr)).to(w.dtype))
@@ -192,7 +205,7 @@ def _orthogonalize_experts(experts: nn.Module, r: Tensor, width: int, layer: int
         bias.copy_((bf - (bf @ rr).unsqueeze(-1) * rr).to(bias.dtype))
 
 
-def save_orthogonalized(lm: Any, direction: Tensor, out: str | os.PathLike, *, note: dict | None = None) -> Path:
+def save_orthogonalized(lm: LoadedModel, direction: Tensor, out: str | os.PathLike, *, note: dict | None = None) -> Path:
     """Write a copy of `lm`'s model with `direction` orthogonalised out of its weights, plus its tokenizer."""
     import copy
     import json

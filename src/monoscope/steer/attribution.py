@@ -12,16 +12,21 @@ of the whole target). One forward and one backward pass give every feature's att
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import MonoscopeError
-from ..model import edit, last_logits, token_logprobs
+from ..model import LoadedModel, edit, last_logits, token_logprobs
 from ..progress import progress_bar
 from .runtime import encode_prompt
 from ..sae.io import sae_hook_point
 from .steering import check_sae_fits
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..sae.base import SAE
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Attribution:
         return asdict(self)
 
 
-def _bos_offset(tokenizer: Any, ids: torch.Tensor) -> int:
+def _bos_offset(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> int:
     """1 (the first position, BOS or not, is an attention sink the SAE does not model: left out) unless the prompt is one token."""
     return 1 if ids.shape[-1] > 1 else 0
 
@@ -61,7 +66,7 @@ def _bos_offset(tokenizer: Any, ids: torch.Tensor) -> int:
 MAX_TARGET_TOKENS = 64
 
 
-def target_token_ids(tokenizer: Any, target: str | int | list[int], vocab: int) -> list[int]:
+def target_token_ids(tokenizer: PreTrainedTokenizerBase, target: str | int | list[int], vocab: int) -> list[int]:
     """The target's token ids (a string is tokenized without special tokens), checked against the vocabulary."""
     if isinstance(target, str):
         if not target:
@@ -81,16 +86,19 @@ def target_token_ids(tokenizer: Any, target: str | int | list[int], vocab: int) 
     return ids
 
 
-def _prompt_and_target(lm: Any, prompt: str, target: str | int | list[int], raw: bool) -> tuple[torch.Tensor, list[int]]:
+def _prompt_and_target(lm: LoadedModel, prompt: str, target: str | int | list[int], raw: bool) -> tuple[torch.Tensor, list[int]]:
     """Token ids [1, T] of the prompt followed by all but the target's last token, and the target's ids."""
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    head = getattr(lm.model.get_output_embeddings(), "weight", None)
+    if not isinstance(head, torch.Tensor):
+        raise MonoscopeError(f"{lm.name} has no LM head (output embedding) weight: attribution needs a causal LM")
+    vocab = head.shape[0]
     target_ids = target_token_ids(lm.tokenizer, target, vocab)
     ids = encode_prompt(lm.tokenizer, prompt, raw=raw, device=lm.device)
     forced = torch.tensor([target_ids[:-1]], dtype=ids.dtype, device=ids.device)
     return torch.cat([ids, forced], 1), target_ids
 
 
-def _target_scores(model: Any, ids: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_scores(model: torch.nn.Module, ids: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed logits and summed log-probs of the target's tokens after prompt + target[:-1] (`ids`); the LM head
     runs on the target's positions only."""
     rows = last_logits(model, ids, len(target_ids))[0]
@@ -99,10 +107,10 @@ def _target_scores(model: Any, ids: torch.Tensor, target_ids: list[int]) -> tupl
 
 
 def attribute(
-    lm: Any,
-    sae: Any,
+    lm: LoadedModel,
+    sae: SAE,
     prompt: str,
-    target: str | int,
+    target: str | int | list[int],
     *,
     hook: str | None = None,
     top: int = 20,
@@ -139,6 +147,8 @@ def attribute(
         logit, logprob = _target_scores(model, ids, target_ids)
         (logit if metric == "logit" else logprob).backward()
     codes, error = store["codes"], store["error"]
+    if codes.grad is None or error.grad is None:
+        raise MonoscopeError(f"the target's score does not depend on {hook}: no gradient reached the SAE's codes")
     scores = (codes * codes.grad).detach()[0].sum(0).float()
     error_attr = float((error * error.grad).detach().sum())
     order = torch.argsort(scores.abs(), descending=True)[: max(0, int(top))]
@@ -150,7 +160,7 @@ def attribute(
         if float(scores[i]) != 0.0
     ]
     return Attribution(
-        prompt=prompt, target=str(target), target_id=target_ids[0], target_token=tokenizer.decode(target_ids),
+        prompt=prompt, target=str(target), target_id=target_ids[0], target_token=str(tokenizer.decode(target_ids)),
         logit=float(logit.detach()), logprob=float(logprob.detach()), hook=str(hook), features=feats, total=float(scores.sum()),
         error_attribution=error_attr, target_ids=target_ids,
     )
@@ -158,7 +168,7 @@ def attribute(
 
 @torch.inference_mode()
 def ablation_effect(
-    lm: Any, sae: Any, prompt: str, target: str | int | list[int], features: list[int], *, hook: str | None = None, raw: bool = True,
+    lm: LoadedModel, sae: SAE, prompt: str, target: str | int | list[int], features: list[int], *, hook: str | None = None, raw: bool = True,
     metric: str = "logit", progress: bool = True,
 ) -> dict[int, float]:
     """For each feature: the target's logit (or log-prob) clean minus with the feature ablated at every position.
@@ -167,6 +177,8 @@ def ablation_effect(
     """
     model, tokenizer = lm.model, lm.tokenizer
     hook = hook or sae_hook_point(sae)
+    if hook is None:
+        raise MonoscopeError("the SAE does not say which hook point it reads; pass --hook")
     ids, target_ids = _prompt_and_target(lm, prompt, target, raw)
     skip = _bos_offset(tokenizer, ids)
     if metric not in ("logit", "logprob"):
@@ -232,7 +244,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def map_by_ablation(
-    lm: Any, sae: Any, prompt: str, target: str | int | list[int], *, hook: str | None = None, metric: str = "logit",
+    lm: LoadedModel, sae: SAE, prompt: str, target: str | int | list[int], *, hook: str | None = None, metric: str = "logit",
     raw: bool = True, max_features: int = 256, labels: dict[int, str] | None = None,
 ) -> AblationMap:
     """Ablate each active feature of the prompt (up to `max_features`, by |attribution|) and rank them by the

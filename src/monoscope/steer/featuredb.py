@@ -14,11 +14,25 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Union
 
 import torch
 
 from ..errors import MonoscopeError
+
+if TYPE_CHECKING:  # the store opens lazily: `import monoscope.steer` stays light
+    from typing import TypeAlias
+
+    from ..features.store import FeatureStore
+    from ..model import LoadedModel
+    from ..sae.base import SAE
+
+    # Where max activations come from: {feature: max} (keys may be strings, as JSON has them), a features.db path,
+    # an open database, or a callable (sae, [features]) -> {feature: max}.
+    MaxActivationSource: TypeAlias = Union[
+        Mapping[int, float], Mapping[str, float], str, os.PathLike, "FeatureDB", FeatureStore,
+        Callable[[SAE, list[int]], Mapping[int, float]],
+    ]
 
 DB_FILENAME = "features.db"
 
@@ -34,7 +48,7 @@ class FeatureDB:
     """What steering reads from a feature database (`monoscope.features.FeatureStore`): max activations,
     labels, search. Accepts a path or an open store."""
 
-    def __init__(self, path_or_store: Any):
+    def __init__(self, path_or_store: str | os.PathLike | FeatureStore):
         from ..features.store import FeatureStore
 
         if isinstance(path_or_store, FeatureStore):
@@ -46,7 +60,7 @@ class FeatureDB:
             self.store = FeatureStore(path)
         self.path = self.store.path
 
-    def check_fits(self, sae: Any) -> None:
+    def check_fits(self, sae: SAE) -> None:
         if self.store.n_features != sae.cfg.d_sae:
             raise MonoscopeError(f"the feature database {self.path} describes {self.store.n_features} features but the SAE has {sae.cfg.d_sae}; "
                                  "it belongs to another SAE: re-run `monoscope analyze` for this one or pass the right --db")
@@ -72,7 +86,7 @@ class FeatureDB:
         self.store.close()
 
 
-def lookup_max_activations(source: Any, sae: Any, features: list[int]) -> dict[int, float]:
+def lookup_max_activations(source: MaxActivationSource | None, sae: SAE, features: list[int]) -> dict[int, float]:
     """Max activations of `features` of `sae` from a dict, a database (path, FeatureDB, FeatureStore) or a callable."""
     from ..features.store import FeatureStore
 
@@ -84,25 +98,20 @@ def lookup_max_activations(source: Any, sae: Any, features: list[int]) -> dict[i
         source.check_fits(sae)
         return source.max_activations(features)
     if isinstance(source, Mapping):
-        out = {}
-        for f in features:
-            for key in (f, str(f)):
-                if key in source:
-                    out[f] = float(source[key])
-                    break
-        return out
+        by_name = {str(key): value for key, value in source.items()}  # JSON gives string keys
+        return {f: float(by_name[str(f)]) for f in features if str(f) in by_name}
     if callable(source):
         return {int(k): float(v) for k, v in dict(source(sae, features)).items()}
     raise MonoscopeError(f"max_activations must be a dict, a features.db path or a callable, got {type(source).__name__}")
 
 
-_ESTIMATES: "weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_ESTIMATES: "weakref.WeakKeyDictionary[SAE, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 @torch.inference_mode()
 def estimate_max_activations(
-    loaded: Any,
-    sae: Any,
+    loaded: LoadedModel,
+    sae: SAE,
     hook: str,
     features: Iterable[int] | None = None,
     *,

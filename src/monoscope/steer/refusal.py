@@ -27,16 +27,19 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import MonoscopeError
-from ..model import edit, find_blocks, run_to
+from ..model import LoadedModel, edit, find_blocks, run_to
 from ..progress import progress_bar
 from .ablation import directional_ablation, unit
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REFUSAL_OPENINGS = ("I", "Sorry", "As", "Unfortunately", "I'm", "I cannot", "No")
 
@@ -85,7 +88,7 @@ class RefusalSearch:
         }
 
 
-def refusal_token_ids(tokenizer: Any, openings: Sequence[str] = REFUSAL_OPENINGS) -> tuple[list[int], list[str]]:
+def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, openings: Sequence[str] = REFUSAL_OPENINGS) -> tuple[list[int], list[str]]:
     """First token of each opening, with and without a leading space (how a reply may start), deduplicated."""
     ids: list[int] = []
     for word in openings:
@@ -97,7 +100,7 @@ def refusal_token_ids(tokenizer: Any, openings: Sequence[str] = REFUSAL_OPENINGS
                 ids.append(int(enc[0]))
     if not ids:
         raise MonoscopeError("none of the refusal openings encodes to a token")
-    return ids, [tokenizer.decode([i]) for i in ids]
+    return ids, [str(tokenizer.decode([i])) for i in ids]
 
 
 def refusal_log_odds(logits: Tensor, refusal_ids: Tensor) -> Tensor:
@@ -109,7 +112,7 @@ def refusal_log_odds(logits: Tensor, refusal_ids: Tensor) -> Tensor:
     return log_r - log_not
 
 
-def _encode(lm: Any, prompts: Sequence[str], chat_template: bool) -> list[Tensor]:
+def _encode(lm: LoadedModel, prompts: Sequence[str], chat_template: bool) -> list[Tensor]:
     from .runtime import encode_prompt
 
     return [encode_prompt(lm.tokenizer, p, raw=not chat_template)[0].cpu() for p in prompts]
@@ -131,7 +134,7 @@ def _batches(rows: list[Tensor], batch_size: int, left: bool = False):
 
 
 @torch.inference_mode()
-def _last_logits(lm: Any, rows: list[Tensor], batch_size: int) -> Tensor:
+def _last_logits(lm: LoadedModel, rows: list[Tensor], batch_size: int) -> Tensor:
     """Next-token logits [N, V] after each prompt (whatever edits are active); the LM head runs on the last
     position only."""
     out = []
@@ -147,7 +150,7 @@ def _last_logits(lm: Any, rows: list[Tensor], batch_size: int) -> Tensor:
 
 
 @torch.inference_mode()
-def _mean_resid_pre(lm: Any, rows: list[Tensor], layers: Sequence[int], positions: int, batch_size: int) -> Tensor:
+def _mean_resid_pre(lm: LoadedModel, rows: list[Tensor], layers: Sequence[int], positions: int, batch_size: int) -> Tensor:
     """Mean resid_pre.L at each of the last `positions` tokens: [positions, layers, d] (index 0 = last token)."""
     hooks = [f"resid_pre.{layer}" for layer in layers]
     total = None
@@ -160,6 +163,8 @@ def _mean_resid_pre(lm: Any, rows: list[Tensor], layers: Sequence[int], position
             per_layer.append(picked.sum(1))
         s = torch.stack(per_layer, 1)  # [P, L, d]
         total = s if total is None else total + s
+    if total is None:
+        raise MonoscopeError("no prompts to average the residual stream over")
     return total / len(rows)
 
 
@@ -170,7 +175,7 @@ def _kl(base_logits: Tensor, new_logits: Tensor) -> float:
 
 
 def find_refusal_direction(
-    lm: Any,
+    lm: LoadedModel,
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
@@ -284,7 +289,7 @@ def find_refusal_direction(
                          len(harm_train) + len(safe_train), len(harm_val) + len(safe_val))
 
 
-def bypass_score(lm: Any, direction: Tensor, prompts: Sequence[str], openings: Sequence[str] = REFUSAL_OPENINGS,
+def bypass_score(lm: LoadedModel, direction: Tensor, prompts: Sequence[str], openings: Sequence[str] = REFUSAL_OPENINGS,
                  chat_template: bool | None = None, batch_size: int = 8) -> float:
     """Mean refusal log-odds on `prompts` with `direction` ablated everywhere (an independent check of a search)."""
     if chat_template is None:

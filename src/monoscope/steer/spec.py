@@ -11,11 +11,14 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, SupportsIndex
 
 import torch
 
 from ..errors import MonoscopeError
+
+if TYPE_CHECKING:
+    from ..sae.base import SAE
 
 FEATURE_MODES = ("clamp", "add", "multiply", "ablate")
 DIRECTION_MODES = ("orthogonal", "cap", "add")
@@ -30,7 +33,7 @@ _MODE_ALIASES = {
 }
 
 
-def check_number(value: float, what: str) -> float:
+def check_number(value: float | str, what: str) -> float:
     """A finite number with |value| <= 1e6, else a MonoscopeError that says so."""
     try:
         number = float(value)
@@ -101,18 +104,17 @@ def check_positions(positions: str | None) -> str | None:
     return positions
 
 
-def check_feature_id(feature: Any, d_sae: int | None = None, what: str = "feature id") -> int:
+def check_feature_id(feature: object, d_sae: int | None = None, what: str = "feature id") -> int:
     if isinstance(feature, str) and re.fullmatch(r"\s*[-+]?\d+\s*", feature):
         feature = int(feature)
     if isinstance(feature, torch.Tensor) and feature.numel() == 1 and not feature.is_floating_point():
         feature = int(feature.item())
     try:
-        if isinstance(feature, bool):
+        if isinstance(feature, bool) or not isinstance(feature, SupportsIndex):
             raise TypeError
-        feature = operator.index(feature)
+        index = operator.index(feature)
     except TypeError:
         raise MonoscopeError(f"{what} must be a whole number, got {feature!r}") from None
-    index = int(feature)
     if index < 0:
         raise MonoscopeError(f"{what} {index} is negative; feature ids run from 0 to d_sae - 1")
     if d_sae is not None and index >= d_sae:
@@ -126,14 +128,14 @@ class Condition:
 
     feature: int
     threshold: Value = field(default_factory=lambda: Value(0.0))
-    sae: Any = None
+    sae: SAE | None = None
 
     def __post_init__(self) -> None:
         self.feature = check_feature_id(self.feature, what="condition feature id")
         self.threshold = Value.parse(self.threshold)
 
     @classmethod
-    def parse(cls, text: str, sae: Any = None) -> "Condition":
+    def parse(cls, text: str, sae: SAE | None = None) -> "Condition":
         """`ID>THRESHOLD` (threshold a number or a multiple like 0.5x), or just `ID` (active at all)."""
         match = re.fullmatch(r"\s*(\d+)\s*(?:>\s*(\S+))?\s*", str(text))
         if not match:
@@ -148,7 +150,7 @@ class Condition:
 class FeatureEdit:
     """One feature of one SAE: clamp / add / multiply / ablate, at some positions, maybe conditionally."""
 
-    sae: Any
+    sae: SAE
     feature: int
     mode: str
     value: Value = field(default_factory=lambda: Value(0.0))

@@ -29,16 +29,38 @@ from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import MonoscopeError
-from ..model import HookPoint, edit, find_blocks
+from ..model import HookPoint, LoadedModel, edit, find_blocks
+from ..sae.base import SAE
 from ..sae.interop import check_model_match
 from ..sae.io import sae_hook_point
-from .spec import Condition, DirectionEdit, FeatureEdit, Value, check_number, check_positions, parse_feature_spec
+from .spec import (
+    Condition,
+    DirectionEdit,
+    FeatureEdit,
+    Value,
+    check_number,
+    check_positions,
+    parse_feature_spec,
+    parse_mode,
+)
+
+if TYPE_CHECKING:
+    from .featuredb import MaxActivationSource
+
+
+@runtime_checkable
+class Directions(Protocol):
+    """What `Steering.add_vector` reads from a `SteeringVector`: one direction per hook point (a protocol, so this
+    module does not import `vectors`, which imports the generation helpers built on it)."""
+
+    @property
+    def directions(self) -> Mapping[str, Tensor]: ...  # read-only here, so a dict attribute matches
 
 # ---------------------------------------------------------------- helpers on models and SAEs
 
@@ -47,7 +69,7 @@ class SteeringWarning(UserWarning):
     """Something is probably wrong (an SAE trained on another model) but steering can still run."""
 
 
-def _unwrap(model: Any) -> tuple[nn.Module, Any]:
+def _unwrap(model: nn.Module | LoadedModel) -> tuple[nn.Module, LoadedModel | None]:
     """(nn.Module, LoadedModel or None) from a LoadedModel or a bare module."""
     if isinstance(model, nn.Module):
         return model, None
@@ -70,14 +92,14 @@ def model_width(model: nn.Module) -> int | None:
     return None
 
 
-def model_name_of(model: nn.Module, loaded: Any = None) -> str | None:
+def model_name_of(model: nn.Module, loaded: LoadedModel | None = None) -> str | None:
     if loaded is not None and getattr(loaded, "name", None):
         return str(loaded.name)
     cfg = getattr(model, "config", None)
     return getattr(cfg, "_name_or_path", None) or None
 
 
-def check_sae_fits(sae: Any, model: nn.Module, hook: str, loaded: Any = None) -> None:
+def check_sae_fits(sae: SAE, model: nn.Module, hook: str, loaded: LoadedModel | None = None) -> None:
     """Width must match (error); the recorded model name should (loud warning); the hook must exist."""
     hp = HookPoint.parse(hook)
     n_layers = len(find_blocks(model))
@@ -86,7 +108,7 @@ def check_sae_fits(sae: Any, model: nn.Module, hook: str, loaded: Any = None) ->
     check_model_match(sae, model_name_of(model, loaded), model_width(model), category=SteeringWarning)
 
 
-def feature_codes(sae: Any, x: Tensor, features: Tensor) -> Tensor:
+def feature_codes(sae: SAE, x: Tensor, features: Tensor) -> Tensor:
     """Activations [n, m] of `features` (LongTensor [m]) for flat input x [n, d_in]: one encoder GEMM.
 
     TopK needs every pre-activation (a feature is active only when among the k largest); JumpReLU and ReLU
@@ -96,14 +118,16 @@ def feature_codes(sae: Any, x: Tensor, features: Tensor) -> Tensor:
     centred = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
     arch = sae.cfg.architecture
     if arch == "topk":
+        if sae.cfg.k is None:
+            raise MonoscopeError("this TopK SAE's cfg.json has no k; it cannot be steered")
         pre = torch.addmm(sae.b_enc, centred, sae.W_enc)
         kth = pre.topk(sae.cfg.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         picked = pre.index_select(1, features)
         return torch.where(picked >= kth, picked.relu(), torch.zeros_like(picked))
     if arch in ("jumprelu", "standard"):
         pre = torch.addmm(sae.b_enc.index_select(0, features), centred, sae.W_enc.index_select(1, features))
-        if arch == "jumprelu":
-            return pre.relu() * (pre > sae.threshold.index_select(0, features))
+        if arch == "jumprelu":  # a JumpReLUSAE: its `threshold` is a tensor
+            return pre.relu() * (pre > cast(Tensor, sae.threshold).index_select(0, features))
         return pre.relu()
     return sae.encode(x).index_select(-1, features)
 
@@ -128,11 +152,11 @@ class Steering:
 
     def __init__(
         self,
-        sae: Any = None,
+        sae: SAE | None = None,
         *,
         strength: float = 1.0,
         positions: str = "all",
-        max_activations: Any = None,
+        max_activations: MaxActivationSource | None = None,
         skip_first: bool = True,
     ):
         self.sae = sae
@@ -179,7 +203,7 @@ class Steering:
 
     # ---- feature edits -----------------------------------------------------------------------------
 
-    def _sae(self, sae: Any) -> Any:
+    def _sae(self, sae: SAE | None) -> SAE:
         sae = sae if sae is not None else self.sae
         if sae is None:
             raise MonoscopeError("a feature edit needs an SAE: Steering(sae) or pass sae=")
@@ -191,7 +215,7 @@ class Steering:
         mode: str,
         value: "Value | float | str" = 0.0,
         *,
-        sae: Any = None,
+        sae: SAE | None = None,
         positions: str | None = None,
         when: "Condition | str | None" = None,
         hook: str | None = None,
@@ -199,6 +223,7 @@ class Steering:
         """Set (or replace) the edit of `feature`; `when` makes it conditional (`Condition` or 'ID>THRESHOLD')."""
         sae = self._sae(sae)
         condition = Condition.parse(when) if isinstance(when, str) else when
+        value = Value(0.0) if parse_mode(mode) == "ablate" else Value.parse(value)
         new = FeatureEdit(sae=sae, feature=feature, mode=mode, value=value, positions=positions, condition=condition, hook=hook)
         self.feature_edits = [e for e in self.feature_edits if not (e.sae is sae and e.feature == new.feature and e.hook == new.hook)]
         self.feature_edits.append(new)
@@ -216,7 +241,7 @@ class Steering:
     def ablate(self, feature: int, **kw: Any) -> "Steering":
         return self.set(feature, "ablate", 0.0, **kw)
 
-    def remove(self, feature: int, *, sae: Any = None) -> bool:
+    def remove(self, feature: int, *, sae: SAE | None = None) -> bool:
         """Drop the edit(s) of `feature`; whether there was one."""
         sae = sae if sae is not None else self.sae
         before = len(self.feature_edits)
@@ -229,7 +254,7 @@ class Steering:
         self.strength = 1.0
         return self
 
-    def parse(self, specs: "str | list[str]", *, sae: Any = None, positions: str | None = None, when: "Condition | str | None" = None) -> "Steering":
+    def parse(self, specs: "str | list[str]", *, sae: SAE | None = None, positions: str | None = None, when: "Condition | str | None" = None) -> "Steering":
         """Add CLI-style specs: `ID=clamp:VALUE`, `ID=add:VALUE`, `ID=multiply:M`, `ID=ablate`, `ID=VALUE` (clamp)."""
         for spec in [specs] if isinstance(specs, str) else list(specs):
             feature, mode, value = parse_feature_spec(spec)
@@ -248,17 +273,17 @@ class Steering:
         self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), direction, "cap", value, positions, label))
         return self
 
-    def add_vector(self, vector: Any, coefficient: float = 1.0, *, hook: str | None = None, positions: str | None = None, label: str = "") -> "Steering":
+    def add_vector(self, vector: Tensor | Directions, coefficient: float = 1.0, *, hook: str | None = None, positions: str | None = None, label: str = "") -> "Steering":
         """Add `coefficient` x a vector: a raw tensor at `hook`, or a `SteeringVector` (each of its hook points)."""
-        directions = getattr(vector, "directions", None)
-        if directions is not None:
-            for point, tensor in directions.items():
+        if isinstance(vector, Directions):
+            for point, tensor in vector.directions.items():
                 if hook is None or str(HookPoint.parse(hook)) == point:
                     self.direction_edits.append(DirectionEdit(point, tensor, "add", coefficient, positions, label or getattr(vector, "name", "") or "vector"))
             return self
         if hook is None:
             raise MonoscopeError("add_vector with a plain tensor needs hook= (e.g. resid_post.12)")
-        self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), vector, "add", coefficient, positions, label or "vector"))
+        direction = torch.as_tensor(vector)
+        self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), direction, "add", coefficient, positions, label or "vector"))
         return self
 
     # ---- text -----------------------------------------------------------------------------------------
@@ -274,7 +299,7 @@ class Steering:
 
     # ---- compile ---------------------------------------------------------------------------------------
 
-    def compile(self, model: Any) -> "CompiledSteering":
+    def compile(self, model: nn.Module | LoadedModel) -> "CompiledSteering":
         """Check everything against `model` and resolve values; errors come here, before any generation."""
         module, loaded = _unwrap(model)
         return CompiledSteering.build(self, module, loaded)
@@ -302,7 +327,7 @@ class TokenRoles:
         return TokenRoles(self.real.index_select(0, rows), self.prompt.index_select(0, rows), self.first.index_select(0, rows))
 
     @classmethod
-    def whole(cls, batch: int, length: int, device: Any, start: int = 0, prompt_len: int | None = None) -> "TokenRoles":
+    def whole(cls, batch: int, length: int, device: torch.device | str, start: int = 0, prompt_len: int | None = None) -> "TokenRoles":
         """Unpadded rows whose tokens sit at `start`... of their sequence; the first `prompt_len` are prompt."""
         where = torch.arange(start, start + length, device=device).expand(batch, length)
         prompt = where < (prompt_len if prompt_len is not None else start + length)
@@ -362,12 +387,13 @@ class PositionTracker:
                 self._forced = None
         elif length > 1 or self.prompt_len is None:
             self.prompt_len = past + length  # a new chunk of prompt on top of a cache
+        assert self.prompt_len is not None  # set above for a first forward, kept from it for later ones
         self._prev = (past, length, ids.detach() if ids is not None else None)
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape == (batch, past + length) else None
         self.current = _Call(start=past, length=length, prompt_len=int(self.prompt_len), ids=ids, attention_mask=mask)
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         self.current = None
 
     def roles(self, batch: int, length: int, device: torch.device) -> TokenRoles:
@@ -388,14 +414,13 @@ class PositionTracker:
         return call.roles[key]
 
 
-def _past_length(cache: Any) -> int:
+def _past_length(cache: Any) -> int:  # a transformers Cache, a legacy tuple of tensors, or None
     """Tokens already in the KV cache. A wrong guess would misplace every position-scoped edit, so a cache
     whose length cannot be read is an error, not 0."""
     if cache is None:
         return 0
-    getter = getattr(cache, "get_seq_length", None)
-    if callable(getter):
-        return int(getter())
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
     if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples cache: [layer][key/value] with shape [B, H, T, D]
         return int(cache[0][0].shape[-2]) if len(cache) and len(cache[0]) else 0
     raise MonoscopeError(f"cannot read how many tokens a {type(cache).__name__} KV cache holds; "
@@ -409,7 +434,7 @@ def _past_length(cache: Any) -> int:
 class _FeatureGroup:
     """All feature edits of one spec on one SAE at one hook point (n edits, reading m features)."""
 
-    sae: Any
+    sae: SAE
     needed: list[int]  # features whose activation is read (edits needing f, conditions)
     decoder: Tensor  # [n, d] rows of W_dec (float32)
     kind: Tensor  # [n] 0 clamp, 1 add, 2 multiply, 3 ablate
@@ -468,7 +493,7 @@ class FeatureTable:
     E edits per row: one encoder GEMM over the union of the features any row reads, then per-row gathers of
     coefficients and masks, and one [T, E] x [E, d] product per row."""
 
-    sae: Any
+    sae: SAE
     needed: Tensor  # [m] the union of features read
     rows: Tensor | None  # [R] rows of the batch these edits belong to (None: every row, R = B or 1)
     decoder: Tensor  # [R, E, d]
@@ -616,13 +641,13 @@ class CompiledSteering:
     steering: Steering
 
     @classmethod
-    def build(cls, steering: Steering, model: nn.Module, loaded: Any) -> "CompiledSteering":
+    def build(cls, steering: Steering, model: nn.Module, loaded: LoadedModel | None) -> "CompiledSteering":
         from ..model import resolve
 
         device = next(model.parameters()).device
         width = model_width(model)
         by_hook: dict[str, dict[int, list[FeatureEdit]]] = defaultdict(dict)
-        saes: dict[int, Any] = {}
+        saes: dict[int, SAE] = {}
         checked: set[tuple[int, str]] = set()
         for e in steering.feature_edits:
             hook = str(HookPoint.parse(e.hook)) if e.hook else sae_hook_point(e.sae)
@@ -656,19 +681,13 @@ class CompiledSteering:
                 if sae.W_dec.device != device:
                     raise MonoscopeError(f"the SAE is on {sae.W_dec.device} but the model is on {device}; load both on the same device")
                 needed: list[int] = []
-
-                def slot(feature: int) -> int:
-                    if feature not in needed:
-                        needed.append(feature)
-                    return needed.index(feature)
-
                 values, edit_slot, cond_slot, cond_thr = [], [], [], []
                 for e in edits:
                     m = maxima.get((sae_id, e.feature))
                     values.append(e.value.resolve(m, f"the value of feature {e.feature}"))
-                    edit_slot.append(slot(e.feature) if e.mode != "add" else -1)
+                    edit_slot.append(_slot(needed, e.feature) if e.mode != "add" else -1)
                     if e.condition is not None:
-                        cond_slot.append(slot(e.condition.feature))
+                        cond_slot.append(_slot(needed, e.condition.feature))
                         mc = maxima.get((sae_id, e.condition.feature))
                         cond_thr.append(e.condition.threshold.resolve(mc, f"the threshold of condition feature {e.condition.feature}"))
                     else:
@@ -695,7 +714,16 @@ class CompiledSteering:
         return cls(plans=plans, steering=steering)
 
 
-def _resolve_maxima(steering: Steering, model: nn.Module, loaded: Any, by_hook: dict, saes: dict) -> dict[tuple[int, int], float]:
+def _slot(needed: list[int], feature: int) -> int:
+    """The index of `feature` in `needed` (the features a group reads), appended when new."""
+    if feature not in needed:
+        needed.append(feature)
+    return needed.index(feature)
+
+
+def _resolve_maxima(
+    steering: Steering, model: nn.Module, loaded: LoadedModel | None, by_hook: dict, saes: dict[int, SAE]
+) -> dict[tuple[int, int], float]:
     """Max activations of every feature whose value (or condition threshold) is relative, like `8x`."""
     from .featuredb import FeatureDB, default_db_path, estimate_max_activations, lookup_max_activations
 
@@ -741,7 +769,7 @@ def _resolve_maxima(steering: Steering, model: nn.Module, loaded: Any, by_hook: 
 class Steerer:
     """What `steer()` yields: the live spec (change it between calls), and the position tracker."""
 
-    def __init__(self, model: nn.Module, loaded: Any, steering: Steering, tracker: PositionTracker):
+    def __init__(self, model: nn.Module, loaded: LoadedModel | None, steering: Steering, tracker: PositionTracker):
         self.model, self.loaded, self.steering, self.tracker = model, loaded, steering, tracker
 
     def begin(self, prompt_length: int | None = None) -> None:
@@ -750,7 +778,7 @@ class Steerer:
 
 
 @contextmanager
-def steer(model: Any, steering: Steering | None) -> Iterator[Steerer]:
+def steer(model: nn.Module | LoadedModel, steering: Steering | None) -> Iterator[Steerer]:
     """Apply `steering` to every forward pass and `generate` call of `model` inside the block; always unhooks.
 
     `model` is a transformers causal LM or a `LoadedModel` (which also allows estimating max activations
@@ -772,7 +800,7 @@ def steer(model: Any, steering: Steering | None) -> Iterator[Steerer]:
         yield Steerer(module, loaded, steering, tracker)
 
 
-def load_steering_sae(folder: str | Path, device: str | torch.device | None = "cpu") -> Any:
+def load_steering_sae(folder: str | Path, device: str | torch.device | None = "cpu") -> SAE:
     """`load_sae` that also remembers the folder, so the feature database next to it is found."""
     from ..model import resolve_device
     from ..sae import load_sae
@@ -786,11 +814,18 @@ def load_steering_sae(folder: str | Path, device: str | torch.device | None = "c
     return sae
 
 
-def max_activations_for(steering_or_sae: Any, features: list[int], loaded: Any = None, db: Any = None) -> Mapping[int, float]:
+def max_activations_for(
+    steering_or_sae: Steering | SAE,
+    features: list[int],
+    loaded: LoadedModel | None = None,
+    db: MaxActivationSource | None = None,
+) -> Mapping[int, float]:
     """Max activations of `features`: from `db` / the SAE's database, else estimated with `loaded`."""
     from .featuredb import FeatureDB, default_db_path, estimate_max_activations, lookup_max_activations
 
     sae = steering_or_sae.sae if isinstance(steering_or_sae, Steering) else steering_or_sae
+    if sae is None:
+        raise MonoscopeError("max activations are per SAE, and this Steering has none: pass the SAE")
     if db is not None:
         return lookup_max_activations(db, sae, features)
     folder = getattr(sae, "folder", None)
@@ -798,4 +833,7 @@ def max_activations_for(steering_or_sae: Any, features: list[int], loaded: Any =
         return FeatureDB(default_db_path(folder)).max_activations(features)
     if loaded is None:
         raise MonoscopeError("no feature database and no model to estimate max activations with")
-    return estimate_max_activations(loaded, sae, sae_hook_point(sae), features)
+    hook = sae_hook_point(sae)
+    if hook is None:
+        raise MonoscopeError("the SAE does not say which hook point it reads (no hook_point in monoscope.json)")
+    return estimate_max_activations(loaded, sae, hook, features)

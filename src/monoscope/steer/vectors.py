@@ -22,13 +22,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from .._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, read_json
 from ..errors import MonoscopeError
-from ..model import HookPoint, find_blocks, run_to
+from ..model import HookPoint, LoadedModel, find_blocks, run_to
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMAT = "monoscope-steering-vector/1"
 POSITION_MODES = ("last", "mean")
@@ -112,7 +115,7 @@ class SteeringVector:
         return cls(dict(tensors), model, meta, name=tensors_path.stem)
 
 
-def _encode_all(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> list[torch.Tensor]:
+def _encode_all(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat_template: bool) -> list[torch.Tensor]:
     from .runtime import encode_prompt
 
     out = []
@@ -125,7 +128,7 @@ def _encode_all(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> 
 
 @torch.inference_mode()
 def mean_activations(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     hooks: Sequence[str],
     *,
@@ -138,7 +141,7 @@ def mean_activations(
     if position not in POSITION_MODES:
         raise MonoscopeError(f"unknown position {position!r}; use one of {', '.join(POSITION_MODES)}")
     encoded = _encode_all(lm.tokenizer, prompts, chat_template)
-    sums = {h: None for h in hooks}
+    sums: dict[str, torch.Tensor] = {}
     device = next(lm.model.parameters()).device
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
@@ -161,12 +164,12 @@ def mean_activations(
                 weights[:, 0] = torch.where(lengths > 1, 0.0, weights[:, 0])
                 picked = (x * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
             total = picked.sum(0)
-            sums[h] = total if sums[h] is None else sums[h] + total
+            sums[h] = sums[h] + total if h in sums else total
     return {h: s / len(encoded) for h, s in sums.items()}
 
 
 def contrastive_vector(
-    lm: Any,
+    lm: LoadedModel,
     positive: Sequence[str],
     negative: Sequence[str],
     hooks: "str | Sequence[str]",
