@@ -46,38 +46,99 @@ import torch
 
 # Everyday concepts that bench_steer.py does not use, each with four reference sentences.
 CONCEPTS = {
-    "cats": ["The cat curled up on the sofa and purred.", "My kitten loves to chase mice and play with yarn.",
-             "Cats have soft fur, whiskers and sharp claws.", "The cat meowed at the door to be let out."],
-    "outer space": ["The astronauts floated inside the space station high above the Earth.", "The rocket launched toward the Moon.",
-                    "Distant galaxies are full of stars and planets.", "The telescope showed the rings of Saturn."],
-    "war": ["The soldiers marched into battle with their rifles.", "The army attacked the enemy fortress at dawn.",
-            "Thousands died in the long and bloody war.", "The generals signed a peace treaty to end the fighting."],
-    "medicine": ["The doctor prescribed antibiotics for the infection.", "The nurse gave the patient an injection at the hospital.",
-                 "This drug lowers blood pressure.", "The surgeon operated on her heart."],
-    "weddings": ["The bride wore a white dress and walked down the aisle.", "They exchanged rings and vows at the wedding.",
-                 "The groom kissed the bride as the guests cheered.", "The wedding reception had a big cake and dancing."],
-    "the weather": ["It will rain tomorrow with strong winds from the north.", "The forecast says sunny skies and warm temperatures.",
-                    "A thunderstorm rolled in and the temperature dropped.", "Heavy snow fell all night and the roads froze."],
-    "sports": ["The team scored a goal in the final minute of the match.", "She won the tennis tournament in straight sets.",
-               "The players trained hard for the championship game.", "The runner crossed the finish line first."],
-    "farming": ["The farmer planted wheat and corn in his fields.", "Cows and pigs were kept in the barn.",
-                "The harvest was good this year thanks to the rain.", "They plowed the soil with a tractor."],
-    "birds": ["A robin built its nest in the tree.", "The eagle spread its wings and soared over the valley.",
-              "Birds sang at dawn from every branch.", "The parrot has bright green feathers."],
-    "mathematics": ["The theorem was proved using induction.", "Solve the equation for x and simplify the fraction.",
-                    "A prime number has no divisors except one and itself.", "The area of a circle is pi times the radius squared."],
-    "the law and courts": ["The judge sentenced him to five years in prison.", "The jury found the defendant not guilty.",
-                           "Her lawyer appealed the verdict to a higher court.", "The trial began with the prosecutor's opening statement."],
-    "religion": ["They prayed to God at the church every Sunday.", "The priest read from the Bible.",
-                 "Many faiths believe in heaven and the soul.", "Monks meditate in the temple."],
-    "chemistry": ["Mix the acid with the base to form a salt and water.", "The molecule has two hydrogen atoms and one oxygen atom.",
-                  "The chemical reaction released heat.", "Sodium is a reactive alkali metal."],
-    "movies": ["The film won the Academy Award for best picture.", "The actor starred in a new action movie.",
-               "We watched the movie at the cinema with popcorn.", "The director shot the scene again."],
+    "cats": [
+        "The cat curled up on the sofa and purred.",
+        "My kitten loves to chase mice and play with yarn.",
+        "Cats have soft fur, whiskers and sharp claws.",
+        "The cat meowed at the door to be let out.",
+    ],
+    "outer space": [
+        "The astronauts floated inside the space station high above the Earth.",
+        "The rocket launched toward the Moon.",
+        "Distant galaxies are full of stars and planets.",
+        "The telescope showed the rings of Saturn.",
+    ],
+    "war": [
+        "The soldiers marched into battle with their rifles.",
+        "The army attacked the enemy fortress at dawn.",
+        "Thousands died in the long and bloody war.",
+        "The generals signed a peace treaty to end the fighting.",
+    ],
+    "medicine": [
+        "The doctor prescribed antibiotics for the infection.",
+        "The nurse gave the patient an injection at the hospital.",
+        "This drug lowers blood pressure.",
+        "The surgeon operated on her heart.",
+    ],
+    "weddings": [
+        "The bride wore a white dress and walked down the aisle.",
+        "They exchanged rings and vows at the wedding.",
+        "The groom kissed the bride as the guests cheered.",
+        "The wedding reception had a big cake and dancing.",
+    ],
+    "the weather": [
+        "It will rain tomorrow with strong winds from the north.",
+        "The forecast says sunny skies and warm temperatures.",
+        "A thunderstorm rolled in and the temperature dropped.",
+        "Heavy snow fell all night and the roads froze.",
+    ],
+    "sports": [
+        "The team scored a goal in the final minute of the match.",
+        "She won the tennis tournament in straight sets.",
+        "The players trained hard for the championship game.",
+        "The runner crossed the finish line first.",
+    ],
+    "farming": [
+        "The farmer planted wheat and corn in his fields.",
+        "Cows and pigs were kept in the barn.",
+        "The harvest was good this year thanks to the rain.",
+        "They plowed the soil with a tractor.",
+    ],
+    "birds": [
+        "A robin built its nest in the tree.",
+        "The eagle spread its wings and soared over the valley.",
+        "Birds sang at dawn from every branch.",
+        "The parrot has bright green feathers.",
+    ],
+    "mathematics": [
+        "The theorem was proved using induction.",
+        "Solve the equation for x and simplify the fraction.",
+        "A prime number has no divisors except one and itself.",
+        "The area of a circle is pi times the radius squared.",
+    ],
+    "the law and courts": [
+        "The judge sentenced him to five years in prison.",
+        "The jury found the defendant not guilty.",
+        "Her lawyer appealed the verdict to a higher court.",
+        "The trial began with the prosecutor's opening statement.",
+    ],
+    "religion": [
+        "They prayed to God at the church every Sunday.",
+        "The priest read from the Bible.",
+        "Many faiths believe in heaven and the soul.",
+        "Monks meditate in the temple.",
+    ],
+    "chemistry": [
+        "Mix the acid with the base to form a salt and water.",
+        "The molecule has two hydrogen atoms and one oxygen atom.",
+        "The chemical reaction released heat.",
+        "Sodium is a reactive alkali metal.",
+    ],
+    "movies": [
+        "The film won the Academy Award for best picture.",
+        "The actor starred in a new action movie.",
+        "We watched the movie at the cinema with popcorn.",
+        "The director shot the scene again.",
+    ],
 }
 TUNING_PROMPTS = ["What did you do yesterday?", "Give me some advice.", "Write a short paragraph."]
-REPORT_PROMPTS = ["Tell me about your weekend.", "What should I do today?", "Write a short story.", "Describe your favourite place.",
-                  "What are you thinking about?"]
+REPORT_PROMPTS = [
+    "Tell me about your weekend.",
+    "What should I do today?",
+    "Write a short story.",
+    "Describe your favourite place.",
+    "What are you thinking about?",
+]
 ON_TOPIC = 0.30
 QUICKSTART_SAE = Path("runs/quickstart/sae")
 
@@ -105,8 +166,15 @@ def findability(store, concepts: list[str]) -> dict:
             sims = embed_texts(examples) @ names.T if examples else np.zeros((1, len(concepts)))
             mean = sims.mean(0)
             on_topic = bool(mean[ci] >= ON_TOPIC and int(np.argmax(mean)) == ci)
-            rows.append({"feature": h.feature_id, "label": h.label, "cosine": round(float(mean[ci]), 3), "on_topic": on_topic,
-                         "example": (examples[0][:90] if examples else "")})
+            rows.append(
+                {
+                    "feature": h.feature_id,
+                    "label": h.label,
+                    "cosine": round(float(mean[ci]), 3),
+                    "on_topic": on_topic,
+                    "example": (examples[0][:90] if examples else ""),
+                }
+            )
         out[concept] = {"findable": any(r["on_topic"] for r in rows), "hits": rows}
     return out
 
@@ -121,14 +189,29 @@ class Runner:
         from monoscope.steer.batch import generate_batch
         from monoscope.steer.concepts import completion_nll, repetition
 
-        gens = generate_batch(self.lm, [p for _, p, _ in rows], steerings=[s for _, _, s in rows], max_new_tokens=self.tokens, max_batch=64)
+        gens = generate_batch(
+            self.lm,
+            [p for _, p, _ in rows],
+            steerings=[s for _, _, s in rows],
+            max_new_tokens=self.tokens,
+            max_batch=64,
+        )
         nll = completion_nll(self.lm, gens)
         out = []
         for (concept, prompt, _), g, n in zip(rows, gens, nll):
             sim = float(self.judges[concept].similarity([g.text])[0])
             ppl = math.inf if g.finish_reason == "error" else math.exp(n) if math.isfinite(n) else math.nan
-            out.append({"concept": concept, "prompt": prompt, "text": g.text, "similarity": sim, "mention": sim >= 0.35,
-                        "perplexity": ppl, "repetition": repetition(g.ids)})
+            out.append(
+                {
+                    "concept": concept,
+                    "prompt": prompt,
+                    "text": g.text,
+                    "similarity": sim,
+                    "mention": sim >= 0.35,
+                    "perplexity": ppl,
+                    "repetition": repetition(g.ids),
+                }
+            )
         return out
 
 
@@ -140,21 +223,43 @@ def summarise(rows: list[dict], base_ppl: float) -> dict:
     gm = float(np.exp(np.log(finite).mean())) if finite.size else math.nan
     if finite.size < ppl.size:
         gm = math.inf
-    return {"mention_rate": float(mention.mean()), "mention_ci": bootstrap(mention), "similarity": float(sims.mean()),
-            "similarity_ci": bootstrap(sims), "perplexity": gm, "perplexity_ratio": gm / base_ppl if base_ppl else math.nan,
-            "repetition": float(np.mean([r["repetition"] for r in rows])), "n": len(rows)}
+    return {
+        "mention_rate": float(mention.mean()),
+        "mention_ci": bootstrap(mention),
+        "similarity": float(sims.mean()),
+        "similarity_ci": bootstrap(sims),
+        "perplexity": gm,
+        "perplexity_ratio": gm / base_ppl if base_ppl else math.nan,
+        "repetition": float(np.mean([r["repetition"] for r in rows])),
+        "n": len(rows),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sae", default=None, help="SAE folder with features.db (default: runs/quickstart/sae)")
-    parser.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"how many of the {len(CONCEPTS)} concepts (default: all)")
-    parser.add_argument("--steer-concepts", type=int, default=None, help="steer toward only the first N of them (findability uses all)")
-    parser.add_argument("--steer-skip", type=int, default=0, help="skip the first K concepts when steering (a second sample: --steer-skip 4 --steer-concepts 4)")
+    parser.add_argument(
+        "--concepts", type=int, default=len(CONCEPTS), help=f"how many of the {len(CONCEPTS)} concepts (default: all)"
+    )
+    parser.add_argument(
+        "--steer-concepts", type=int, default=None, help="steer toward only the first N of them (findability uses all)"
+    )
+    parser.add_argument(
+        "--steer-skip",
+        type=int,
+        default=0,
+        help="skip the first K concepts when steering (a second sample: --steer-skip 4 --steer-concepts 4)",
+    )
     parser.add_argument("--tokens", type=int, default=32, help="tokens per completion (default: 32)")
-    parser.add_argument("--methods", default="none,prompt,sae-clamp,suggest,diffmean,learned-vector", help="comma-separated methods")
-    parser.add_argument("--quick", action="store_true", help="findability and suggest on the TUNING prompts only (to compare SAEs)")
-    parser.add_argument("--out", default="docs/img/concepts.png", help="PNG of the results (JSON beside it, under runs/)")
+    parser.add_argument(
+        "--methods", default="none,prompt,sae-clamp,suggest,diffmean,learned-vector", help="comma-separated methods"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="findability and suggest on the TUNING prompts only (to compare SAEs)"
+    )
+    parser.add_argument(
+        "--out", default="docs/img/concepts.png", help="PNG of the results (JSON beside it, under runs/)"
+    )
     parser.add_argument("--json", default="runs/bench_concepts.json", help="where to write the results as JSON")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -163,7 +268,7 @@ def main() -> int:
     from monoscope.model import EMBEDDED_MODEL, load_model
     from monoscope.sae.io import sae_hook_point
     from monoscope.steer import Steering, load_steering_sae, suggest_features
-    from monoscope.steer.concepts import ConceptJudge, hook_norm, learn_steering_vector, NEUTRAL_PROMPTS
+    from monoscope.steer.concepts import NEUTRAL_PROMPTS, ConceptJudge, hook_norm, learn_steering_vector
     from monoscope.steer.featuredb import FeatureDB, default_db_path
     from monoscope.steer.toward import TowardConfig, _best, plan_steering, prompted
 
@@ -184,16 +289,33 @@ def main() -> int:
     unit = hook_norm(lm, hook)
     judges = {c: ConceptJudge(c) for c in concepts}
     runner = Runner(lm, args.tokens, judges)
-    result: dict = {"sae": str(folder), "hook": hook, "concepts": concepts, "tuning_prompts": TUNING_PROMPTS, "report_prompts": report_prompts,
-                    "tokens": args.tokens, "unit": unit, "torch_threads": torch.get_num_threads(), "methods": {}}
+    result: dict = {
+        "sae": str(folder),
+        "hook": hook,
+        "concepts": concepts,
+        "tuning_prompts": TUNING_PROMPTS,
+        "report_prompts": report_prompts,
+        "tokens": args.tokens,
+        "unit": unit,
+        "torch_threads": torch.get_num_threads(),
+        "methods": {},
+    }
     started = time.perf_counter()
 
-    print(f"[1/3] findability: is a feature with on-topic top examples in the top 3 of `features search`? ({len(concepts)} concepts)")
+    print(
+        f"[1/3] findability: is a feature with on-topic top examples in the top 3 of `features search`? ({len(concepts)} concepts)"
+    )
     found = findability(store, concepts)
     result["findability"] = found
     for c, v in found.items():
-        print(f"  {'yes' if v['findable'] else 'no ':<4} {c:<20} " + " | ".join(f"#{h['feature']} {h['cosine']:.2f}{'*' if h['on_topic'] else ''} "
-                                                                        f"{(h['label'] or '')[:28]!r}" for h in v["hits"]), flush=True)
+        print(
+            f"  {'yes' if v['findable'] else 'no ':<4} {c:<20} "
+            + " | ".join(
+                f"#{h['feature']} {h['cosine']:.2f}{'*' if h['on_topic'] else ''} {(h['label'] or '')[:28]!r}"
+                for h in v["hits"]
+            ),
+            flush=True,
+        )
     rate = float(np.mean([v["findable"] for v in found.values()]))
     print(f"  findable: {rate:.0%} (target >= 85 %)")
     result["findable_rate"] = rate
@@ -206,11 +328,14 @@ def main() -> int:
         return rows
 
     plain = lambda p: p  # noqa: E731
-    concepts = concepts[args.steer_skip:]
+    concepts = concepts[args.steer_skip :]
     concepts = concepts[: args.steer_concepts] if args.steer_concepts else concepts
     result["steered_concepts"] = concepts
-    print(f"[2/3] steering: {len(concepts)} concepts x {len(report_prompts)} report prompts, {args.tokens} greedy tokens"
-          + ("" if args.quick else f"; settings chosen on {len(TUNING_PROMPTS)} tuning prompts"), flush=True)
+    print(
+        f"[2/3] steering: {len(concepts)} concepts x {len(report_prompts)} report prompts, {args.tokens} greedy tokens"
+        + ("" if args.quick else f"; settings chosen on {len(TUNING_PROMPTS)} tuning prompts"),
+        flush=True,
+    )
     base_tune = runner.run(rows_for(TUNING_PROMPTS, lambda c: (None, plain))) if not args.quick else None
     base_report = runner.run(rows_for(report_prompts, lambda c: (None, plain)))
     base_ppl = summarise(base_report, 1.0)["perplexity"]
@@ -221,10 +346,15 @@ def main() -> int:
         """settings: {setting: make(concept)}; choose on TUNING per perplexity bound, report on REPORT."""
         tuned = {}
         for setting, make in settings.items():
-            tuned[setting] = summarise(runner.run(rows_for(TUNING_PROMPTS, make)), base_tune_ppl) if len(settings) > 1 else None
+            tuned[setting] = (
+                summarise(runner.run(rows_for(TUNING_PROMPTS, make)), base_tune_ppl) if len(settings) > 1 else None
+            )
             if tuned[setting]:
                 t = tuned[setting]
-                print(f"    tuning {name} {setting}: mentions {t['mention_rate']:.2f} sim {t['similarity']:.3f} ppl x{t['perplexity_ratio']:.2f}", flush=True)
+                print(
+                    f"    tuning {name} {setting}: mentions {t['mention_rate']:.2f} sim {t['similarity']:.3f} ppl x{t['perplexity_ratio']:.2f}",
+                    flush=True,
+                )
         entry = {"tuning": {k: v for k, v in tuned.items() if v}, "report": {}}
         for bound in (2.0, 3.0):
             ok = [s for s in settings if tuned[s] is None or tuned[s]["perplexity_ratio"] <= bound]
@@ -251,7 +381,10 @@ def main() -> int:
         result["sae_clamp_features"] = old
 
         def clamp(mult):
-            return lambda c: ((Steering(sae, max_activations=db).clamp(old[c], f"{mult}x") if old[c] is not None else None), plain)
+            return lambda c: (
+                (Steering(sae, max_activations=db).clamp(old[c], f"{mult}x") if old[c] is not None else None),
+                plain,
+            )
 
         evaluate("sae-clamp", {f"{m}x": clamp(m) for m in (2, 4, 8)})
     if "suggest" in methods:
@@ -264,8 +397,11 @@ def main() -> int:
             steered = runner.run([(c, report_prompts[0], plan.steering(sae, db) if plan.works else None)])
             timing[c] = time.perf_counter() - t0
             ch = plan.chosen
-            print(f"  suggest {c!r}: {ch.describe() if ch else 'nothing'} (own prompts: sim {ch.similarity if ch else float('nan'):.3f}, "
-                  f"ppl x{ch.perplexity_ratio if ch else float('nan'):.2f}) in {timing[c]:.0f} s | {steered[0]['text'][:70]!r}", flush=True)
+            print(
+                f"  suggest {c!r}: {ch.describe() if ch else 'nothing'} (own prompts: sim {ch.similarity if ch else float('nan'):.3f}, "
+                f"ppl x{ch.perplexity_ratio if ch else float('nan'):.2f}) in {timing[c]:.0f} s | {steered[0]['text'][:70]!r}",
+                flush=True,
+            )
         result["suggest_seconds"] = timing
         result["suggest_plans"] = {c: p.to_dict() for c, (p, _) in plans.items()}
 
@@ -279,10 +415,16 @@ def main() -> int:
                 s.add_vector(option.vector, 1.0, hook=hook)
             return s
 
-        for name, pick in (("suggest (auto)", lambda c: plans[c][0].chosen), ("suggest (features)", lambda c: plans[c][1])):
+        for name, pick in (
+            ("suggest (auto)", lambda c: plans[c][0].chosen),
+            ("suggest (features)", lambda c: plans[c][1]),
+        ):
             rows = runner.run(rows_for(report_prompts, lambda c, pick=pick: (from_option(pick(c), c), plain)))
-            result["methods"][name] = {"report": summarise(rows, base_ppl), "rows": rows,
-                                       "kinds": {c: (pick(c).kind if pick(c) else None) for c in concepts}}
+            result["methods"][name] = {
+                "report": summarise(rows, base_ppl),
+                "rows": rows,
+                "kinds": {c: (pick(c).kind if pick(c) else None) for c in concepts},
+            }
     if "diffmean" in methods:
         from monoscope.steer.vectors import mean_activations
 
@@ -294,7 +436,10 @@ def main() -> int:
             direction[c] = d / d.norm()
 
         def dm(strength, where):
-            return lambda c: (Steering(positions=where).add_vector(direction[c] * strength * unit, 1.0, hook=hook), plain)
+            return lambda c: (
+                Steering(positions=where).add_vector(direction[c] * strength * unit, 1.0, hook=hook),
+                plain,
+            )
 
         evaluate("diffmean", {f"{s:g} {w}": dm(s, w) for s in (0.5, 1.0, 2.0) for w in ("generated", "all", "prompt")})
     if "learned-vector" in methods:
@@ -314,8 +459,12 @@ def main() -> int:
 
         evaluate("learned-vector", {f"{s:g} {w}": lv(s, w) for s in (0.5, 1.0) for w in ("generated", "all", "prompt")})
 
-    print(f"[3/3] results on the {len(report_prompts)} report prompts ({len(concepts)} concepts; 95 % bootstrap intervals over (concept, prompt))")
-    print(f"  {'method':<20} {'setting':<10} {'bound':<9} {'mention rate':>20} {'similarity':>20} {'ppl ratio':>9} {'repeat':>6}")
+    print(
+        f"[3/3] results on the {len(report_prompts)} report prompts ({len(concepts)} concepts; 95 % bootstrap intervals over (concept, prompt))"
+    )
+    print(
+        f"  {'method':<20} {'setting':<10} {'bound':<9} {'mention rate':>20} {'similarity':>20} {'ppl ratio':>9} {'repeat':>6}"
+    )
     table = []
     for name, entry in result["methods"].items():
         reports = entry["report"]
@@ -325,8 +474,10 @@ def main() -> int:
                 print(f"  {name:<20} {'-':<10} {bound:<9} (no setting within the bound)")
                 continue
             table.append((name, r.get("setting", "-"), bound, r))
-            print(f"  {name:<20} {str(r.get('setting', '-')):<10} {bound:<9} {r['mention_rate']:>6.2f} [{r['mention_ci'][0]:.2f}, {r['mention_ci'][1]:.2f}]"
-                  f"   {r['similarity']:>6.3f} [{r['similarity_ci'][0]:.3f}, {r['similarity_ci'][1]:.3f}] {r['perplexity_ratio']:>9.2f} {r['repetition']:>6.2f}")
+            print(
+                f"  {name:<20} {str(r.get('setting', '-')):<10} {bound:<9} {r['mention_rate']:>6.2f} [{r['mention_ci'][0]:.2f}, {r['mention_ci'][1]:.2f}]"
+                f"   {r['similarity']:>6.3f} [{r['similarity_ci'][0]:.3f}, {r['similarity_ci'][1]:.3f}] {r['perplexity_ratio']:>9.2f} {r['repetition']:>6.2f}"
+            )
     result["seconds"] = time.perf_counter() - started
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1, default=float))
@@ -348,12 +499,22 @@ def plot(table, path: Path, result: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, setting, bound, r in table:
         ratio = min(r["perplexity_ratio"], 20.0)
-        ax.errorbar(ratio, r["mention_rate"], yerr=[[r["mention_rate"] - r["mention_ci"][0]], [r["mention_ci"][1] - r["mention_rate"]]],
-                    fmt="o", capsize=3, label=f"{name} {setting if setting != '-' else ''} ({bound})".replace(" (-)", ""))
+        ax.errorbar(
+            ratio,
+            r["mention_rate"],
+            yerr=[[r["mention_rate"] - r["mention_ci"][0]], [r["mention_ci"][1] - r["mention_rate"]]],
+            fmt="o",
+            capsize=3,
+            label=f"{name} {setting if setting != '-' else ''} ({bound})".replace(" (-)", ""),
+        )
     ax.axvline(2, color="grey", ls=":", lw=1)
     ax.axvline(3, color="grey", ls="--", lw=1)
-    ax.set(xlabel="perplexity of the completions / unsteered (capped at 20)", ylabel="completions that mention the concept",
-           title=f"steering toward {len(result.get('steered_concepts', result['concepts']))} concepts ({result['hook']}; report prompts)", ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="perplexity of the completions / unsteered (capped at 20)",
+        ylabel="completions that mention the concept",
+        title=f"steering toward {len(result.get('steered_concepts', result['concepts']))} concepts ({result['hook']}; report prompts)",
+        ylim=(-0.02, 1.02),
+    )
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

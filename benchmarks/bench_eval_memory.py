@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "src"))
 from monoscope.sae.lm_eval import TOKEN_BLOCK, VOCAB_BLOCK  # noqa: E402
 from peak_memory import run_case  # noqa: E402
 
-CASE = r'''
+CASE = r"""
 import json, sys, time
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ else:
 seconds = time.perf_counter() - started
 peak = peak_kib()
 print(json.dumps({"model_gb": model_bytes / 1e9, "growth_gb": (peak - base) * 1024 / 1e9, "ce_clean": ce, "seconds": seconds}))
-'''
+"""
 
 
 def main() -> None:
@@ -91,23 +91,36 @@ def main() -> None:
     parser.add_argument("--methods", default="blockwise,full logits")
     args = parser.parse_args()
     contexts = -(-args.tokens // (args.context - 1))
-    print(f"LM-loss evaluation memory: vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, "
-          f"{contexts} contexts of {args.context} ({contexts * (args.context - 1):,} tokens), batches of {args.batch}; "
-          f"blocks of {TOKEN_BLOCK} tokens x {VOCAB_BLOCK:,} vocabulary entries")
+    print(
+        f"LM-loss evaluation memory: vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, "
+        f"{contexts} contexts of {args.context} ({contexts * (args.context - 1):,} tokens), batches of {args.batch}; "
+        f"blocks of {TOKEN_BLOCK} tokens x {VOCAB_BLOCK:,} vocabulary entries"
+    )
     print(f"  {'method':<14}{'model GB':>10}{'peak growth GB':>16}{'CE clean':>10}{'seconds':>9}")
     rows = {}
     for method in args.methods.split(","):
-        spec = {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "contexts": contexts,
-                "context": args.context, "batch": args.batch, "method": method}
+        spec = {
+            "vocab": args.vocab,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "contexts": contexts,
+            "context": args.context,
+            "batch": args.batch,
+            "method": method,
+        }
         row = run_case(CASE, spec, method)
         if row is None:
             continue
         rows[method] = row
-        print(f"  {method:<14}{row['model_gb']:>10.2f}{row['growth_gb']:>16.2f}{row['ce_clean']:>10.4f}{row['seconds']:>9.1f}")
+        print(
+            f"  {method:<14}{row['model_gb']:>10.2f}{row['growth_gb']:>16.2f}{row['ce_clean']:>10.4f}{row['seconds']:>9.1f}"
+        )
     if len(rows) == 2:
         a, b = rows["blockwise"], rows["full logits"]
-        print(f"blockwise grows peak memory by {a['growth_gb']:.2f} GB ({b['growth_gb'] / max(a['growth_gb'], 1e-9):.1f}x less than "
-              f"full logits, {b['growth_gb']:.2f} GB); target < 2 GB: {'met' if a['growth_gb'] < 2 else 'NOT met'}")
+        print(
+            f"blockwise grows peak memory by {a['growth_gb']:.2f} GB ({b['growth_gb'] / max(a['growth_gb'], 1e-9):.1f}x less than "
+            f"full logits, {b['growth_gb']:.2f} GB); target < 2 GB: {'met' if a['growth_gb'] < 2 else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

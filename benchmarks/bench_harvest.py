@@ -121,13 +121,17 @@ def main() -> None:
     s = speed(args.tokens)
     print(f"harvest at {s['layer']} of the embedded model, {s['tokens']} tokens per pass (best of 2):")
     print(f"  full forward pass      {s['full_forward_tok_s']:9.0f} tok/s")
-    print(f"  plain hook loop        {s['plain_hook_loop_tok_s']:9.0f} tok/s  (hand-written register_forward_hook, stops after the layer)")
+    print(
+        f"  plain hook loop        {s['plain_hook_loop_tok_s']:9.0f} tok/s  (hand-written register_forward_hook, stops after the layer)"
+    )
     print(f"  monoscope harvest      {s['monoscope_tok_s']:9.0f} tok/s  (packing + hooks + stop-early)")
     print(f"  stop-early speedup     {s['stop_early_speedup']:9.2f}x  (target >= 1.8x)")
     print(f"  vs plain hook loop     {s['vs_plain_loop']:9.2f}x  (target >= 0.95x)")
     small, large = peak_rss_mib(args.disk_tokens), peak_rss_mib(4 * args.disk_tokens)
-    print(f"peak RSS of a harvest to disk: {args.disk_tokens} tokens {small:.0f} MiB, {4 * args.disk_tokens} tokens {large:.0f} MiB "
-          f"-> ratio {large / small:.2f} (bounded: ~1.0)")
+    print(
+        f"peak RSS of a harvest to disk: {args.disk_tokens} tokens {small:.0f} MiB, {4 * args.disk_tokens} tokens {large:.0f} MiB "
+        f"-> ratio {large / small:.2f} (bounded: ~1.0)"
+    )
     print(json.dumps({**s, "rss_small_mib": small, "rss_large_mib": large}))
 
 

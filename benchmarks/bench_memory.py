@@ -23,7 +23,7 @@ from monoscope.sae import TrainConfig  # noqa: E402
 from monoscope.sae.distributed import estimate_config_memory  # noqa: E402
 from peak_memory import run_case  # noqa: E402
 
-CASE = r'''
+CASE = r"""
 import json, sys, tempfile
 import torch
 sys.path.insert(0, sys.argv[1])
@@ -56,7 +56,7 @@ with tempfile.TemporaryDirectory() as out:
     train_sae(cfg, stream(), out, progress=False, device="cpu", checkpoint_every_tokens=10**12)
 peak = peaks[-1]
 print(json.dumps({"measured_gib": (peak - base) / 2**20}))
-'''
+"""
 
 
 def main() -> None:
@@ -67,8 +67,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    base = {"d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch, "k": args.k, "steps": args.steps,
-            "optimizer": "adam", "multi_topk": False, "aux": 1 / 32, "arch": "topk"}
+    base = {
+        "d_in": args.d_in,
+        "d_sae": args.d_sae,
+        "batch": args.batch,
+        "k": args.k,
+        "steps": args.steps,
+        "optimizer": "adam",
+        "multi_topk": False,
+        "aux": 1 / 32,
+        "arch": "topk",
+    }
     cases = [
         ("topk, adam", {}),
         ("topk, signum", {"optimizer": "signum"}),
@@ -79,8 +88,10 @@ def main() -> None:
         ("jumprelu", {"arch": "jumprelu"}),
         ("relu", {"arch": "relu"}),
     ]
-    print(f"peak resident memory growth while training, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, k {args.k}, "
-          f"{args.steps} steps (CPU, fp32):")
+    print(
+        f"peak resident memory growth while training, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, k {args.k}, "
+        f"{args.steps} steps (CPU, fp32):"
+    )
     print(f"  {'case':<36}{'measured GiB':>13}{'estimate GiB':>13}{'estimate/measured':>19}")
     ratios = []
     for label, change in cases:
@@ -89,9 +100,17 @@ def main() -> None:
         if row is None:
             continue
         measured = row["measured_gib"]
-        cfg = TrainConfig(d_in=spec["d_in"], d_sae=spec["d_sae"], k=spec["k"], batch_size=spec["batch"],
-                          total_tokens=spec["batch"] * spec["steps"], architecture=spec["arch"], optimizer={"name": spec["optimizer"]},
-                          multi_topk=spec["multi_topk"], aux_coefficient=spec["aux"])
+        cfg = TrainConfig(
+            d_in=spec["d_in"],
+            d_sae=spec["d_sae"],
+            k=spec["k"],
+            batch_size=spec["batch"],
+            total_tokens=spec["batch"] * spec["steps"],
+            architecture=spec["arch"],
+            optimizer={"name": spec["optimizer"]},
+            multi_topk=spec["multi_topk"],
+            aux_coefficient=spec["aux"],
+        )
         terms_gib = estimate_config_memory(cfg)
         estimate = terms_gib["total"]
         ratios.append(estimate / measured)

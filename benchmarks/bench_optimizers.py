@@ -62,7 +62,9 @@ class ShuffledBatches:
                 yield {self.key: self.rows[perm[start : start + self.batch]]}
 
 
-def candidates(names: list[str], multipliers: list[float], extra: list[str], d_sae: int, steps: int) -> dict[str, OptimizerConfig]:
+def candidates(
+    names: list[str], multipliers: list[float], extra: list[str], d_sae: int, steps: int
+) -> dict[str, OptimizerConfig]:
     out = {}
     for name in names:
         for m in multipliers:
@@ -89,7 +91,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--optimizers", default="adam,signum,adam_sf")
     parser.add_argument("--multipliers", default="1", help="multipliers of each optimiser's default lr")
-    parser.add_argument("--extra", action="append", default=[], help="LABEL:name=adam,lr_multiplier=4,warmup_steps=10,...")
+    parser.add_argument(
+        "--extra", action="append", default=[], help="LABEL:name=adam,lr_multiplier=4,warmup_steps=10,..."
+    )
     parser.add_argument("--group", type=int, default=6, help="SAEs trained together in one pass (memory)")
     parser.add_argument("--seed", type=int, default=0, help="split, shuffling and initialisation seed")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per SAE here")
@@ -104,29 +108,55 @@ def main() -> None:
 
     cache = ActivationCache(args.activations)
     data = split_by_context(cache, args.seed)
-    print(f"{cache.path}: {cache.n_tokens:,} tokens -> train {data['train'].shape[0]:,}, tune {data['tune'].shape[0]:,}, "
-          f"report {data['report'].shape[0]:,} (split by context); torch {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{cache.path}: {cache.n_tokens:,} tokens -> train {data['train'].shape[0]:,}, tune {data['tune'].shape[0]:,}, "
+        f"report {data['report'].shape[0]:,} (split by context); torch {torch.get_num_threads()} threads",
+        flush=True,
+    )
     multipliers = [float(m) for m in args.multipliers.split(",")]
     for d_sae in (int(w) for w in args.widths.split(",")):
-        cands = candidates(args.optimizers.split(",") if args.optimizers else [], multipliers, args.extra, d_sae, args.steps)
+        cands = candidates(
+            args.optimizers.split(",") if args.optimizers else [], multipliers, args.extra, d_sae, args.steps
+        )
         names = list(cands)
         for start in range(0, len(names), args.group):
             group = names[start : start + args.group]
             configs = {
-                label: TrainConfig(d_in=cache.d_model, d_sae=d_sae, k=args.k, batch_size=args.batch, total_tokens=args.steps * args.batch,
-                                   seed=args.seed, hook_name="x", optimizer=cands[label])
+                label: TrainConfig(
+                    d_in=cache.d_model,
+                    d_sae=d_sae,
+                    k=args.k,
+                    batch_size=args.batch,
+                    total_tokens=args.steps * args.batch,
+                    seed=args.seed,
+                    hook_name="x",
+                    optimizer=cands[label],
+                )
                 for label in group
             }
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as out:
-                results = train_saes(configs, ShuffledBatches(data["train"], args.batch, args.seed, "x"), out, progress=False,
-                                     checkpoint_every_tokens=10 * args.steps * args.batch, device="cpu")
+                results = train_saes(
+                    configs,
+                    ShuffledBatches(data["train"], args.batch, args.seed, "x"),
+                    out,
+                    progress=False,
+                    checkpoint_every_tokens=10 * args.steps * args.batch,
+                    device="cpu",
+                )
             seconds = time.perf_counter() - began
             for label in group:
                 sae = results[label].sae
-                row = {"label": label, "d_sae": d_sae, "k": args.k, "steps": args.steps, "batch": args.batch,
-                       "optimizer": configs[label].optim.to_dict(), "group_seconds": round(seconds, 1),
-                       "decoder_norm_min": float(sae.W_dec.detach().norm(dim=1).min())}
+                row = {
+                    "label": label,
+                    "d_sae": d_sae,
+                    "k": args.k,
+                    "steps": args.steps,
+                    "batch": args.batch,
+                    "optimizer": configs[label].optim.to_dict(),
+                    "group_seconds": round(seconds, 1),
+                    "decoder_norm_min": float(sae.W_dec.detach().norm(dim=1).min()),
+                }
                 for split in ("tune", "report"):
                     m = evaluate_reconstruction(sae, data[split].split(4096))
                     row[f"{split}_fvu"], row[f"{split}_l0"], row[f"{split}_alive"] = m.fvu, m.l0, m.frac_alive
@@ -145,11 +175,15 @@ def summarise(paths: list[Path]) -> None:
         key = (row["d_sae"], row["steps"], row["label"].rsplit("-x", 1)[0])
         if key not in best or row["tune_fvu"] < best[key]["tune_fvu"]:
             best[key] = row
-    print(f"{'d_sae':>6} {'steps':>6}  {'optimiser':<14}{'chosen lr':>10}  {'tune FVU':>9}  {'report FVU':>10}  {'alive':>6}")
+    print(
+        f"{'d_sae':>6} {'steps':>6}  {'optimiser':<14}{'chosen lr':>10}  {'tune FVU':>9}  {'report FVU':>10}  {'alive':>6}"
+    )
     for key in sorted(best, key=lambda k: (k[0], k[1], best[k]["tune_fvu"])):
         row = best[key]
-        print(f"{key[0]:>6} {key[1]:>6}  {key[2]:<14}{row['optimizer']['lr']:>10.2e}  {row['tune_fvu']:>9.4f}  "
-              f"{row['report_fvu']:>10.4f}  {row['report_alive']:>6.1%}")
+        print(
+            f"{key[0]:>6} {key[1]:>6}  {key[2]:<14}{row['optimizer']['lr']:>10.2e}  {row['tune_fvu']:>9.4f}  "
+            f"{row['report_fvu']:>10.4f}  {row['report_alive']:>6.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monoscope.sae import TrainConfig, evaluate_reconstruction, load_train_log, train_sae  # noqa: E402
 from monoscope.sae.synthetic import SyntheticActivations  # noqa: E402
 
-PEER_SCRIPT = r'''
+PEER_SCRIPT = r"""
 # Runs in sparsify's environment. Reads "steps N" / "finish" lines on stdin, answers one JSON line each.
 import json, sys, time
 import torch
@@ -133,7 +133,7 @@ for line in sys.stdin:
 if not curve or curve[-1][0] != step:
     curve.append((step, held_out_fvu()))
 print(json.dumps({"fvu": curve[-1][1], "curve": curve, "lr": lr, "steps": step}), flush=True)
-'''
+"""
 
 
 def measure_gemm(batch: int, d_in: int, d_sae: int, repeats: int = 10) -> float:
@@ -151,8 +151,9 @@ def measure_gemm(batch: int, d_in: int, d_sae: int, repeats: int = 10) -> float:
 
 
 def make_activations(path: Path, d_in: int, batch: int, pool: int, held_out_tokens: int, seed: int) -> None:
-    source = SyntheticActivations(d_in=d_in, n_features=4 * 4096, active_per_token=24, chunk_size=batch,
-                                  n_chunks=pool, seed=seed)
+    source = SyntheticActivations(
+        d_in=d_in, n_features=4 * 4096, active_per_token=24, chunk_size=batch, n_chunks=pool, seed=seed
+    )
     train = torch.stack([source.chunk(i) for i in range(pool)])
     held_out = source.sample(10_000_019, held_out_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,9 +182,22 @@ class Peer:
     def __init__(self, python: Path, data_path: Path, d_sae: int, k: int, seed: int, eval_every: int) -> None:
         env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
         self.process = subprocess.Popen(
-            [str(python), "-c", PEER_SCRIPT, str(data_path), str(d_sae), str(k), str(seed), str(torch.get_num_threads()),
-             str(eval_every)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                str(python),
+                "-c",
+                PEER_SCRIPT,
+                str(data_path),
+                str(d_sae),
+                str(k),
+                str(seed),
+                str(torch.get_num_threads()),
+                str(eval_every),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self.step_s: list[float] = []
         self.gemm_s: list[float] = []
@@ -260,7 +274,6 @@ def summarise(step_s: list[float], gemm_s: list[float], batch: int) -> dict:
 def real_activations(path: Path, cache: Path, batch: int, pool: int, held_out_tokens: int, seed: int) -> None:
     """Training pool and held-out set from a harvest cache split by context (see bench_optimizers.py)."""
     from bench_optimizers import split_by_context
-
     from monoscope.data import ActivationCache
 
     data = split_by_context(ActivationCache(cache), seed)
@@ -268,7 +281,10 @@ def real_activations(path: Path, cache: Path, batch: int, pool: int, held_out_to
     pool = min(pool, train.shape[0] // batch)
     held_out = data["report"][:held_out_tokens]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"train": train[: pool * batch].reshape(pool, batch, -1).contiguous(), "held_out": held_out.contiguous()}, str(path))
+    save_file(
+        {"train": train[: pool * batch].reshape(pool, batch, -1).contiguous(), "held_out": held_out.contiguous()},
+        str(path),
+    )
 
 
 def training_seconds(step_s: list[float], eval_steps: set[int]) -> list[float]:
@@ -292,7 +308,9 @@ def time_to(curve: list[tuple[int, float]], cumulative: list[float], level: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--activations", type=Path, default=None, help="a harvest cache (default: synthetic activations)")
+    parser.add_argument(
+        "--activations", type=Path, default=None, help="a harvest cache (default: synthetic activations)"
+    )
     parser.add_argument("--d-in", type=int, default=576, help="synthetic activations only")
     parser.add_argument("--d-sae", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
@@ -307,29 +325,40 @@ def main() -> None:
     parser.add_argument("--peer-venv", type=Path, default=REPO / "build" / "peer-venv")
     parser.add_argument("--skip-peer", action="store_true", help="do not run sparsify")
     parser.add_argument("--block", type=int, default=10, help="steps each trainer runs before the other takes over")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for everything timed (default: torch's default). On a machine shared "
-                             "with other work, 1 thread gives steadier figures: a multi-threaded step waits for "
-                             "its slowest thread at every operation")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for everything timed (default: torch's default). On a machine shared "
+        "with other work, 1 thread gives steadier figures: a multi-threaded step waits for "
+        "its slowest thread at every operation",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.activations is not None:
-        data_path = args.workdir / f"real-{args.activations.resolve().name}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
+        data_path = (
+            args.workdir
+            / f"real-{args.activations.resolve().name}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
+        )
         if not data_path.exists():
             real_activations(data_path, args.activations, args.batch, args.pool, args.held_out, args.seed)
     else:
-        data_path = args.workdir / f"activations-{args.d_in}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
+        data_path = (
+            args.workdir / f"activations-{args.d_in}-{args.batch}-{args.pool}-{args.held_out}-{args.seed}.safetensors"
+        )
         if not data_path.exists():
             print("generating synthetic activations...", file=sys.stderr)
             make_activations(data_path, args.d_in, args.batch, args.pool, args.held_out, args.seed)
     data = load_file(str(data_path))
     train, held_out = data["train"], data["held_out"]
     d_in = train.shape[-1]
-    print(f"activations ({args.activations or 'synthetic'}): {tuple(train.shape)} training pool, {held_out.shape[0]} held-out tokens, "
-          f"mean norm {float(held_out.norm(dim=1).mean()):.2f} (sqrt(d_in) = {d_in ** 0.5:.2f}); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"activations ({args.activations or 'synthetic'}): {tuple(train.shape)} training pool, {held_out.shape[0]} held-out tokens, "
+        f"mean norm {float(held_out.norm(dim=1).mean()):.2f} (sqrt(d_in) = {d_in**0.5:.2f}); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     flops_per_token = 2 * d_in * args.d_sae
     gflops_before = measure_gemm(args.batch, d_in, args.d_sae)
@@ -337,74 +366,124 @@ def main() -> None:
     peer = None
     if not args.skip_peer:
         peer = Peer(ensure_peer_venv(args.peer_venv), data_path, args.d_sae, args.k, args.seed, args.eval_every)
-    cfg = TrainConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, batch_size=args.batch,
-                      total_tokens=args.steps * args.batch, seed=args.seed)
+    cfg = TrainConfig(
+        d_in=d_in,
+        d_sae=args.d_sae,
+        k=args.k,
+        batch_size=args.batch,
+        total_tokens=args.steps * args.batch,
+        seed=args.seed,
+    )
     batches = TimedBatches(train, args.steps, args.d_sae, peer, args.block)
     with tempfile.TemporaryDirectory() as out:
-        result = train_sae(cfg, batches, out, device="cpu", progress=False, checkpoint_every_tokens=10 * cfg.total_tokens,
-                           held_out=held_out, eval_every_tokens=args.eval_every * args.batch)
+        result = train_sae(
+            cfg,
+            batches,
+            out,
+            device="cpu",
+            progress=False,
+            checkpoint_every_tokens=10 * cfg.total_tokens,
+            held_out=held_out,
+            eval_every_tokens=args.eval_every * args.batch,
+        )
         log = load_train_log(out)
     ours_curve = [(row["step"], row["held_out_fvu"]) for row in log if "held_out_fvu" in row]
     ours_fvu = evaluate_reconstruction(result.sae, held_out.split(4096)).fvu
     eval_steps = {step for step, _ in ours_curve}
-    ours = summarise([t for i, t in enumerate(batches.step_s, 1) if i > args.warmup and i not in eval_steps],
-                     [g for i, g in enumerate(batches.gemm_s[: len(batches.step_s)], 1) if i > args.warmup and i not in eval_steps], args.batch)
+    ours = summarise(
+        [t for i, t in enumerate(batches.step_s, 1) if i > args.warmup and i not in eval_steps],
+        [g for i, g in enumerate(batches.gemm_s[: len(batches.step_s)], 1) if i > args.warmup and i not in eval_steps],
+        args.batch,
+    )
     ours_seconds = training_seconds(batches.step_s, eval_steps)
     ours_seconds.append(ours_seconds[-1] + (ours_seconds[-1] / max(1, len(ours_seconds))))  # the last step is not timed
     peer_stats = None
     if peer is not None:
         reply = peer.finish()
         peer_curve = [tuple(point) for point in reply["curve"]]
-        peer_stats = {**summarise(peer.step_s[args.warmup:], peer.gemm_s[args.warmup:], args.batch), "fvu": reply["fvu"],
-                      "curve": peer_curve, "seconds": training_seconds(peer.step_s, set())}
+        peer_stats = {
+            **summarise(peer.step_s[args.warmup :], peer.gemm_s[args.warmup :], args.batch),
+            "fvu": reply["fvu"],
+            "curve": peer_curve,
+            "seconds": training_seconds(peer.step_s, set()),
+        }
 
     gflops_after = measure_gemm(args.batch, d_in, args.d_sae)
     best_limit = max(gflops_before, gflops_after) * 1e9 / flops_per_token
 
-    print(f"\nTopK SAE training, d_in={d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}: {args.steps} steps each on the "
-          f"same batches, each trainer's default optimiser ({cfg.optim.name} for monoscope, signum for sparsify); "
-          f"median step times (steps {args.warmup + 1}+, evaluation steps left out)")
-    print(f"  dense fp32 GEMM of the encoder's shape: {gflops_before:.1f} GFLOP/s before, {gflops_after:.1f} after "
-          f"-> limit {best_limit:,.0f} tokens/s")
+    print(
+        f"\nTopK SAE training, d_in={d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}: {args.steps} steps each on the "
+        f"same batches, each trainer's default optimiser ({cfg.optim.name} for monoscope, signum for sparsify); "
+        f"median step times (steps {args.warmup + 1}+, evaluation steps left out)"
+    )
+    print(
+        f"  dense fp32 GEMM of the encoder's shape: {gflops_before:.1f} GFLOP/s before, {gflops_after:.1f} after "
+        f"-> limit {best_limit:,.0f} tokens/s"
+    )
     print(f"  {'':24}{'tokens/s':>10}  {'limit tok/s*':>12}  {'of limit*':>9}  {'held-out FVU':>12}")
     rows = [("monoscope", ours, ours_fvu)]
     if peer_stats is not None:
         rows.append((f"sparsify {_peer_version(args.peer_venv)}", peer_stats, peer_stats["fvu"]))
     for name, stats, fvu in rows:
-        print(f"  {name:<24}{stats['tokens_per_s']:>10,.0f}  {stats['limit_tokens_per_s']:>12,.0f}  "
-              f"{stats['fraction_of_limit']:>9.0%}  {fvu:>12.4f}")
+        print(
+            f"  {name:<24}{stats['tokens_per_s']:>10,.0f}  {stats['limit_tokens_per_s']:>12,.0f}  "
+            f"{stats['fraction_of_limit']:>9.0%}  {fvu:>12.4f}"
+        )
     print("  * limit: one forward-encoder GEMM per step, timed just before each step (same conditions);")
     print("    'of limit' is the median over steps of GEMM time / step time")
-    summary = {"ours_optimizer": cfg.optim.to_dict(), "ours_tokens_per_s": ours["tokens_per_s"], "ours_limit_tokens_per_s": ours["limit_tokens_per_s"],
-               "ours_fraction_of_limit": ours["fraction_of_limit"], "ours_fvu": ours_fvu, "ours_curve": ours_curve,
-               "standalone_limit_tokens_per_s": best_limit}
+    summary = {
+        "ours_optimizer": cfg.optim.to_dict(),
+        "ours_tokens_per_s": ours["tokens_per_s"],
+        "ours_limit_tokens_per_s": ours["limit_tokens_per_s"],
+        "ours_fraction_of_limit": ours["fraction_of_limit"],
+        "ours_fvu": ours_fvu,
+        "ours_curve": ours_curve,
+        "standalone_limit_tokens_per_s": best_limit,
+    }
     if peer_stats is not None:
         speedup = ours["tokens_per_s"] / peer_stats["tokens_per_s"]
         paired = ours["fraction_of_limit"] / peer_stats["fraction_of_limit"]
-        print(f"  speed-up over sparsify: {speedup:.2f}x in tokens/s ({paired:.2f}x in fraction of the paired limit); "
-              f"held-out FVU after {args.steps} steps {ours_fvu:.4f} vs {peer_stats['fvu']:.4f} "
-              f"({'<=' if ours_fvu <= peer_stats['fvu'] else '>'} sparsify's)")
-        print("\n  time to quality (training seconds until the held-out FVU first reaches the level; evaluated every "
-              f"{args.eval_every} steps):")
+        print(
+            f"  speed-up over sparsify: {speedup:.2f}x in tokens/s ({paired:.2f}x in fraction of the paired limit); "
+            f"held-out FVU after {args.steps} steps {ours_fvu:.4f} vs {peer_stats['fvu']:.4f} "
+            f"({'<=' if ours_fvu <= peer_stats['fvu'] else '>'} sparsify's)"
+        )
+        print(
+            "\n  time to quality (training seconds until the held-out FVU first reaches the level; evaluated every "
+            f"{args.eval_every} steps):"
+        )
         print(f"  {'held-out FVU <=':>18}{'monoscope':>12}{'sparsify':>12}{'sparsify / monoscope':>22}")
         levels = [peer_stats["fvu"] * factor for factor in (1.0, 1.1, 1.25, 1.5)]
         times = []
         for level in levels:
-            ours_t, peer_t = time_to(ours_curve, ours_seconds, level), time_to(peer_stats["curve"], peer_stats["seconds"], level)
+            ours_t, peer_t = (
+                time_to(ours_curve, ours_seconds, level),
+                time_to(peer_stats["curve"], peer_stats["seconds"], level),
+            )
             times.append({"fvu": level, "monoscope_s": ours_t, "sparsify_s": peer_t})
             ratio = f"{peer_t / ours_t:.2f}x" if ours_t and peer_t else "-"
             fmt = lambda t: f"{t:.1f} s" if t is not None else "never"  # noqa: E731
             print(f"  {level:>18.4f}{fmt(ours_t):>12}{fmt(peer_t):>12}{ratio:>22}")
-        summary.update({"sparsify_tokens_per_s": peer_stats["tokens_per_s"],
-                        "sparsify_fraction_of_limit": peer_stats["fraction_of_limit"], "sparsify_fvu": peer_stats["fvu"],
-                        "sparsify_curve": peer_stats["curve"], "speedup": speedup, "speedup_vs_paired_limit": paired,
-                        "time_to_quality": times})
+        summary.update(
+            {
+                "sparsify_tokens_per_s": peer_stats["tokens_per_s"],
+                "sparsify_fraction_of_limit": peer_stats["fraction_of_limit"],
+                "sparsify_fvu": peer_stats["fvu"],
+                "sparsify_curve": peer_stats["curve"],
+                "speedup": speedup,
+                "speedup_vs_paired_limit": paired,
+                "time_to_quality": times,
+            }
+        )
     print(json.dumps(summary))
 
 
 def _peer_version(venv: Path) -> str:
-    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('eai-sparsify'))"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('eai-sparsify'))"],
+        capture_output=True,
+        text=True,
+    )
     return probe.stdout.strip() or "?"
 
 

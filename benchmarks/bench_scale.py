@@ -51,7 +51,7 @@ class Timed:
             yield chunk
 
     def step_times(self, skip: int) -> list[float]:
-        return [b - a for a, b in zip(self.stamps[skip:], self.stamps[skip + 1:])]
+        return [b - a for a, b in zip(self.stamps[skip:], self.stamps[skip + 1 :])]
 
 
 def gemm_seconds(batch: int, d_in: int, d_sae: int, reps: int = 3) -> float:
@@ -70,7 +70,9 @@ def time_training(d_in: int, d_sae: int, k: int, batch: int, steps: int, warmup:
     timed = Timed(chunks=chunks[: steps + warmup + 1])
     # dead_tokens: a run this short would call every latent that has not fired yet "dead" after one batch and
     # spend its time on AuxK; a long run has few dead latents, so the steady-state step is measured without them.
-    cfg = TrainConfig(d_in=d_in, d_sae=d_sae, k=k, batch_size=batch, total_tokens=batch * (steps + warmup), dead_tokens=10**9)
+    cfg = TrainConfig(
+        d_in=d_in, d_sae=d_sae, k=k, batch_size=batch, total_tokens=batch * (steps + warmup), dead_tokens=10**9
+    )
     with tempfile.TemporaryDirectory() as out:
         train_sae(cfg, timed, out, progress=False, device="cpu", checkpoint_every_tokens=batch * 10**6)
     return statistics.median(timed.step_times(warmup))
@@ -94,11 +96,15 @@ def main() -> None:
     print(f"memory to train one SAE (fp32 weights, Adam; batch 4096, d_in {d_in}):")
     for d_sae in (16384, 131072, 1048576):
         est = estimate_memory(d_in, d_sae, 4096)
-        print(f"  d_sae {d_sae:>9,}: {est['total']:6.2f} GiB  (weights {est['weights']:.2f}, grads+Adam {est['grads_and_adam']:.2f}, "
-              f"pre-activations {est['preactivations']:.2f})")
+        print(
+            f"  d_sae {d_sae:>9,}: {est['total']:6.2f} GiB  (weights {est['weights']:.2f}, grads+Adam {est['grads_and_adam']:.2f}, "
+            f"pre-activations {est['preactivations']:.2f})"
+        )
 
-    print(f"\nTopK training time per token on this CPU ({torch.get_num_threads()} threads, d_in {d_in}, batch {batch}, "
-          f"median of {steps} steps):")
+    print(
+        f"\nTopK training time per token on this CPU ({torch.get_num_threads()} threads, d_in {d_in}, batch {batch}, "
+        f"median of {steps} steps):"
+    )
     print(f"  {'d_sae':>7} {'k':>4} {'us/token':>9} {'tokens/s':>9} {'GEMM us/token':>14} {'of limit':>9}")
     rows = [(d, 32) for d in widths] + [(widths[1], k) for k in ks if k != 32]
     results = {}
@@ -106,11 +112,15 @@ def main() -> None:
         step = time_training(d_in, d_sae, k, batch, steps, warmup, chunks)
         gemm = gemm_seconds(batch, d_in, d_sae)
         results[(d_sae, k)] = step
-        print(f"  {d_sae:>7} {k:>4} {1e6 * step / batch:>9.2f} {batch / step:>9,.0f} {1e6 * gemm / batch:>14.2f} {gemm / step:>8.0%}")
+        print(
+            f"  {d_sae:>7} {k:>4} {1e6 * step / batch:>9.2f} {batch / step:>9,.0f} {1e6 * gemm / batch:>14.2f} {gemm / step:>8.0%}"
+        )
     small, large = widths[0], widths[-1]
     growth = results[(large, 32)] / results[(small, 32)]
-    print(f"  {large // small}x the latents costs {growth:.1f}x the time per token; "
-          f"k {ks[-1]} vs {ks[0]} at d_sae {widths[1]}: {results[(widths[1], ks[-1])] / results[(widths[1], ks[0])]:.2f}x")
+    print(
+        f"  {large // small}x the latents costs {growth:.1f}x the time per token; "
+        f"k {ks[-1]} vs {ks[0]} at d_sae {widths[1]}: {results[(widths[1], ks[-1])] / results[(widths[1], ks[0])]:.2f}x"
+    )
 
     # ---- memory-mapped cache vs RAM
     d_sae, k, big_batch = (1024, 16, 1024) if args.quick else (4608, 32, 4096)
@@ -120,7 +130,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "acts.safetensors"
         raw = torch.cat(ram_chunks)
-        save_file({"activations": raw.half().contiguous()}, str(path), metadata={"hook_point": "resid_post.15", "scale_factor": "1.0"})
+        save_file(
+            {"activations": raw.half().contiguous()},
+            str(path),
+            metadata={"hook_point": "resid_post.15", "scale_factor": "1.0"},
+        )
         from monoscope.data import ActivationCache
 
         cache = ActivationCache(path)
@@ -131,10 +145,18 @@ def main() -> None:
                     timed = Timed(source=cache.batches(big_batch, seed=block), n=n_batches + 1)
                 else:
                     timed = Timed(chunks=[c.clone() for c in ram_chunks[: n_batches + 1]])
-                cfg = TrainConfig(d_in=d_in, d_sae=d_sae, k=k, batch_size=big_batch, total_tokens=big_batch * n_batches, dead_tokens=10**9)
+                cfg = TrainConfig(
+                    d_in=d_in,
+                    d_sae=d_sae,
+                    k=k,
+                    batch_size=big_batch,
+                    total_tokens=big_batch * n_batches,
+                    dead_tokens=10**9,
+                )
                 with tempfile.TemporaryDirectory() as out:
                     train_sae(cfg, timed, out, progress=False, device="cpu", checkpoint_every_tokens=big_batch * 10**6)
                 (cache_times if kind == "cache" else ram_times).extend(timed.step_times(2))
+
     # Other processes on a shared machine slow random steps down; the lower quartile of each side's step times
     # is what the code itself costs, the median is shown too.
     def quartile(times):
@@ -143,10 +165,14 @@ def main() -> None:
     cache_rate, ram_rate = big_batch / quartile(cache_times), big_batch / quartile(ram_times)
     ratio = cache_rate / ram_rate
     median_ratio = statistics.median(ram_times) / statistics.median(cache_times)
-    print(f"\ntraining from a memory-mapped fp16 cache vs float32 batches in RAM (d_sae {d_sae}, k {k}, batch {big_batch}, "
-          f"{len(cache_times)} steps each, alternating):")
-    print(f"  cache {cache_rate:,.0f} tok/s, RAM {ram_rate:,.0f} tok/s (lower-quartile step times): {ratio:.2f}x "
-          f"(medians: {median_ratio:.2f}x)  target >= 0.90x: {'met' if ratio >= 0.9 else 'NOT met'}")
+    print(
+        f"\ntraining from a memory-mapped fp16 cache vs float32 batches in RAM (d_sae {d_sae}, k {k}, batch {big_batch}, "
+        f"{len(cache_times)} steps each, alternating):"
+    )
+    print(
+        f"  cache {cache_rate:,.0f} tok/s, RAM {ram_rate:,.0f} tok/s (lower-quartile step times): {ratio:.2f}x "
+        f"(medians: {median_ratio:.2f}x)  target >= 0.90x: {'met' if ratio >= 0.9 else 'NOT met'}"
+    )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

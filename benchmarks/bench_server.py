@@ -39,7 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 QUICKSTART_SAE = Path("runs/quickstart/sae")
-PROMPTS = ["Tell me about your weekend.", "What should I cook tonight?", "Write a haiku about the sea.", "Explain what a bridge is."]
+PROMPTS = [
+    "Tell me about your weekend.",
+    "What should I cook tonight?",
+    "Write a haiku about the sea.",
+    "Explain what a bridge is.",
+]
 CHAT = "/v1/chat/completions"
 
 
@@ -95,16 +100,26 @@ def client_spec(index: int, features: list[int], sae: str) -> tuple[list[dict], 
         [{"feature": f, "mode": "clamp", "value": "4x", "sae": sae}],
         [{"feature": f, "mode": "add", "value": "2x", "sae": sae, "positions": "generated"}],
         [{"feature": f, "mode": "clamp", "value": "8x", "sae": sae}, {"feature": g, "mode": "ablate", "sae": sae}],
-        [{"feature": f, "mode": "multiply", "value": 3.0, "sae": sae}, {"feature": g, "mode": "clamp", "value": "2x", "sae": sae}],
+        [
+            {"feature": f, "mode": "multiply", "value": 3.0, "sae": sae},
+            {"feature": g, "mode": "clamp", "value": "2x", "sae": sae},
+        ],
     ]
     return kinds[index % len(kinds)], [1.0, 0.5, 1.5, 1.0][(index // len(kinds)) % 4]
 
 
 def chat_body(index: int, features: list[int], sae: str, max_tokens: int, stream: bool) -> dict:
     items, strength = client_spec(index, features, sae)
-    return {"messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}], "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "steering": items, "steering_strength": strength, "stream": stream,
-            **({"stream_options": {"include_usage": True}} if stream else {})}
+    return {
+        "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "steering": items,
+        "steering_strength": strength,
+        "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    }
 
 
 def junk_requests(d_sae: int, sae: str) -> list[tuple[str, dict | bytes, int]]:
@@ -113,8 +128,16 @@ def junk_requests(d_sae: int, sae: str) -> list[tuple[str, dict | bytes, int]]:
     return [
         ("unknown feature", {"messages": msg, "steering": [{"feature": d_sae + 5, "value": 3, "sae": sae}]}, 400),
         ("unreadable value", {"messages": msg, "steering": [{"feature": 1, "value": "lots", "sae": sae}]}, 400),
-        ("value overflowing once resolved", {"messages": msg, "steering": [{"feature": 1, "value": "900000x", "sae": sae}]}, 400),
-        ("unknown mode", {"messages": msg, "steering": [{"feature": 1, "mode": "explode", "value": 3, "sae": sae}]}, 400),
+        (
+            "value overflowing once resolved",
+            {"messages": msg, "steering": [{"feature": 1, "value": "900000x", "sae": sae}]},
+            400,
+        ),
+        (
+            "unknown mode",
+            {"messages": msg, "steering": [{"feature": 1, "mode": "explode", "value": 3, "sae": sae}]},
+            400,
+        ),
         ("unknown vector", {"messages": msg, "steering": [{"vector": "nope"}]}, 400),
         ("unknown SAE", {"messages": msg, "steering": [{"feature": 1, "value": 3, "sae": "nope"}]}, 404),
         ("max_tokens too large", {"messages": msg, "max_tokens": 10**7}, 400),
@@ -148,8 +171,17 @@ def completion_tokens(payload: bytes, stream: bool) -> int:
     raise ValueError("a stream without usage")
 
 
-def run_level(host: str, port: int, clients: int, requests: int, junk_every: int, max_tokens: int, info: dict, features: list[int],
-              timeout: float) -> dict:
+def run_level(
+    host: str,
+    port: int,
+    clients: int,
+    requests: int,
+    junk_every: int,
+    max_tokens: int,
+    info: dict,
+    features: list[int],
+    timeout: float,
+) -> dict:
     sae = info["saes"][0]
     junk = junk_requests(sae["d_sae"], sae["id"])
     latencies: list[float] = []
@@ -204,7 +236,9 @@ def run_level(host: str, port: int, clients: int, requests: int, junk_every: int
         try:
             while not done.is_set():
                 start = time.perf_counter()
-                status, _ = client.call("GET", f"/api/features/{features[i % len(features)]}?sae={urllib.parse.quote(sae['id'])}")
+                status, _ = client.call(
+                    "GET", f"/api/features/{features[i % len(features)]}?sae={urllib.parse.quote(sae['id'])}"
+                )
                 if status == 200:
                     dashboards.append(time.perf_counter() - start)
                 i += 1
@@ -223,8 +257,17 @@ def run_level(host: str, port: int, clients: int, requests: int, junk_every: int
         wall = time.perf_counter() - start
     done.set()
     side.join()
-    return {"clients": clients, "completions": len(latencies), "junk_ok": junk_ok[0], "errors": errors, "wall": wall, "tokens": tokens[0],
-            "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95), "dashboard_p95": percentile(dashboards, 0.95)}
+    return {
+        "clients": clients,
+        "completions": len(latencies),
+        "junk_ok": junk_ok[0],
+        "errors": errors,
+        "wall": wall,
+        "tokens": tokens[0],
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+        "dashboard_p95": percentile(dashboards, 0.95),
+    }
 
 
 # ---------------------------------------------------------------- a lone request, old path vs server
@@ -241,8 +284,14 @@ def old_path(lm, steering, prompt: str, max_tokens: int) -> int:
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     with steer(lm, steering) as handle, torch.inference_mode():
         handle.begin(ids.shape[-1])
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                do_sample=False, pad_token_id=pad)
+        out = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     return int(out.shape[-1] - ids.shape[-1])
 
 
@@ -293,7 +342,16 @@ def default_sae(tmp: Path) -> Path:
         sae.W_dec.copy_(w)
         sae.W_enc.copy_(w.T)
     folder = tmp / "sae"
-    save_sae(sae, folder, info={"model": EMBEDDED_MODEL, "hook_point": hook, "context_size": 128, "corpus": {"spec": "starter", "seed": 0}})
+    save_sae(
+        sae,
+        folder,
+        info={
+            "model": EMBEDDED_MODEL,
+            "hook_point": hook,
+            "context_size": 128,
+            "corpus": {"spec": "starter", "seed": 0},
+        },
+    )
     analyze_sae(folder, tokens=4096, loaded=lm, progress=False, config=AnalysisConfig(map="pca", embeddings=False))
     return folder
 
@@ -303,8 +361,10 @@ def report(levels: list[dict], lone: dict | None, max_tokens: int) -> dict:
     if lone is not None:
         one_at_a_time = max_tokens / lone["old"]
         lone_latency = lone["new"]
-        print(f"\na lone {max_tokens}-token steered chat (median of {len(lone['old_all'])}, interleaved): old path {lone['old']:.2f} s, "
-              f"server {lone['new']:.2f} s -> speed {lone['old'] / lone['new']:.3f}x of the old path (target >= 0.95x)")
+        print(
+            f"\na lone {max_tokens}-token steered chat (median of {len(lone['old_all'])}, interleaved): old path {lone['old']:.2f} s, "
+            f"server {lone['new']:.2f} s -> speed {lone['old'] / lone['new']:.3f}x of the old path (target >= 0.95x)"
+        )
         basis = "the old path one at a time"
     else:
         if base_level is None:
@@ -313,16 +373,25 @@ def report(levels: list[dict], lone: dict | None, max_tokens: int) -> dict:
         lone_latency = base_level["p50"]
         basis = "one client"
     print(f"one at a time: {one_at_a_time:.1f} tok/s ({basis}); lone request {lone_latency:.2f} s\n")
-    print(f"{'clients':>7} {'chats':>6} {'junk 4xx':>9} {'errors':>7} {'wall s':>7} {'tok/s':>7} {'x 1-at-a-time':>14} {'p50 s':>6} {'p95 s':>6} "
-          f"{'p95/lone':>9} {'dashboard p95 ms':>17}")
+    print(
+        f"{'clients':>7} {'chats':>6} {'junk 4xx':>9} {'errors':>7} {'wall s':>7} {'tok/s':>7} {'x 1-at-a-time':>14} {'p50 s':>6} {'p95 s':>6} "
+        f"{'p95/lone':>9} {'dashboard p95 ms':>17}"
+    )
     summary = {"one_at_a_time_tok_s": one_at_a_time, "lone_s": lone_latency, "levels": []}
     for lv in levels:
         tps = lv["tokens"] / lv["wall"]
-        row = {**{k: v for k, v in lv.items() if k != "errors"}, "errors": len(lv["errors"]), "tok_s": tps, "speedup": tps / one_at_a_time,
-               "p95_over_lone": lv["p95"] / lone_latency}
+        row = {
+            **{k: v for k, v in lv.items() if k != "errors"},
+            "errors": len(lv["errors"]),
+            "tok_s": tps,
+            "speedup": tps / one_at_a_time,
+            "p95_over_lone": lv["p95"] / lone_latency,
+        }
         summary["levels"].append(row)
-        print(f"{lv['clients']:>7} {lv['completions']:>6} {lv['junk_ok']:>9} {len(lv['errors']):>7} {lv['wall']:>7.1f} {tps:>7.1f} "
-              f"{row['speedup']:>13.2f}x {lv['p50']:>6.2f} {lv['p95']:>6.2f} {row['p95_over_lone']:>8.2f}x {lv['dashboard_p95'] * 1e3:>17.0f}")
+        print(
+            f"{lv['clients']:>7} {lv['completions']:>6} {lv['junk_ok']:>9} {len(lv['errors']):>7} {lv['wall']:>7.1f} {tps:>7.1f} "
+            f"{row['speedup']:>13.2f}x {lv['p50']:>6.2f} {lv['p95']:>6.2f} {row['p95_over_lone']:>8.2f}x {lv['dashboard_p95'] * 1e3:>17.0f}"
+        )
         for err in lv["errors"][:5]:
             print(f"        error: {err}")
     by = {row["clients"]: row for row in summary["levels"]}
@@ -344,15 +413,21 @@ def report(levels: list[dict], lone: dict | None, max_tokens: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sae", help="SAE folder to serve in this process (default: runs/quickstart/sae, else a random one)")
+    ap.add_argument(
+        "--sae", help="SAE folder to serve in this process (default: runs/quickstart/sae, else a random one)"
+    )
     ap.add_argument("--url", help="an already running server on this machine, e.g. http://127.0.0.1:8000")
     ap.add_argument("--clients", default="1,4,8,16", help="concurrency levels, comma-separated (default: 1,4,8,16)")
     ap.add_argument("--requests", type=int, default=4, help="steered chats per client per level (default: 4)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens of each chat (default: 32)")
-    ap.add_argument("--junk-every", type=int, default=1, help="a junk request after every N chats of a client; 0: none (default: 1)")
+    ap.add_argument(
+        "--junk-every", type=int, default=1, help="a junk request after every N chats of a client; 0: none (default: 1)"
+    )
     ap.add_argument("--lone", type=int, default=5, help="lone requests of each path, interleaved (default: 5; 0 skips)")
     ap.add_argument("--max-batch", type=int, default=16, help="the served engine's max batch (default: 16)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as hung (default: 600)")
+    ap.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds before a request counts as hung (default: 600)"
+    )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     levels = sorted({int(x) for x in args.clients.split(",") if x.strip()})
@@ -366,7 +441,10 @@ def main() -> int:
                 ap.error("--url must be a server on this machine (loopback), e.g. http://127.0.0.1:8000")
             port = parsed.port or 80
             info, features = fetch_setup(host, port)
-            results = [run_level(host, port, c, args.requests, args.junk_every, args.max_tokens, info, features, args.timeout) for c in levels]
+            results = [
+                run_level(host, port, c, args.requests, args.junk_every, args.max_tokens, info, features, args.timeout)
+                for c in levels
+            ]
             summary = report(results, None, args.max_tokens)
         else:
             import torch
@@ -375,16 +453,38 @@ def main() -> int:
 
             folder = Path(args.sae) if args.sae else default_sae(Path(tmp))
             service = Service.load([str(folder)], max_queue=max(64, 4 * levels[-1]), max_batch=args.max_batch)
-            print(f"serving {folder} ({service.served_name}, max batch {service.worker.max_batch}) on a background thread; "
-                  f"torch threads {torch.get_num_threads()}", flush=True)
+            print(
+                f"serving {folder} ({service.served_name}, max batch {service.worker.max_batch}) on a background thread; "
+                f"torch threads {torch.get_num_threads()}",
+                flush=True,
+            )
             try:
                 with ServerThread(create_app(service)) as server:
                     info, features = fetch_setup("127.0.0.1", server.port)
-                    lone = lone_side_by_side(service, "127.0.0.1", server.port, features, args.max_tokens, args.lone) if args.lone else None
+                    lone = (
+                        lone_side_by_side(service, "127.0.0.1", server.port, features, args.max_tokens, args.lone)
+                        if args.lone
+                        else None
+                    )
                     results = []
                     for c in levels:
-                        results.append(run_level("127.0.0.1", server.port, c, args.requests, args.junk_every, args.max_tokens, info, features, args.timeout))
-                        print(f"  {c} clients: {results[-1]['completions']} chats in {results[-1]['wall']:.1f} s", flush=True)
+                        results.append(
+                            run_level(
+                                "127.0.0.1",
+                                server.port,
+                                c,
+                                args.requests,
+                                args.junk_every,
+                                args.max_tokens,
+                                info,
+                                features,
+                                args.timeout,
+                            )
+                        )
+                        print(
+                            f"  {c} clients: {results[-1]['completions']} chats in {results[-1]['wall']:.1f} s",
+                            flush=True,
+                        )
                     summary = report(results, lone, args.max_tokens)
                     summary["peak_batch"] = service.worker.stats.peak_batch
             finally:

@@ -34,7 +34,9 @@ def make_tokenizer(vocab_size: int = 300):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(SAMPLE_TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
 
 
 def tiny_llama(vocab_size: int, seed: int = 0):
@@ -42,8 +44,16 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -52,7 +62,9 @@ def tiny_gpt2(vocab_size: int, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -82,7 +94,9 @@ def text_corpus(tmp_path_factory) -> Path:
     """A small folder of plain-text documents, enough for a few hundred contexts of 16 tokens."""
     folder = tmp_path_factory.mktemp("corpus")
     for i in range(6):
-        (folder / f"doc{i}.txt").write_text("\n\n".join(SAMPLE_TEXT[j % len(SAMPLE_TEXT)] + f" Note {i}-{j}." for j in range(40)))
+        (folder / f"doc{i}.txt").write_text(
+            "\n\n".join(SAMPLE_TEXT[j % len(SAMPLE_TEXT)] + f" Note {i}-{j}." for j in range(40))
+        )
     return folder
 
 
@@ -91,7 +105,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = [report for report in terminalreporter.stats.get("skipped", []) if "test_interop_peers" in report.nodeid]
     if not skipped:
         return
-    reasons = sorted({str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr) for report in skipped})
-    terminalreporter.write_sep("!", f"{len(skipped)} PEER ROUND-TRIP TESTS SKIPPED: SAELens/sparsify interop NOT checked", red=True, bold=True)
+    reasons = sorted(
+        {str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr) for report in skipped}
+    )
+    terminalreporter.write_sep(
+        "!", f"{len(skipped)} PEER ROUND-TRIP TESTS SKIPPED: SAELens/sparsify interop NOT checked", red=True, bold=True
+    )
     for reason in reasons:
         terminalreporter.write_line(f"  {reason}", red=True)

@@ -9,8 +9,15 @@ import torch
 
 WIDTH = 32
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
-_DECODER = dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=256, **IDS)
+_DECODER = dict(
+    hidden_size=WIDTH,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    **IDS,
+)
 
 
 def _config(family: str, vocab_size: int):
@@ -21,20 +28,47 @@ def _config(family: str, vocab_size: int):
     if family == "gpt2":
         return T.GPT2Config(vocab_size=vocab_size, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=256, **IDS)
     if family == "gemma3_text":  # one sliding-window and one global layer; sub-block outputs post-normed
-        return T.Gemma3TextConfig(vocab_size=vocab_size, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"], **_DECODER)
+        return T.Gemma3TextConfig(
+            vocab_size=vocab_size,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            **_DECODER,
+        )
     if family == "olmo2":  # post-norm only: no norm before attention or the MLP
         return T.Olmo2Config(vocab_size=vocab_size, **_DECODER)
     if family == "glm4":  # post-norms named post_self_attn_layernorm / post_mlp_layernorm
         return T.Glm4Config(vocab_size=vocab_size, head_dim=8, **_DECODER)
     if family == "gpt_neox":  # parallel: x + attn(ln1(x)) + mlp(ln2(x))
-        return T.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               max_position_embeddings=256, use_parallel_residual=True, **IDS)
+        return T.GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            use_parallel_residual=True,
+            **IDS,
+        )
     if family == "phi":  # parallel with one shared input norm
-        return T.PhiConfig(vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=256, **IDS)
+        return T.PhiConfig(
+            vocab_size=vocab_size,
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **IDS,
+        )
     if family == "qwen2_moe":  # routed experts plus a gated shared expert
-        return T.Qwen2MoeConfig(vocab_size=vocab_size, moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
-                                num_experts_per_tok=2, **_DECODER)
+        return T.Qwen2MoeConfig(
+            vocab_size=vocab_size,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **_DECODER,
+        )
     if family == "mixtral":
         return T.MixtralConfig(vocab_size=vocab_size, num_local_experts=4, num_experts_per_tok=2, **_DECODER)
     raise KeyError(family)
@@ -53,7 +87,7 @@ def tiny_family(family: str, vocab_size: int, seed: int = 0):
     model = AutoModelForCausalLM.from_config(_config(family, vocab_size)).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.3 * torch.randn(p.shape, generator=generator))
     return model

@@ -19,14 +19,18 @@ CONTEXT = 16
 TOKENS = 2400
 
 
-def build_sae(lm: Any, folder: Path, model_dir: Path, corpus_dir: Path, d_sae: int = 64, k: int = 4, seed: int = 0) -> Path:
+def build_sae(
+    lm: Any, folder: Path, model_dir: Path, corpus_dir: Path, d_sae: int = 64, k: int = 4, seed: int = 0
+) -> Path:
     """A random TopK SAE on resid_post.0 whose features fire on real text, saved with its feature database."""
     from monoscope.features import AnalysisConfig, analyze_sae
     from monoscope.model import run_to
     from monoscope.sae import SAEConfig, TopKSAE, save_sae
 
     g = torch.Generator().manual_seed(seed)
-    ids = lm.tokenizer("The quick brown fox jumps over the lazy dog. def add(a, b): return a + b", return_tensors="pt").input_ids
+    ids = lm.tokenizer(
+        "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b", return_tensors="pt"
+    ).input_ids
     acts = run_to(lm.model, ["resid_post.0"], ids)["resid_post.0"][0]
     scale = float(acts.norm(dim=-1).mean())
     sae = TopKSAE(SAEConfig(d_in=acts.shape[-1], d_sae=d_sae, architecture="topk", k=k))
@@ -37,8 +41,13 @@ def build_sae(lm: Any, folder: Path, model_dir: Path, corpus_dir: Path, d_sae: i
         sae.W_enc.copy_(w.T / scale)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
-    info = {"model": str(model_dir), "hook_name": "resid_post.0", "hook_point": "resid_post.0", "context_size": CONTEXT,
-            "corpus": {"spec": str(corpus_dir), "seed": 0}}
+    info = {
+        "model": str(model_dir),
+        "hook_name": "resid_post.0",
+        "hook_point": "resid_post.0",
+        "context_size": CONTEXT,
+        "corpus": {"spec": str(corpus_dir), "seed": 0},
+    }
     save_sae(sae, folder, info=info)
     analyze_sae(folder, tokens=TOKENS, loaded=lm, progress=False, config=AnalysisConfig(map="pca", embeddings=False))
     return folder

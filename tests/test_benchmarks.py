@@ -41,7 +41,9 @@ def test_there_are_benchmarks():
 def test_every_monoscope_name_a_benchmark_imports_exists(path):
     imports = _monoscope_imports(path)
     assert imports, f"{path.name} imports nothing from monoscope"
-    missing = [f"line {line}: from {module} import {name}" for module, name, line in imports if not _resolves(module, name)]
+    missing = [
+        f"line {line}: from {module} import {name}" for module, name, line in imports if not _resolves(module, name)
+    ]
     assert not missing, f"{path.name}: " + "; ".join(missing)
 
 

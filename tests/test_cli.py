@@ -21,8 +21,22 @@ def test_help_exits_zero(command):
 
 def test_harvest_contract_with_a_local_model(tiny_llama_dir, text_corpus, tmp_path):
     out = tmp_path / "cache"
-    result = run_cli("harvest", "--model", str(tiny_llama_dir), "--hook", "resid_post.1", "--corpus", str(text_corpus),
-                     "--tokens", "600", "--out", str(out), "--context-size", "16", "--json")
+    result = run_cli(
+        "harvest",
+        "--model",
+        str(tiny_llama_dir),
+        "--hook",
+        "resid_post.1",
+        "--corpus",
+        str(text_corpus),
+        "--tokens",
+        "600",
+        "--out",
+        str(out),
+        "--context-size",
+        "16",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["tokens"] >= 600 and summary["hook_points"] == ["resid_post.1"] and summary["d_model"] == 32
@@ -39,7 +53,12 @@ def test_harvest_contract_with_a_local_model(tiny_llama_dir, text_corpus, tmp_pa
     ],
 )
 def test_bad_input_gives_one_line_error(tiny_llama_dir, text_corpus, tmp_path, args, message):
-    base = {"--model": str(tiny_llama_dir), "--corpus": str(text_corpus), "--out": str(tmp_path / "o"), "--tokens": "100"}
+    base = {
+        "--model": str(tiny_llama_dir),
+        "--corpus": str(text_corpus),
+        "--out": str(tmp_path / "o"),
+        "--tokens": "100",
+    }
     for key, value in zip(args[::2], args[1::2]):
         base[key] = value
     result = run_cli("harvest", *[x for kv in base.items() for x in kv])

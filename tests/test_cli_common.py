@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.test_sae_lm_eval import split_sign_sae  # reconstructs every input exactly
 
 from monoscope.cli import build_parser, main
 from monoscope.data import HarvestConfig, open_corpus
@@ -12,12 +13,13 @@ from monoscope.errors import MonoscopeError
 from monoscope.sae import load_sae, save_sae
 from monoscope.sae.evaluation import EvalConfig
 from monoscope.sae.recorded import RecordedCorpus, SAERecord
-from tests.test_sae_lm_eval import split_sign_sae  # reconstructs every input exactly
 
 
 def test_a_recorded_corpus_reads_the_same_as_keywords_or_a_plain_spec(text_corpus):
     spec = str(text_corpus)
-    as_keywords = RecordedCorpus.from_info({"corpus": {"spec": spec, "seed": 3, "text_column": "body", "split": "train"}})
+    as_keywords = RecordedCorpus.from_info(
+        {"corpus": {"spec": spec, "seed": 3, "text_column": "body", "split": "train"}}
+    )
     assert (as_keywords.spec, as_keywords.seed, as_keywords.text_column) == (spec, 3, "body")
     as_text = RecordedCorpus.from_info({"corpus": spec})
     assert (as_text.spec, as_text.seed) == (spec, None)
@@ -53,8 +55,13 @@ def test_the_record_falls_back_to_saelens_metadata_and_names_what_is_missing(tmp
 
 def test_eval_reopens_an_sae_whose_corpus_is_recorded_as_a_plain_spec(tiny_llama_dir, text_corpus, tmp_path, capsys):
     folder = tmp_path / "sae"
-    info = {"model": str(tiny_llama_dir), "hook_point": "resid_post.0", "context_size": 16, "corpus": str(text_corpus),
-            "harvest_contexts": 4}
+    info = {
+        "model": str(tiny_llama_dir),
+        "hook_point": "resid_post.0",
+        "context_size": 16,
+        "corpus": str(text_corpus),
+        "harvest_contexts": 4,
+    }
     save_sae(split_sign_sae(32), folder, info)
     assert load_sae(folder).info["corpus"] == str(text_corpus)
     assert main(["eval", "--sae", str(folder), "--tokens", "64", "--json"]) == 0
@@ -69,8 +76,20 @@ def test_flags_of_commands_with_a_config_take_its_defaults_and_help():
     parser = build_parser()
     harvest = parser.parse_args(["harvest", "--out", "x"])
     defaults = HarvestConfig()
-    for name in ("model", "corpus", "text_column", "split", "tokens", "context_size", "batch_size", "seed", "device",
-                 "model_dtype", "cache_dtype", "shard_tokens"):
+    for name in (
+        "model",
+        "corpus",
+        "text_column",
+        "split",
+        "tokens",
+        "context_size",
+        "batch_size",
+        "seed",
+        "device",
+        "model_dtype",
+        "cache_dtype",
+        "shard_tokens",
+    ):
         assert getattr(harvest, name) == getattr(defaults, name), name
     evaluation = parser.parse_args(["eval", "--sae", "x"])
     for name in ("tokens", "context_size", "sample_seed", "untouched_positions"):

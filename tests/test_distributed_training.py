@@ -60,15 +60,26 @@ for name, result in results.items():
 """
 
 
-def _run(tmp_path: Path, out: Path, mode: str = "data", nproc: int = 2, fail_at: int = -1) -> subprocess.CompletedProcess:
+def _run(
+    tmp_path: Path, out: Path, mode: str = "data", nproc: int = 2, fail_at: int = -1
+) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if nproc == 1:
         cmd = [sys.executable, str(script), str(out), mode, str(fail_at)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script), str(out), mode, str(fail_at)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(script),
+            str(out),
+            mode,
+            str(fail_at),
+        ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -80,7 +91,9 @@ def _held_out():
 
 
 def test_shard_rows_union_is_the_batch():
-    chunks = [torch.arange(i * 50, i * 50 + 10, dtype=torch.float32).repeat(3, 1).T.contiguous() for i in range(3)]  # [10, 3]
+    chunks = [
+        torch.arange(i * 50, i * 50 + 10, dtype=torch.float32).repeat(3, 1).T.contiguous() for i in range(3)
+    ]  # [10, 3]
     shards = [list(ShardedSource(chunks, r, 3).iter_from(1)) for r in range(3)]
     assert all(s[0].shape == (3, 3) for s in shards)  # 10 // 3 rows each, the 10th row dropped
     assert torch.equal(torch.cat([s[0] for s in shards]), chunks[1][:9])
@@ -145,6 +158,9 @@ def test_spread_over_ranks(tmp_path):
     proc = _run(tmp_path, out, mode="spread")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.glob("weights-*")) == [
-        "weights-a-rank0.safetensors", "weights-b-rank1.safetensors", "weights-c-rank0.safetensors"]
+        "weights-a-rank0.safetensors",
+        "weights-b-rank1.safetensors",
+        "weights-c-rank0.safetensors",
+    ]
     for name, k in (("a", 4), ("b", 6), ("c", 4)):
         assert load_sae(out / name).cfg.k == k

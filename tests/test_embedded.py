@@ -25,9 +25,11 @@ def test_embedded_model_is_cached_as_safetensors_and_answers(smollm):
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert smollm.d_model == 576 and smollm.n_layers == 30
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = smollm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = smollm.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     out = smollm.model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in smollm.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in smollm.tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_embedded_capture_matches_hidden_states(smollm):
@@ -42,8 +44,24 @@ def test_embedded_capture_matches_hidden_states(smollm):
 def test_cli_harvest_on_the_embedded_model_and_starter_corpus(tmp_path):
     out = tmp_path / "acts"
     result = subprocess.run(
-        [sys.executable, "-m", "monoscope", "harvest", "--hook", "resid_post.15", "--corpus", "starter", "--tokens", "1500", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "monoscope",
+            "harvest",
+            "--hook",
+            "resid_post.15",
+            "--corpus",
+            "starter",
+            "--tokens",
+            "1500",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -56,8 +74,20 @@ def test_unknown_hub_model_is_a_clear_error(tmp_path):
     # HF_HUB_OFFLINE is read when huggingface_hub is imported, so the check runs in a fresh process.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "monoscope", "harvest", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "monoscope",
+            "harvest",
+            "--model",
+            "no-such-org/no-such-model",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "could not load model 'no-such-org/no-such-model'" in result.stderr.strip().splitlines()[-1]

@@ -99,11 +99,19 @@ class Endpoint:
 
 
 def completion(text: str, prompt_tokens: int = 100, completion_tokens: int = 10) -> bytes:
-    return json.dumps({
-        "id": "x", "object": "chat.completion", "model": "rules",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
-    }).encode()
+    return json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "model": "rules",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    ).encode()
 
 
 def models(*names: str) -> bytes:
@@ -118,7 +126,7 @@ def rule_based_reply(messages: list[dict]) -> str:
     if "[EXPLANATION]" in system:
         spans = Counter(s.strip() for s in re.findall(r"<<(.+?)>>", user))
         word = spans.most_common(1)[0][0] if spans else "nothing"
-        return f"The marked tokens are mostly the same word.\n[EXPLANATION]: the word \"{word}\""
+        return f'The marked tokens are mostly the same word.\n[EXPLANATION]: the word "{word}"'
     keyword = re.search(r'^Explanation: .*?"(.+?)"', user, re.M)
     word = keyword.group(1) if keyword else "\0"
     excerpts = re.findall(r"^Example \d+: (.*)$", user, re.M)
@@ -134,7 +142,13 @@ def rule_based_endpoint(name: str = "rules") -> Endpoint:
         if method == "GET" and path.endswith("/models"):
             return 200, models(name), {}
         if body.get("model") != name:
-            return 404, json.dumps({"error": {"message": f"The model `{body.get('model')}` does not exist", "code": "model_not_found"}}).encode(), {}
+            return (
+                404,
+                json.dumps(
+                    {"error": {"message": f"The model `{body.get('model')}` does not exist", "code": "model_not_found"}}
+                ).encode(),
+                {},
+            )
         return 200, completion(rule_based_reply(body["messages"])), {}
 
     return Endpoint(respond)
@@ -282,7 +296,9 @@ def test_cost_limit_stops_the_run_and_keeps_what_it_has():
     store = MemoryStore({i: paris_feature(i) for i in range(4)})
     with rule_based_endpoint() as ep:
         # 9 requests of 100 input + 10 output tokens per feature at $1000/1M = $0.99 per feature.
-        client = LLMClient(ep.base_url, "rules", concurrency=1, input_cost_per_m=1000, output_cost_per_m=1000, max_cost=1.5)
+        client = LLMClient(
+            ep.base_url, "rules", concurrency=1, input_cost_per_m=1000, output_cost_per_m=1000, max_cost=1.5
+        )
         run = explain_features(store, range(4), client, progress=False, embedding=False)
     assert run.stopped and "cost limit" in run.stopped
     assert 1 <= len(store.saved) <= 2 and client.cost >= 1.5 and run.usage.cost_usd == pytest.approx(client.cost)
@@ -314,7 +330,11 @@ def test_served_model_speaks_the_api(tiny_server):
     client = LLMClient(tiny_server.base_url, "tiny-llama")
     assert client.check() == ["tiny-llama"] and LLMClient(tiny_server.base_url).check() == ["tiny-llama"]
     reply = client.chat([{"role": "user", "content": "hi"}], max_tokens=5)
-    assert reply.usage.completion_tokens <= 5 and reply.usage.prompt_tokens > 0 and reply.finish_reason in ("length", "stop")
+    assert (
+        reply.usage.completion_tokens <= 5
+        and reply.usage.prompt_tokens > 0
+        and reply.finish_reason in ("length", "stop")
+    )
     same = client.chat([{"role": "user", "content": "hi"}], max_tokens=5)
     assert same.text == reply.text  # temperature 0 is greedy
     with pytest.raises(LLMError, match="does not serve model 'gpt-5'"):
@@ -394,7 +414,12 @@ def test_a_junk_endpoint_stops_a_run_with_one_error():
 
     with Endpoint(respond) as ep:
         with pytest.raises(LLMError, match="not JSON"):
-            explain_features(MemoryStore({0: paris_feature(), 1: paris_feature(1)}), [0, 1], LLMClient(ep.base_url, "m"), progress=False)
+            explain_features(
+                MemoryStore({0: paris_feature(), 1: paris_feature(1)}),
+                [0, 1],
+                LLMClient(ep.base_url, "m"),
+                progress=False,
+            )
         assert len(ep.chat_bodies()) <= 2
 
 
@@ -413,7 +438,14 @@ def test_concurrency_is_bounded():
 
 
 def test_settings_from_the_environment(monkeypatch):
-    for var in ("MONOSCOPE_LLM_BASE_URL", "OPENAI_BASE_URL", "MONOSCOPE_LLM_MODEL", "OPENAI_MODEL", "MONOSCOPE_LLM_API_KEY", "OPENAI_API_KEY"):
+    for var in (
+        "MONOSCOPE_LLM_BASE_URL",
+        "OPENAI_BASE_URL",
+        "MONOSCOPE_LLM_MODEL",
+        "OPENAI_MODEL",
+        "MONOSCOPE_LLM_API_KEY",
+        "OPENAI_API_KEY",
+    ):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(MonoscopeError, match="no LLM endpoint"):
         LLMClient()
@@ -435,7 +467,7 @@ def test_settings_from_the_environment(monkeypatch):
 @pytest.mark.parametrize(
     "answer, expected",
     [
-        ("Reasoning...\n[EXPLANATION]: the word \"Paris\".", ('the word "Paris"', True)),
+        ('Reasoning...\n[EXPLANATION]: the word "Paris".', ('the word "Paris"', True)),
         ("<think>hmm [EXPLANATION]: no</think>\n**Explanation:** city names in France", ("city names in France", True)),
         ("[EXPLANATION]:\n  - closing brackets in code", ("closing brackets in code", True)),
         ("Mentions of rivers", ("Mentions of rivers", False)),
@@ -485,7 +517,11 @@ def test_split_is_disjoint_and_prompt_marks_firing_tokens():
     assert len(split.non_activating) == 10 and not any(e.fires for e in split.non_activating)
     assert split.explain[0].max_activation == 10.0
     small = split_examples(feature["top"][:6], [], feature["random"])
-    assert len(small.explain) == 3 and len(small.activating) == 3 and not {e.text for e in small.explain} & {e.text for e in small.activating}
+    assert (
+        len(small.explain) == 3
+        and len(small.activating) == 3
+        and not {e.text for e in small.explain} & {e.text for e in small.activating}
+    )
     prompt = explainer_prompt([Example(["a", " b", " c", "\n", " d"], [0, 2, 4, 0, 0])])[-1]["content"]
     assert "Example 1: a<< b c>>\\n d" in prompt and 'Activations: "b" 5, "c" 10' in prompt
     long = Example([f" t{i}" for i in range(200)], [0.0] * 150 + [3.0] + [0.0] * 49).window(64)
@@ -518,8 +554,14 @@ def test_embedded_model_explains_a_feature_end_to_end():
     feature = paris_feature()
     with serve_model(lm, EMBEDDED_MODEL) as server:
         client = LLMClient(server.base_url, EMBEDDED_MODEL)
-        label = explain_feature(client, feature["top"][:4], [], [], score=False,
-                                config=ExplainConfig(n_top=4, n_quantile=0, explain_max_tokens=24, context=16))
+        label = explain_feature(
+            client,
+            feature["top"][:4],
+            [],
+            [],
+            score=False,
+            config=ExplainConfig(n_top=4, n_quantile=0, explain_max_tokens=24, context=16),
+        )
     assert label.error is None and label.explanation and len(label.explanation) <= 200
     assert label.usage.requests == 1 and label.usage.completion_tokens <= 24
 
@@ -539,24 +581,53 @@ def build_feature_db(path, features: dict[int, dict[str, list[Example]]], d_sae:
     for fid in range(d_sae):
         kinds = features.get(fid, {})
         firing = [a for e in kinds.get("top", []) for a in e.activations if a > 0]
-        tables["features"].append({"id": fid, "n_active": len(firing), "n_contexts": len(kinds.get("top", [])), "density": len(firing) / 1000,
-                                   "mean_activation": float(np.mean(firing)) if firing else None, "max_activation": max(firing, default=0.0)})
+        tables["features"].append(
+            {
+                "id": fid,
+                "n_active": len(firing),
+                "n_contexts": len(kinds.get("top", [])),
+                "density": len(firing) / 1000,
+                "mean_activation": float(np.mean(firing)) if firing else None,
+                "max_activation": max(firing, default=0.0),
+            }
+        )
         for kind, items in kinds.items():
             for rank, ex in enumerate(items):
                 ids = [vocab.setdefault(t, len(vocab)) for t in ex.tokens]
                 ctx = len(tables["contexts"])
                 tables["contexts"].append({"id": ctx, "token_ids": np.array(ids, dtype="<u2").tobytes()})
-                tables["examples"].append({
-                    "feature_id": fid, "kind": kind, "rank": rank, "bin": rank if kind == "quantile" else None, "context": ctx, "start": 0,
-                    "length": len(ids), "peak": int(np.argmax(ex.activations)), "activation": ex.max_activation,
-                    "activations": np.array(ex.activations, dtype="<f2").tobytes() if ex.fires else None,
-                })
+                tables["examples"].append(
+                    {
+                        "feature_id": fid,
+                        "kind": kind,
+                        "rank": rank,
+                        "bin": rank if kind == "quantile" else None,
+                        "context": ctx,
+                        "start": 0,
+                        "length": len(ids),
+                        "peak": int(np.argmax(ex.activations)),
+                        "activation": ex.max_activation,
+                        "activations": np.array(ex.activations, dtype="<f2").tobytes() if ex.fires else None,
+                    }
+                )
     tables["tokens"] = [{"id": i, "text": t} for t, i in vocab.items()]
     with StoreBuilder(path) as builder:
-        builder.set_meta({"schema_version": SCHEMA_VERSION, "d_sae": d_sae, "d_in": 8, "model": "tiny", "hook_point": "resid_post.1",
-                          "token_dtype": "<u2", "acts_dtype": "<f2", "tokens_analysed": 1000})
+        builder.set_meta(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "d_sae": d_sae,
+                "d_in": 8,
+                "model": "tiny",
+                "hook_point": "resid_post.1",
+                "token_dtype": "<u2",
+                "acts_dtype": "<f2",
+                "tokens_analysed": 1000,
+            }
+        )
         for table, rows in tables.items():
-            info = builder.conn.execute(f"PRAGMA table_info({table})").fetchall()  # (cid, name, type, notnull, default, pk)
+            info = builder.conn.execute(
+                f"PRAGMA table_info({table})"
+            ).fetchall()  # (cid, name, type, notnull, default, pk)
             columns = [c[1] for c in info]
             fill = {c[1]: (0 if c[3] else None) for c in info}
             builder.insert(table, columns, [tuple(row.get(c, fill[c]) for c in columns) for row in rows])
@@ -568,7 +639,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
     import os
 
     full_env = {**os.environ, "MONOSCOPE_PROGRESS": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "monoscope", *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "monoscope", *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def test_explain_command_labels_a_feature_database(tmp_path):
@@ -576,8 +649,24 @@ def test_explain_command_labels_a_feature_database(tmp_path):
 
     build_feature_db(tmp_path / "features.db", {1: paris_feature(1), 3: paris_feature(3)}, d_sae=4)
     with rule_based_endpoint() as ep:
-        args = ["explain", "--sae", str(tmp_path), "--base-url", ep.base_url, "--model", "rules", "--features", "top-density",
-                "--input-cost", "1", "--output-cost", "2", "--report", str(tmp_path / "report.jsonl"), "--json"]
+        args = [
+            "explain",
+            "--sae",
+            str(tmp_path),
+            "--base-url",
+            ep.base_url,
+            "--model",
+            "rules",
+            "--features",
+            "top-density",
+            "--input-cost",
+            "1",
+            "--output-cost",
+            "2",
+            "--report",
+            str(tmp_path / "report.jsonl"),
+            "--json",
+        ]
         result = run_cli(*args)
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
@@ -589,10 +678,17 @@ def test_explain_command_labels_a_feature_database(tmp_path):
         assert [r["feature_id"] for r in report] == [1, 3] and report[0]["detection"]["n"] == 20
         # The same command again continues: everything is labelled already.
         again = run_cli(*args[:-3])
-        assert again.returncode == 0 and "2 already labelled by this model" in again.stdout and len(ep.chat_bodies()) == 18
+        assert (
+            again.returncode == 0 and "2 already labelled by this model" in again.stdout and len(ep.chat_bodies()) == 18
+        )
     with FeatureStore.for_sae(tmp_path) as store:
         (label,) = [lb for lb in store.labels(3) if lb.source == "llm:rules"]
-        assert label.text == 'the word "Paris"' and label.detection == 1.0 and label.fuzzing == 1.0 and label.embedding_score is not None
+        assert (
+            label.text == 'the word "Paris"'
+            and label.detection == 1.0
+            and label.fuzzing == 1.0
+            and label.embedding_score is not None
+        )
         assert store.feature(3).label == 'the word "Paris"'
 
 
@@ -602,7 +698,10 @@ def test_explain_command_labels_a_feature_database(tmp_path):
         (["--base-url", "http://127.0.0.1:{port}/v1", "--model", "m"], "cannot reach the LLM endpoint"),
         (["--base-url", "http://127.0.0.1:{port}/v1", "--model", "m", "--features", "9"], "feature 9 does not exist"),
         (["--base-url", "RULES", "--model", "gpt-5"], "does not serve model 'gpt-5'; it serves: rules"),
-        (["--base-url", "RULES", "--api-key-env", "NO_SUCH_VAR_XYZ"], "NO_SUCH_VAR_XYZ: that environment variable is not set"),
+        (
+            ["--base-url", "RULES", "--api-key-env", "NO_SUCH_VAR_XYZ"],
+            "NO_SUCH_VAR_XYZ: that environment variable is not set",
+        ),
         (["--base-url", "RULES", "--max-cost", "1"], "needs prices"),
     ],
 )

@@ -28,17 +28,43 @@ def sae_dir(tmp_path_factory):
     save_sae(sae, folder, {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "hook_point": "resid_post.15"})
     tokens = ["<bos>", " the", " cat", " sat", " on", " mat"]
     with StoreBuilder(folder / DB_FILENAME) as b:
-        b.set_meta({"schema_version": SCHEMA_VERSION, "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "hook_point": "resid_post.15",
-                    "d_sae": D_SAE, "d_in": D_IN, "tokens_analysed": 100, "contexts_analysed": 2, "context_size": 6,
-                    "corpus": {"spec": "starter"}, "created": "2026-01-01T00:00:00", "hist_edges": EDGES,
-                    "token_dtype": "<u2", "acts_dtype": "<f2"})
+        b.set_meta(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "hook_point": "resid_post.15",
+                "d_sae": D_SAE,
+                "d_in": D_IN,
+                "tokens_analysed": 100,
+                "contexts_analysed": 2,
+                "context_size": 6,
+                "corpus": {"spec": "starter"},
+                "created": "2026-01-01T00:00:00",
+                "hist_edges": EDGES,
+                "token_dtype": "<u2",
+                "acts_dtype": "<f2",
+            }
+        )
         b.insert("tokens", ["id", "text"], list(enumerate(tokens)))
-        b.insert("contexts", ["id", "token_ids"], [(c, np.array([0, 1, 2, 3, 4, 5], dtype="<u2").tobytes()) for c in range(2)])
+        b.insert(
+            "contexts",
+            ["id", "token_ids"],
+            [(c, np.array([0, 1, 2, 3, 4, 5], dtype="<u2").tobytes()) for c in range(2)],
+        )
         feats, examples, hist, effects, neigh, labels = [], [], [], [], [], []
         for f in range(D_SAE):
             dead = f == D_SAE - 1
-            feats.append((f, 0 if dead else 10 + f, 0 if dead else 2, 0.0 if dead else 0.1, None if dead else 1.0,
-                          0.0 if dead else 2.0 + f, 0.0 if dead else 0.5))
+            feats.append(
+                (
+                    f,
+                    0 if dead else 10 + f,
+                    0 if dead else 2,
+                    0.0 if dead else 0.1,
+                    None if dead else 1.0,
+                    0.0 if dead else 2.0 + f,
+                    0.0 if dead else 0.5,
+                )
+            )
             if not dead:
                 acts = np.array([0, 0.5, 2.0 + f, 0, 0.1], dtype="<f2")
                 examples.append((f, "top", 0, None, 0, 1, 5, 3, 2.0 + f, acts.tobytes()))
@@ -49,12 +75,22 @@ def sae_dir(tmp_path_factory):
                 neigh.append((f, 0, (f + 1) % D_SAE, 0.25))
                 labels.append((f, "heuristic", f"' cat' #{f} → ' mat'", None, None, None, "2026-01-01"))
         labels.append((0, "llm:gpt-4o-mini", "cats sitting", 0.8, 0.7, None, "2026-01-02"))
-        b.insert("features", ["id", "n_active", "n_contexts", "density", "mean_activation", "max_activation", "std_activation"], feats)
-        b.insert("examples", ["feature_id", "kind", "rank", "bin", "context", "start", "length", "peak", "activation", "activations"], examples)
+        b.insert(
+            "features",
+            ["id", "n_active", "n_contexts", "density", "mean_activation", "max_activation", "std_activation"],
+            feats,
+        )
+        b.insert(
+            "examples",
+            ["feature_id", "kind", "rank", "bin", "context", "start", "length", "peak", "activation", "activations"],
+            examples,
+        )
         b.insert("histograms", ["feature_id", "first_bin", "counts"], hist)
         b.insert("logit_effects", ["feature_id", "direction", "rank", "token_id", "value"], effects)
         b.insert("neighbours", ["feature_id", "rank", "neighbour_id", "cosine"], neigh)
-        b.insert("labels", ["feature_id", "source", "text", "detection", "fuzzing", "embedding_score", "created"], labels)
+        b.insert(
+            "labels", ["feature_id", "source", "text", "detection", "fuzzing", "embedding_score", "created"], labels
+        )
         b.refresh_labels()
         b.finish()
     return folder
@@ -77,23 +113,37 @@ def test_neuronpedia_layout(sae_dir, tmp_path):
     for name in ("release.jsonl", "model.jsonl", "source.jsonl", "sourceset.jsonl"):
         assert len((folder / name).read_text().splitlines()) == 1
     source = json.loads((folder / "source.jsonl").read_text())
-    assert source["id"] == "15-monoscope-res-6" and source["setName"] == "monoscope-res-6" and source["modelId"] == "smollm2-135m-instruct"
+    assert (
+        source["id"] == "15-monoscope-res-6"
+        and source["setName"] == "monoscope-res-6"
+        and source["modelId"] == "smollm2-135m-instruct"
+    )
     assert sorted(p.name for p in (folder / "features").iterdir()) == ["batch-0.jsonl.gz", "batch-1.jsonl.gz"]
     features = _jsonl_gz(folder / "features" / "batch-0.jsonl.gz") + _jsonl_gz(folder / "features" / "batch-1.jsonl.gz")
     assert [f["index"] for f in features] == [str(i) for i in range(D_SAE)]
     f1 = features[1]
-    assert f1["layer"] == "15-monoscope-res-6" and f1["maxActApprox"] == 3.0 and f1["frac_nonzero"] == pytest.approx(0.1)
+    assert (
+        f1["layer"] == "15-monoscope-res-6" and f1["maxActApprox"] == 3.0 and f1["frac_nonzero"] == pytest.approx(0.1)
+    )
     assert f1["pos_str"] == [" cat"] and f1["neg_str"] == [" sat"] and f1["topkCosSimIndices"] == [2]
     assert f1["freq_hist_data_bar_heights"] == [3, 4, 2] and len(f1["freq_hist_data_bar_values"]) == 3
     assert f1["hasVector"] and f1["vector"] == [4.0, 5.0, 6.0, 7.0] and f1["hookName"] == "blocks.15.hook_resid_post"
     acts = _jsonl_gz(folder / "activations" / "batch-0.jsonl.gz")
     assert len(acts) == 4 * 2  # top + quantile per live feature; random (non-activating) ones are not exported
     top1 = next(a for a in acts if a["index"] == "1" and a["binMin"] == -1)
-    assert top1["tokens"] == [" the", " cat", " sat", " on", " mat"] and top1["maxValue"] == 3.0 and top1["maxValueTokenIndex"] == 2
+    assert (
+        top1["tokens"] == [" the", " cat", " sat", " on", " mat"]
+        and top1["maxValue"] == 3.0
+        and top1["maxValueTokenIndex"] == 2
+    )
     assert len(top1["id"]) == 25
     expl = _jsonl_gz(folder / "explanations" / "batch-0.jsonl.gz")
     llm = [e for e in expl if e["typeName"] == "llm"]
-    assert llm[0]["description"] == "cats sitting" and llm[0]["explanationModelName"] == "gpt-4o-mini" and llm[0]["index"] == "0"
+    assert (
+        llm[0]["description"] == "cats sitting"
+        and llm[0]["explanationModelName"] == "gpt-4o-mini"
+        and llm[0]["index"] == "0"
+    )
 
 
 def test_parquet_tables(sae_dir, tmp_path):

@@ -17,7 +17,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.features import AnalysisConfig, FeatureStore, analyze_sae
 from monoscope.features.accumulate import HIST_EDGES
 from monoscope.model import load_model
-from monoscope.sae import SAEConfig, TopKSAE, JumpReLUSAE, save_sae
+from monoscope.sae import JumpReLUSAE, SAEConfig, TopKSAE, save_sae
 
 CONTEXT = 16
 TOKENS = 2400
@@ -25,7 +25,12 @@ PLANTED = 0
 
 
 def _info(model_dir, corpus, hook):
-    return {"model": str(model_dir), "hook_point": hook, "context_size": CONTEXT, "corpus": {"spec": str(corpus), "seed": 0}}
+    return {
+        "model": str(model_dir),
+        "hook_point": hook,
+        "context_size": CONTEXT,
+        "corpus": {"spec": str(corpus), "seed": 0},
+    }
 
 
 def planted_sae(loaded, token_id: int, d_sae: int = 64, k: int = 4, seed: int = 0) -> TopKSAE:
@@ -234,10 +239,19 @@ def test_labels_search_by_words_and_meaning(tmp_path, analysed):
         conn.execute("DELETE FROM label_embeddings WHERE label_id <= 10")  # as if analysed without them
     store = FeatureStore(db)
     assert store.missing_label_vectors() == 10
-    store.add_label(7, "llm:test", "mentions of the Golden Gate Bridge in San Francisco", detection=0.9, fuzzing=0.8, embedding_score=0.7)
+    store.add_label(
+        7,
+        "llm:test",
+        "mentions of the Golden Gate Bridge in San Francisco",
+        detection=0.9,
+        fuzzing=0.8,
+        embedding_score=0.7,
+    )
     store.add_label(9, "llm:test", "Python import statements and module names")
     store.add_label(11, "llm:test", "questions about the capital of France")
-    assert store.feature(7).label.startswith("mentions of the Golden Gate") and store.feature(7).label_source == "llm:test"
+    assert (
+        store.feature(7).label.startswith("mentions of the Golden Gate") and store.feature(7).label_source == "llm:test"
+    )
     assert [lab.source for lab in store.labels(7)] == ["heuristic", "llm:test"]
     assert search_features(store, "bridges", mode="words")[0].feature_id == 7  # stemmed word match
     hits = search_features(store, "a famous suspension bridge in California", mode="meaning")
@@ -281,7 +295,14 @@ def test_interrupted_analysis_leaves_the_previous_database(analysed, llama):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        analyze_sae(folder, tokens=TOKENS, loaded=llama, progress=False, on_batch=stop, config=AnalysisConfig(map="none", embeddings=False))
+        analyze_sae(
+            folder,
+            tokens=TOKENS,
+            loaded=llama,
+            progress=False,
+            on_batch=stop,
+            config=AnalysisConfig(map="none", embeddings=False),
+        )
     assert db.read_bytes() == before
     assert not list(folder.glob(".features.db.*"))
 
@@ -335,7 +356,9 @@ def test_jumprelu_sae_at_a_later_layer(tmp_path, tiny_llama_dir, text_corpus, ll
         sae.threshold.fill_(1.0)
     folder = tmp_path / "jr"
     save_sae(sae, folder, info=_info(tiny_llama_dir, text_corpus, "resid_post.1"))
-    report = analyze_sae(folder, loaded=llama, progress=False, config=AnalysisConfig(tokens=900, map="pca", embeddings=False, n_top=5))
+    report = analyze_sae(
+        folder, loaded=llama, progress=False, config=AnalysisConfig(tokens=900, map="pca", embeddings=False, n_top=5)
+    )
     codes, contexts = dense_codes(llama, folder, text_corpus, "resid_post.1", report.contexts)
     assert codes.gt(0).sum(-1).float().mean() > 1  # several latents per token
     with FeatureStore.for_sae(folder) as store:
@@ -368,7 +391,11 @@ def test_an_sae_from_another_model_of_the_same_width_warns(tmp_path, tiny_llama_
     from monoscope.features.loading import open_sae_and_model
 
     sae = TopKSAE(SAEConfig(d_in=32, d_sae=32, architecture="topk", k=2))
-    save_sae(sae, tmp_path / "other", info={**_info(tiny_llama_dir, text_corpus, "resid_post.1"), "model": "some-org/a-fine-tune"})
+    save_sae(
+        sae,
+        tmp_path / "other",
+        info={**_info(tiny_llama_dir, text_corpus, "resid_post.1"), "model": "some-org/a-fine-tune"},
+    )
     with pytest.warns(UserWarning, match="trained on 'some-org/a-fine-tune' but is being used with"):
         _, _, hook = open_sae_and_model(tmp_path / "other", loaded=llama)
     assert hook == "resid_post.1"
@@ -382,8 +409,11 @@ def test_auroc_and_embedding_score():
     pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
     assert auroc(pos, neg) == pytest.approx(pairs)
     assert np.isnan(auroc([], [1.0]))
-    score = embedding_score("Python source code", ["import os\nprint(os.getcwd())", "def add(a, b):\n    return a + b"],
-                            ["The quick brown fox jumps over the lazy dog.", "There once was a man from Peru."])
+    score = embedding_score(
+        "Python source code",
+        ["import os\nprint(os.getcwd())", "def add(a, b):\n    return a + b"],
+        ["The quick brown fox jumps over the lazy dog.", "There once was a man from Peru."],
+    )
     assert score == 1.0
 
 

@@ -14,7 +14,9 @@ from monoscope.sae import SAEConfig, TopKSAE, save_sae
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monoscope", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "monoscope", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,16 @@ def sae_dir(tmp_path_factory, tiny_llama_dir, text_corpus, tokenizer):
         sae.b_enc.zero_()
         sae.b_enc[0] = -5.0
     folder = tmp_path_factory.mktemp("cli-sae")
-    save_sae(sae, folder, info={"model": str(tiny_llama_dir), "hook_point": "resid_pre.0", "context_size": 16,
-                                "corpus": {"spec": str(text_corpus)}})
+    save_sae(
+        sae,
+        folder,
+        info={
+            "model": str(tiny_llama_dir),
+            "hook_point": "resid_pre.0",
+            "context_size": 16,
+            "corpus": {"spec": str(text_corpus)},
+        },
+    )
     return folder
 
 
@@ -80,7 +90,9 @@ def test_analyze_search_show_scan(analysed):
     az = [t for t in scan["tokens"] if t["token"] == "az"]
     assert az and az[0]["features"][0]["id"] == 0 and az[0]["features"][0]["label"]
 
-    by_example = run_cli("features", "search", "--sae", sae_dir, "--example", "so lazy", "--example", "lazy cat", "--json")
+    by_example = run_cli(
+        "features", "search", "--sae", sae_dir, "--example", "so lazy", "--example", "lazy cat", "--json"
+    )
     assert by_example.returncode == 0, by_example.stderr
     assert json.loads(by_example.stdout)["results"][0]["feature_id"] == 0
 

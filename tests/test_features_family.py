@@ -14,7 +14,9 @@ from monoscope.sae import SAEConfig, TopKSAE, save_sae
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monoscope", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "monoscope", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _unit(w: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,12 @@ def family_saes(tmp_path_factory, tiny_llama_dir, text_corpus, tokenizer):
         wide.W_enc[:, 15] = e / e.dot(e) * 10.0
         wide.b_enc.zero_()
         wide.b_enc[15] = -5.0
-    info = {"model": str(tiny_llama_dir), "hook_point": "resid_pre.0", "context_size": 16, "corpus": {"spec": str(text_corpus)}}
+    info = {
+        "model": str(tiny_llama_dir),
+        "hook_point": "resid_pre.0",
+        "context_size": 16,
+        "corpus": {"spec": str(text_corpus)},
+    }
     folders = []
     for name, sae in (("narrow", narrow), ("wide", wide)):
         folder = tmp_path_factory.mktemp(f"family-{name}")
@@ -60,7 +67,9 @@ def family_saes(tmp_path_factory, tiny_llama_dir, text_corpus, tokenizer):
 
 def test_family_by_decoder_cosine_finds_the_split(family_saes):
     narrow, wide = family_saes
-    result = run_cli("features", "family", "--sae", narrow, "--across", wide, "3", "--top", "3", "--no-coactivation", "--json")
+    result = run_cli(
+        "features", "family", "--sae", narrow, "--across", wide, "3", "--top", "3", "--no-coactivation", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["feature"] == 3 and out["sae"] == str(narrow) and len(out["across"]) == 1
@@ -76,7 +85,9 @@ def test_family_coactivation_finds_a_feature_with_another_direction(family_saes)
     narrow, wide = family_saes
     analysed = run_cli("analyze", "--sae", narrow, "--tokens", "1200", "--no-embeddings", "--map", "none", "--json")
     assert analysed.returncode == 0, analysed.stderr
-    result = run_cli("features", "family", "--sae", narrow, "--across", wide, "--across", narrow, "0", "--top", "2", "--json")
+    result = run_cli(
+        "features", "family", "--sae", narrow, "--across", wide, "--across", narrow, "0", "--top", "2", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["coactivation_tokens"] > 0

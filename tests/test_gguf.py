@@ -12,12 +12,11 @@ import stat
 
 import pytest
 import torch
-
-from monoscope.errors import MonoscopeError
-from monoscope.model import load_model
-from monoscope.model import gguf_files
 from tests.conftest import tiny_llama
 from tests.tiny_gguf import write_llama_gguf
+
+from monoscope.errors import MonoscopeError
+from monoscope.model import gguf_files, load_model
 
 TEXT = "def add(a, b):\n    return a + b\nThe quick brown fox"
 
@@ -64,7 +63,10 @@ def test_gguf_file_loads_once_into_the_cache_with_the_source_logits(tiny_ggufs, 
     assert stat.S_IMODE((home / "models" / folder / "model.safetensors").stat().st_mode) == 0o666 & ~umask
     record = json.loads((home / "models" / folder / "monoscope-gguf.json").read_text())
     assert record["architecture"] == "llama" and record["size"] == tiny_ggufs["F32"].stat().st_size
-    assert json.loads((home / "models" / "gguf-hashes.json").read_text())[str(tiny_ggufs["F32"].resolve())]["sha256"] == sha
+    assert (
+        json.loads((home / "models" / "gguf-hashes.json").read_text())[str(tiny_ggufs["F32"].resolve())]["sha256"]
+        == sha
+    )
 
     again = load_model(str(tiny_ggufs["F32"]))  # from the cache: no second conversion
     assert "converting" not in capsys.readouterr().err
@@ -88,7 +90,9 @@ def test_every_bad_file_is_one_clear_line(tiny_ggufs, source, tokenizer, home, t
         path = tmp_path / f"cut{cut}.gguf"
         path.write_bytes(data[:cut])
         cases[path] = "truncated"
-    cases[write_llama_gguf(source, tokenizer, tmp_path / "rwkv.gguf", architecture="rwkv7")] = "cannot read GGUF models of architecture 'rwkv7'"
+    cases[write_llama_gguf(source, tokenizer, tmp_path / "rwkv.gguf", architecture="rwkv7")] = (
+        "cannot read GGUF models of architecture 'rwkv7'"
+    )
     (tmp_path / "text.gguf").write_text("not a model")
     cases[tmp_path / "text.gguf"] = "not a GGUF file"
     (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
@@ -101,7 +105,9 @@ def test_every_bad_file_is_one_clear_line(tiny_ggufs, source, tokenizer, home, t
 
     writer = gguf.GGUFWriter(str(tmp_path / "q8_1.gguf"), "llama")
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
-    writer.add_tensor("token_embd.weight", np.zeros((4, 64 // block * size), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    writer.add_tensor(
+        "token_embd.weight", np.zeros((4, 64 // block * size), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1
+    )
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     cases[tmp_path / "q8_1.gguf"] = "stores weights as Q8_1, which gguf"
     for path, message in cases.items():
@@ -132,8 +138,26 @@ def test_cli_harvest_takes_a_gguf_file(tiny_ggufs, home, text_corpus, tmp_path):
     from monoscope.data import ActivationCache
 
     out = tmp_path / "acts"
-    assert main(["harvest", "--model", str(tiny_ggufs["F32"]), "--hook", "resid_post.1", "--corpus", str(text_corpus),
-                 "--tokens", "300", "--context-size", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "harvest",
+                "--model",
+                str(tiny_ggufs["F32"]),
+                "--hook",
+                "resid_post.1",
+                "--corpus",
+                str(text_corpus),
+                "--tokens",
+                "300",
+                "--context-size",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cache = ActivationCache(out)
     assert cache.model_name == str(tiny_ggufs["F32"]) and cache.n_tokens >= 300 and cache.d_model == 32
 
@@ -146,4 +170,6 @@ def test_the_embedded_gguf_by_path_is_the_embedded_model():
     by_path, by_name = load_model(str(gguf_file)), load_model(gguf_files.EMBEDDED_MODEL)
     a, b = by_path.model.state_dict(), by_name.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert by_path.tokenizer("The Golden Gate Bridge").input_ids == by_name.tokenizer("The Golden Gate Bridge").input_ids
+    assert (
+        by_path.tokenizer("The Golden Gate Bridge").input_ids == by_name.tokenizer("The Golden Gate Bridge").input_ids
+    )

@@ -14,8 +14,17 @@ from monoscope.model import find_blocks, load_model, run_to
 
 
 def config(model_dir, corpus, **overrides) -> HarvestConfig:
-    values = dict(model=str(model_dir), hook_points=["resid_post.0", "mlp_out.1"], corpus=str(corpus), tokens=1500,
-                  context_size=16, batch_size=4, shard_tokens=400, cache_dtype="float32", norm_sample_tokens=300)
+    values = dict(
+        model=str(model_dir),
+        hook_points=["resid_post.0", "mlp_out.1"],
+        corpus=str(corpus),
+        tokens=1500,
+        context_size=16,
+        batch_size=4,
+        shard_tokens=400,
+        cache_dtype="float32",
+        norm_sample_tokens=300,
+    )
     values.update(overrides)
     return HarvestConfig(**values)
 
@@ -100,12 +109,18 @@ def test_cache_from_another_harvest_is_refused(tiny_llama_dir, tiny_gpt2_dir, te
     with pytest.raises(MonoscopeError, match="holds a different harvest.*model"):
         harvest_to_cache(config(tiny_gpt2_dir, text_corpus, tokens=300), tmp_path / "c", show_progress=False)
     with pytest.raises(MonoscopeError, match="hook_points"):
-        harvest_to_cache(config(tiny_llama_dir, text_corpus, tokens=300, hook_points=["resid_post.1"]), tmp_path / "c", show_progress=False)
+        harvest_to_cache(
+            config(tiny_llama_dir, text_corpus, tokens=300, hook_points=["resid_post.1"]),
+            tmp_path / "c",
+            show_progress=False,
+        )
 
 
 def test_bad_harvest_inputs(tiny_llama_dir, text_corpus, tmp_path):
     with pytest.raises(MonoscopeError, match="does not exist: the model has 2 layers"):
-        harvest_to_cache(config(tiny_llama_dir, text_corpus, hook_points=["resid_post.99"]), tmp_path / "a", show_progress=False)
+        harvest_to_cache(
+            config(tiny_llama_dir, text_corpus, hook_points=["resid_post.99"]), tmp_path / "a", show_progress=False
+        )
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("hi")
     with pytest.raises(MonoscopeError, match="too small"):
@@ -170,7 +185,9 @@ def test_stream_from_the_model_is_normalised_and_restartable(tiny_llama_dir, tex
     cfg = config(tiny_llama_dir, text_corpus)
     loaded = load_model(str(tiny_llama_dir))
     harvester = Harvester(loaded, cfg.open_corpus(), ["resid_post.0"], context_size=16, batch_size=4)
-    stream = ActivationStream(harvester, batch_size=64, shuffle_tokens=256, seed=0, max_tokens=640, norm_sample_tokens=300)
+    stream = ActivationStream(
+        harvester, batch_size=64, shuffle_tokens=256, seed=0, max_tokens=640, norm_sample_tokens=300
+    )
     batches = list(stream)
     assert len(batches) == 10 and all(b["resid_post.0"].shape == (64, 32) for b in batches)
     norm = torch.cat([b["resid_post.0"] for b in batches]).norm(dim=-1).mean().item()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import tiny_gpt2, tiny_llama
 
 from monoscope.errors import MonoscopeError
 from monoscope.model import HookPoint, capture, edit, find_blocks, run_to
-from tests.conftest import tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -21,7 +21,9 @@ def ids(vocab: int, shape=(2, 9)) -> torch.Tensor:
 
 def test_residual_capture_equals_output_hidden_states(model):
     x = ids(model.config.vocab_size)
-    hidden = model(x, output_hidden_states=True).hidden_states  # embeddings, block 0 out, block 1 out (+final norm for gpt2)
+    hidden = model(
+        x, output_hidden_states=True
+    ).hidden_states  # embeddings, block 0 out, block 1 out (+final norm for gpt2)
     acts = run_to(model, ["resid_pre.0", "resid_post.0", "resid_pre.1"], x)
     assert torch.allclose(acts["resid_pre.0"], hidden[0], atol=1e-6)
     assert torch.allclose(acts["resid_post.0"], hidden[1], atol=1e-6)

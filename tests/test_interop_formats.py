@@ -47,15 +47,27 @@ def _close(codes, ref, x_hat=None, ref_hat=None):
 
 def _saelens(folder: Path, cfg: dict, tensors: dict) -> Path:
     folder.mkdir(parents=True)
-    base = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-            "normalize_activations": "none", "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post"}}
+    base = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post"},
+    }
     (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
     save_file(tensors, str(folder / "sae_weights.safetensors"))
     return folder
 
 
 def _base_weights():
-    return {"W_enc": _f32(D_IN, D_SAE), "W_dec": _f32(D_SAE, D_IN), "b_enc": _f32(D_SAE, scale=0.1), "b_dec": _f32(D_IN, scale=0.1)}
+    return {
+        "W_enc": _f32(D_IN, D_SAE),
+        "W_dec": _f32(D_SAE, D_IN),
+        "b_enc": _f32(D_SAE, scale=0.1),
+        "b_dec": _f32(D_IN, scale=0.1),
+    }
 
 
 def test_saelens_standard_topk_jumprelu(tmp_path):
@@ -83,7 +95,9 @@ def test_saelens_gated_converts_exactly(tmp_path):
     x = _x(256)
     w = _base_weights()
     b_gate, r_mag, b_mag = _f32(D_SAE, scale=0.5), _f32(D_SAE, scale=0.3), _f32(D_SAE, scale=0.5)
-    folder = _saelens(tmp_path / "gated", {"architecture": "gated"}, {**w, "b_gate": b_gate, "r_mag": r_mag, "b_mag": b_mag})
+    folder = _saelens(
+        tmp_path / "gated", {"architecture": "gated"}, {**w, "b_gate": b_gate, "r_mag": r_mag, "b_mag": b_mag}
+    )
     del w["b_enc"]
     assert foreign_format(folder) == "saelens"
     sae = load_sae(folder)
@@ -103,29 +117,58 @@ def test_saelens_topk_rescaled_and_legacy(tmp_path):
     pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
     ref_codes = _topk_ref(pre, K)
     ref_hat = (ref_codes / norms) @ w["W_dec"] + w["b_dec"]
-    sae = load_sae(_saelens(tmp_path / "rescaled", {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True}, w))
+    sae = load_sae(
+        _saelens(tmp_path / "rescaled", {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True}, w)
+    )
     _close(sae.encode(torch.from_numpy(x)), ref_codes, sae(torch.from_numpy(x)), ref_hat)
-    legacy = load_sae(_saelens(tmp_path / "legacy", {"architecture": "standard", "activation_fn_str": "topk",
-                                                      "activation_fn_kwargs": {"k": K}}, w))
+    legacy = load_sae(
+        _saelens(
+            tmp_path / "legacy",
+            {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}},
+            w,
+        )
+    )
     assert legacy.cfg.architecture == "topk" and legacy.cfg.k == K
 
 
 def test_saelens_refusals(tmp_path):
     w = _base_weights()
     with pytest.raises(MonoscopeError, match="normalize_activations"):
-        load_sae(_saelens(tmp_path / "n", {"architecture": "gated", "normalize_activations": "expected_average_only_in"},
-                          {**w, "b_gate": w["b_enc"], "r_mag": w["b_enc"], "b_mag": w["b_enc"]}))
+        load_sae(
+            _saelens(
+                tmp_path / "n",
+                {"architecture": "gated", "normalize_activations": "expected_average_only_in"},
+                {**w, "b_gate": w["b_enc"], "r_mag": w["b_enc"], "b_mag": w["b_enc"]},
+            )
+        )
     with pytest.raises(MonoscopeError, match="not supported"):
         load_sae(_saelens(tmp_path / "m", {"architecture": "matryoshka_whatever"}, w))
 
 
 def _sparsify(folder: Path, cfg: dict | None = None):
     folder.mkdir(parents=True)
-    tensors = {"encoder.weight": _f32(D_SAE, D_IN), "encoder.bias": _f32(D_SAE, scale=0.1),
-               "W_dec": _f32(D_SAE, D_IN), "b_dec": _f32(D_IN, scale=0.1)}
-    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-                                                 "num_latents": D_SAE, "k": K, "multi_topk": False, "skip_connection": False,
-                                                 "transcode": False, "d_in": D_IN, **(cfg or {})}))
+    tensors = {
+        "encoder.weight": _f32(D_SAE, D_IN),
+        "encoder.bias": _f32(D_SAE, scale=0.1),
+        "W_dec": _f32(D_SAE, D_IN),
+        "b_dec": _f32(D_IN, scale=0.1),
+    }
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": 32,
+                "normalize_decoder": True,
+                "num_latents": D_SAE,
+                "k": K,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": D_IN,
+                **(cfg or {}),
+            }
+        )
+    )
     save_file(tensors, str(folder / "sae.safetensors"))
     return tensors
 
@@ -151,8 +194,13 @@ def test_sparsify_folder_and_hookpoints(tmp_path):
 
 def _gemmascope(folder: Path) -> dict:
     folder.mkdir(parents=True)
-    params = {"W_enc": _f32(D_IN, D_SAE), "W_dec": _f32(D_SAE, D_IN), "b_enc": _f32(D_SAE, scale=0.1),
-              "b_dec": _f32(D_IN, scale=0.5), "threshold": np.abs(_f32(D_SAE))}
+    params = {
+        "W_enc": _f32(D_IN, D_SAE),
+        "W_dec": _f32(D_SAE, D_IN),
+        "b_enc": _f32(D_SAE, scale=0.1),
+        "b_dec": _f32(D_IN, scale=0.5),
+        "threshold": np.abs(_f32(D_SAE)),
+    }
     np.savez(folder / "params.npz", **params)
     return params
 
@@ -201,7 +249,10 @@ def test_hub_from_offline_cache(tmp_path):
     assert lines[0] == f"OK resid_post.3 hf://google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_5 {D_SAE}"
     assert lines[1] == "OK2 google/gemma-2-2b"
     assert lines[2] == f"OK3 {D_SAE}"
-    assert lines[3].startswith("ERR could not fetch google/not-cached/layer_1 from the Hugging Face hub") and "HF_HUB_OFFLINE" in lines[3]
+    assert (
+        lines[3].startswith("ERR could not fetch google/not-cached/layer_1 from the Hugging Face hub")
+        and "HF_HUB_OFFLINE" in lines[3]
+    )
 
 
 def test_model_mismatch(tmp_path):

@@ -36,8 +36,8 @@ from monoscope.sae import (
     load_sae,
     save_sae,
 )
-from monoscope.sae.loader import load_any_sae
 from monoscope.sae.io import sae_hook_point, sae_model_name
+from monoscope.sae.loader import load_any_sae
 
 REPO = Path(__file__).resolve().parent.parent
 # Not resolved: a venv's bin/python is a symlink to the base interpreter, and only the link finds the venv.
@@ -58,8 +58,13 @@ def _peer_version(distribution: str, module: str) -> str | None:
         "print(m.version(sys.argv[1]) if u.find_spec(sys.argv[2]) else '')"
     )
     try:
-        done = subprocess.run([str(PEER_PYTHON), "-c", probe, distribution, module],
-                              capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            [str(PEER_PYTHON), "-c", probe, distribution, module],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (done.stdout.strip() or None) if done.returncode == 0 else None
@@ -77,10 +82,23 @@ def _require(distribution: str, module: str) -> str:
 def _run_peer(script: str, *args: str | Path) -> dict:
     """Run `script` in the peer python with `args` on argv; returns the JSON object it prints last."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update({"SPARSIFY_DISABLE_TRITON": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-                "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
-    done = subprocess.run([str(PEER_PYTHON), "-c", script, *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=env, check=False)
+    env.update(
+        {
+            "SPARSIFY_DISABLE_TRITON": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    done = subprocess.run(
+        [str(PEER_PYTHON), "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, f"the peer script failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, f"the peer script printed no JSON:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
@@ -102,12 +120,14 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def _check_sparse(codes: torch.Tensor, what: str) -> None:
     """Codes worth comparing: some latents fire on every token, most do not."""
     active = (codes != 0).sum(-1)
-    assert bool((active > 0).all()) and bool((active < D_SAE // 2).all()), f"{what}: degenerate codes, L0 {active.tolist()}"
+    assert bool((active > 0).all()) and bool((active < D_SAE // 2).all()), (
+        f"{what}: degenerate codes, L0 {active.tolist()}"
+    )
 
 
 # ---------------------------------------------------------------- SAELens reads monoscope's folders
 
-SAELENS_READS = r'''
+SAELENS_READS = r"""
 import json, sys
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,7 +153,7 @@ with torch.no_grad():
                        "context_size": meta.context_size}
 save_file(tensors, out_path)
 print(json.dumps(facts))
-'''
+"""
 
 MONOSCOPE_WRITES = {
     # name: (SAELens class, architecture in cfg.json)
@@ -155,8 +175,11 @@ def _randomize(sae, generator: torch.Generator) -> None:
 def _monoscope_sae(name: str, seed: int):
     generator = torch.Generator().manual_seed(seed)
     if name == "batchtopk":
-        sae = BatchTopKTrainingSAE(TrainConfig(d_in=D_IN, d_sae=D_SAE, k=K, total_tokens=4096, batch_size=64,
-                                               architecture="batchtopk", seed=seed))
+        sae = BatchTopKTrainingSAE(
+            TrainConfig(
+                d_in=D_IN, d_sae=D_SAE, k=K, total_tokens=4096, batch_size=64, architecture="batchtopk", seed=seed
+            )
+        )
         _randomize(sae, generator)
         with torch.no_grad():
             sae.inference_threshold.fill_(1.2)  # the one threshold every latent gets as a JumpReLU SAE
@@ -218,7 +241,7 @@ def test_saelens_reads_monoscope_saes(saelens_reads_monoscope, name):
 
 # ---------------------------------------------------------------- monoscope reads SAELens's folders
 
-SAELENS_WRITES = r'''
+SAELENS_WRITES = r"""
 import json, sys
 import torch
 from safetensors.torch import load_file, save_file
@@ -261,7 +284,7 @@ with torch.no_grad():
         facts[name] = {"class": type(sae).__name__, "parameters": sorted(n for n, _ in sae.named_parameters())}
 save_file(tensors, out_path)
 print(json.dumps(facts))
-'''
+"""
 
 SAELENS_BECOMES = {
     # name: (monoscope inference architecture, apply_b_dec_to_input)
@@ -279,8 +302,7 @@ def monoscope_reads_saelens(tmp_path_factory):
     _require("sae-lens", "sae_lens")
     root = tmp_path_factory.mktemp("saelens-written")
     x = _inputs(root / "x.safetensors")
-    facts = _run_peer(SAELENS_WRITES, root / "x.safetensors", root / "out.safetensors", root,
-                      D_IN, D_SAE, K, MODEL)
+    facts = _run_peer(SAELENS_WRITES, root / "x.safetensors", root / "out.safetensors", root, D_IN, D_SAE, K, MODEL)
     return x, facts, load_file(str(root / "out.safetensors")), root
 
 
@@ -308,7 +330,7 @@ def test_monoscope_reads_saelens_saes(monoscope_reads_saelens, name):
 
 # ---------------------------------------------------------------- monoscope reads sparsify's folders
 
-SPARSIFY_WRITES = r'''
+SPARSIFY_WRITES = r"""
 import json, sys
 import torch
 from safetensors.torch import load_file, save_file
@@ -331,7 +353,7 @@ with torch.no_grad():
 save_file({"top_acts": out.top_acts.contiguous(), "top_indices": out.top_indices.contiguous(),
            "recon": recon.contiguous(), "forward_recon": forward.sae_out.contiguous()}, out_path)
 print(json.dumps({"fvu": float(forward.fvu), "num_latents": coder.num_latents}))
-'''
+"""
 
 
 def test_monoscope_reads_sparsify_sae(tmp_path):

@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
+from tests.families import FAMILIES, POST_NORM, WIDTH, tiny_family
 
 from monoscope.errors import MonoscopeError
 from monoscope.model import capture, find_blocks, is_post_norm, last_logits, post_norms, resolve, run_to, token_logprobs
 from monoscope.steer import Steering, steer
 from monoscope.steer.ablation import ablation_points, directional_ablation, orthogonalize_weights
-from tests.families import FAMILIES, POST_NORM, WIDTH, tiny_family
 
 KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
@@ -69,8 +69,15 @@ def test_stop_early_capture_equals_the_full_forward_and_skips_later_layers(famil
 
 def _generate(model, ids: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                              use_cache=use_cache, pad_token_id=2)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=2,
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,7 +88,11 @@ def test_steering_empty_is_plain_and_cached_equals_uncached(family, models, toke
     with steer(model, Steering()):
         assert torch.equal(_generate(model, ids), plain)
     r = _direction()
-    spec = Steering(skip_first=False).add_vector(3.0 * r / r.norm(), 1.0, hook="resid_post.0").orthogonal(_direction(6), "mlp_out.1", c=0.0)
+    spec = (
+        Steering(skip_first=False)
+        .add_vector(3.0 * r / r.norm(), 1.0, hook="resid_post.0")
+        .orthogonal(_direction(6), "mlp_out.1", c=0.0)
+    )
     with steer(model, spec):
         cached, uncached = _generate(model, ids, True), _generate(model, ids, False)
     assert torch.equal(cached, uncached)
@@ -139,7 +150,11 @@ def test_orthogonal_and_cap_edits_act_on_what_post_norm_sub_blocks_add(family, m
         model(ids)
     assert float((edited["attn_out.1"] @ u).max()) <= cap + 1e-5
     assert float((edited["resid_post.1"] @ u).abs().max()) < 1e-5
-    assert torch.allclose(edited["attn_out.1"], clean["attn_out.1"] - ((clean["attn_out.1"] @ u) - cap).clamp_min(0).unsqueeze(-1) * u, atol=1e-5)
+    assert torch.allclose(
+        edited["attn_out.1"],
+        clean["attn_out.1"] - ((clean["attn_out.1"] @ u) - cap).clamp_min(0).unsqueeze(-1) * u,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -118,7 +118,10 @@ def test_cfg_json_has_the_fields_saelens_reads(tmp_path):
     assert "activation_scale" not in cfg and "training" not in cfg  # monoscope's own facts stay out
     weights = load_file(str(folder / "sae_weights.safetensors"))
     assert {name: tuple(t.shape) for name, t in weights.items()} == {
-        "W_enc": (12, 48), "W_dec": (48, 12), "b_enc": (48,), "b_dec": (12,)
+        "W_enc": (12, 48),
+        "W_dec": (48, 12),
+        "b_enc": (48,),
+        "b_dec": (12,),
     }
     own = json.loads((folder / "monoscope.json").read_text())
     assert own["activation_scale"] == 0.25 and own["training"] == {"steps": 10}
@@ -143,7 +146,9 @@ def test_wrong_shapes_say_exactly_what_is_wrong(tmp_path):
     weights = load_file(str(folder / "sae_weights.safetensors"))
     weights["W_dec"] = weights["W_dec"][:40]
     save_file(weights, str(folder / "sae_weights.safetensors"))
-    with pytest.raises(MonoscopeError, match=r"W_dec has shape \[40, 12\] but cfg.json \(d_in=12, d_sae=48\) needs \[48, 12\]"):
+    with pytest.raises(
+        MonoscopeError, match=r"W_dec has shape \[40, 12\] but cfg.json \(d_in=12, d_sae=48\) needs \[48, 12\]"
+    ):
         load_sae(folder)
 
 

@@ -32,7 +32,9 @@ def loaded(tiny_llama_dir):
 
 def run(sae, loaded, text_corpus):
     corpus = open_corpus(str(text_corpus))
-    return evaluate_sae(sae, loaded, corpus, hook_point="resid_post.0", tokens=300, context_size=16, batch_size=4, show_progress=False)
+    return evaluate_sae(
+        sae, loaded, corpus, hook_point="resid_post.0", tokens=300, context_size=16, batch_size=4, show_progress=False
+    )
 
 
 def test_lossless_sae_keeps_the_model_exactly(loaded, text_corpus):
@@ -40,7 +42,9 @@ def test_lossless_sae_keeps_the_model_exactly(loaded, text_corpus):
     assert result["ce_sae"] == pytest.approx(result["ce_clean"], abs=1e-5)
     assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
     assert result["kl_sae"] == pytest.approx(0.0, abs=1e-5)
-    assert result["fvu"] == pytest.approx(0.0, abs=1e-6) and result["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert result["fvu"] == pytest.approx(0.0, abs=1e-6) and result["explained_variance"] == pytest.approx(
+        1.0, abs=1e-6
+    )
     assert result["ce_zero_ablation"] != pytest.approx(result["ce_clean"])
     assert result["tokens"] >= 300 and result["lm_tokens"] > 0
 
@@ -74,7 +78,7 @@ def dense_lm_sums(model, hook_point, patches, ids):
         for patch in patches:
             with edit(model, {hook_point: _keep_prefix(patch)}):
                 logits.append(model(input_ids=ids).logits)
-    logp = [torch.log_softmax(l[:, 1:-1].float(), -1) for l in logits]
+    logp = [torch.log_softmax(lg[:, 1:-1].float(), -1) for lg in logits]
     targets = ids[:, 2:]
     ce = [-lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(1) for lp in logp]
     kl = [(logp[0].exp() * (logp[0] - lp)).sum(-1).sum(1) for lp in logp[1:3]]
@@ -91,8 +95,15 @@ def test_blockwise_logits_match_full_logits_for_a_262k_vocabulary(softcap):
 
     torch.manual_seed(0)
     vocab = 262_144
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).eval()
     if softcap is not None:  # the Gemma 2/3 output transform, read from the config
         model.config.final_logit_softcapping = softcap
@@ -145,8 +156,18 @@ def test_every_mean_metric_has_a_bootstrap_interval(loaded, text_corpus):
         sae.W_dec.mul_(0.7)  # an imperfect SAE: metrics vary from context to context
     result = run(sae, loaded, text_corpus)
     assert result["contexts"] == 20 and result["held_out_region_contexts"] > result["contexts"]
-    for key in ("fvu", "l0", "mse", "cosine_similarity", "ce_clean", "ce_sae", "ce_loss_score", "delta_loss",
-                "kl_div_score", "ce_loss_score_mean_ablation"):
+    for key in (
+        "fvu",
+        "l0",
+        "mse",
+        "cosine_similarity",
+        "ce_clean",
+        "ce_sae",
+        "ce_loss_score",
+        "delta_loss",
+        "kl_div_score",
+        "ce_loss_score_mean_ablation",
+    ):
         low, high = result["intervals"][key]
         assert low <= high, key
     for key in ("frac_alive", "frac_dense_1pct", "frac_dense_10pct"):  # whole-sample counts: biased under resampling
@@ -160,10 +181,22 @@ def test_every_mean_metric_has_a_bootstrap_interval(loaded, text_corpus):
 def test_untouched_positions_are_neither_replaced_nor_scored(loaded, text_corpus):
     corpus = open_corpus(str(text_corpus))
     sae = split_sign_sae(32)
-    result = evaluate_sae(sae, loaded, corpus, hook_point="resid_post.0", tokens=280, context_size=16, batch_size=4,
-                          show_progress=False, untouched_positions=2, bootstrap_samples=50)
+    result = evaluate_sae(
+        sae,
+        loaded,
+        corpus,
+        hook_point="resid_post.0",
+        tokens=280,
+        context_size=16,
+        batch_size=4,
+        show_progress=False,
+        untouched_positions=2,
+        bootstrap_samples=50,
+    )
     assert result["untouched_positions"] == 2 and result["contexts"] == 20
     assert result["tokens"] == 20 * 14 and result["lm_tokens"] == 20 * 13  # 16 - 2 positions; predictions from them
     assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(MonoscopeError, match="untouched positions must be from 1"):
-        evaluate_sae(sae, loaded, corpus, hook_point="resid_post.0", tokens=100, context_size=16, untouched_positions=15)
+        evaluate_sae(
+            sae, loaded, corpus, hook_point="resid_post.0", tokens=100, context_size=16, untouched_positions=15
+        )

@@ -67,8 +67,17 @@ def dense_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor, batch_level: bool)
 def test_whole_sparse_loss_and_gradients_match_a_dense_reference(cls, batch_level):
     torch.manual_seed(0)
     d_in, d_sae = 12, 40
-    cfg = TrainConfig(d_in=d_in, d_sae=d_sae, k=3, total_tokens=64, batch_size=32, architecture=cls.training_architecture,
-                      aux_k=5, aux_coefficient=0.5, multi_topk=True)
+    cfg = TrainConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        k=3,
+        total_tokens=64,
+        batch_size=32,
+        architecture=cls.training_architecture,
+        aux_k=5,
+        aux_coefficient=0.5,
+        multi_topk=True,
+    )
     sae = cls(cfg)
     x = torch.randn(32, d_in) + 0.3
     sae.initialize(x, torch.Generator().manual_seed(1))
@@ -131,8 +140,15 @@ def test_jumprelu_pseudo_gradients_follow_the_rectangle_kernel():
 
 def test_jumprelu_l0_penalty_raises_thresholds_near_active_pre_activations():
     torch.manual_seed(0)
-    cfg = TrainConfig(d_in=8, d_sae=16, total_tokens=64, batch_size=64, architecture="jumprelu", l0_coefficient=1.0,
-                      jumprelu_bandwidth=0.5)
+    cfg = TrainConfig(
+        d_in=8,
+        d_sae=16,
+        total_tokens=64,
+        batch_size=64,
+        architecture="jumprelu",
+        l0_coefficient=1.0,
+        jumprelu_bandwidth=0.5,
+    )
     sae = JumpReLUTrainingSAE(cfg)
     x = torch.randn(64, 8)
     sae.initialize(x, torch.Generator().manual_seed(0))
@@ -164,8 +180,16 @@ def test_auxk_revives_dead_latents(tmp_path):
     held_out = data.sample(99_999, 2048)
     alive = {}
     for aux in (0.0, 1 / 32):
-        cfg = TrainConfig(d_in=16, d_sae=64, k=4, total_tokens=256 * 120, batch_size=256, aux_coefficient=aux,
-                          dead_tokens=256 * 2, optimizer={"name": "adam", "lr": 3e-3})
+        cfg = TrainConfig(
+            d_in=16,
+            d_sae=64,
+            k=4,
+            total_tokens=256 * 120,
+            batch_size=256,
+            aux_coefficient=aux,
+            dead_tokens=256 * 2,
+            optimizer={"name": "adam", "lr": 3e-3},
+        )
         sae = _WeakenedStart({"sae": cfg}, tmp_path / f"aux{aux}", single=True, progress=False).fit(data)["sae"].sae
         log = load_train_log(tmp_path / f"aux{aux}")
         assert log[3]["dead_frac"] >= 0.45  # the weakened half is dead early on
@@ -178,7 +202,9 @@ def test_auxk_revives_dead_latents(tmp_path):
 @pytest.mark.parametrize("optimizer", ["adam", "signum"])
 def test_training_recovers_known_features(tmp_path, optimizer):
     """On synthetic data made of known directions, the frequent ones reappear as decoder rows."""
-    data = SyntheticActivations(d_in=32, n_features=48, active_per_token=3, chunk_size=512, n_chunks=250, noise=0.02, seed=4)
+    data = SyntheticActivations(
+        d_in=32, n_features=48, active_per_token=3, chunk_size=512, n_chunks=250, noise=0.02, seed=4
+    )
     cfg = TrainConfig(d_in=32, d_sae=96, k=3, total_tokens=512 * 250, batch_size=512, optimizer={"name": optimizer})
     sae = train_sae(cfg, data, tmp_path, progress=False).sae
     decoder = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)

@@ -129,12 +129,14 @@ def test_sparse_kernels_match_dense_values_and_gradients(variable_per_row, monke
         leaves = {name: value.clone().requires_grad_(True) for name, value in params.items()}
         x = x0.clone().requires_grad_(True)
         if sparse:
-            values = gather_preacts(selected, x, (x - leaves["b_dec"]).detach(), leaves["W_enc"], leaves["b_enc"],
-                                    leaves["b_dec"], pattern).relu()
+            values = gather_preacts(
+                selected, x, (x - leaves["b_dec"]).detach(), leaves["W_enc"], leaves["b_enc"], leaves["b_dec"], pattern
+            ).relu()
             out = sparse_decode(values, leaves["W_dec"], pattern)
         else:
-            out = _dense_reference(x, leaves["W_enc"], leaves["b_enc"], leaves["b_dec"], leaves["W_dec"],
-                                   pattern.rows, pattern.cols, B, S)
+            out = _dense_reference(
+                x, leaves["W_enc"], leaves["b_enc"], leaves["b_dec"], leaves["W_dec"], pattern.rows, pattern.cols, B, S
+            )
         ((out - target) ** 2).sum().backward()
         return out.detach(), {name: leaf.grad for name, leaf in leaves.items()}, x.grad
 

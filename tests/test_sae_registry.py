@@ -37,7 +37,7 @@ def test_nested_and_flat_construction_agree():
 
 #: A whole new architecture in one file: ReLU with a plain (not decoder-norm-weighted) L1 penalty, saved as
 #: SAELens's "standard", with its own config field and `monoscope train` flag.
-PLUGIN = '''
+PLUGIN = """
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -71,15 +71,15 @@ register(Architecture(name="plainl1", saved_as="standard", config_class=PlainL1C
                       training_class=PlainL1TrainingSAE, description="ReLU with a plain L1 penalty",
                       k_meaning="unused by plainl1",
                       cli_flags=(CliFlag("--penalty", "penalty", float, "plainl1: weight of the L1 penalty"),)))
-'''
+"""
 
-RUN = '''
+RUN = """
 import sys
 import monoscope.sae
 import plainl1_sae  # the one registration line
 from monoscope.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def test_a_new_architecture_is_one_file_and_one_import(tmp_path):
@@ -92,18 +92,51 @@ def test_a_new_architecture_is_one_file_and_one_import(tmp_path):
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(tmp_path), "MONOSCOPE_PROGRESS": "0"}
-        return subprocess.run([sys.executable, str(tmp_path / "run.py"), *args], capture_output=True, text=True,
-                              check=False, timeout=300, cwd=tmp_path, env=env)
+        return subprocess.run(
+            [sys.executable, str(tmp_path / "run.py"), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            cwd=tmp_path,
+            env=env,
+        )
 
     help_text = cli("train", "--help").stdout
     assert "plainl1" in help_text and "--penalty" in help_text and "unused by plainl1" in help_text
     out = tmp_path / "sae"
-    trained = cli("train", "--activations", str(tmp_path / "acts.safetensors"), "--d-sae", "32", "--tokens", "512",
-                  "--batch-size", "64", "--arch", "plainl1", "--penalty", "0.5", "--out", str(out))
+    trained = cli(
+        "train",
+        "--activations",
+        str(tmp_path / "acts.safetensors"),
+        "--d-sae",
+        "32",
+        "--tokens",
+        "512",
+        "--batch-size",
+        "64",
+        "--arch",
+        "plainl1",
+        "--penalty",
+        "0.5",
+        "--out",
+        str(out),
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert json.loads((out / "cfg.json").read_text())["architecture"] == "standard"  # SAELens reads it as its own
     config = json.loads((out / "train_config.json").read_text())
     assert config["architecture"] == "plainl1" and config["arch"] == {"penalty": 0.5}
-    refused = cli("train", "--activations", str(tmp_path / "acts.safetensors"), "--d-sae", "32", "--tokens", "512",
-                  "--penalty", "0.5", "--out", str(tmp_path / "other"))
+    refused = cli(
+        "train",
+        "--activations",
+        str(tmp_path / "acts.safetensors"),
+        "--d-sae",
+        "32",
+        "--tokens",
+        "512",
+        "--penalty",
+        "0.5",
+        "--out",
+        str(tmp_path / "other"),
+    )
     assert refused.returncode == 2 and "--penalty is for --arch plainl1" in refused.stderr

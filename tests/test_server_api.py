@@ -42,9 +42,14 @@ def plain_generate(service, messages, max_new_tokens):
     lm = service.lm
     ids = encode_prompt(lm.tokenizer, messages)
     with torch.inference_mode():
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=lm.tokenizer.pad_token_id)
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
+    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------- OpenAI-compatible
@@ -81,14 +86,20 @@ def test_openai_client_steering_changes_output(client, service, strong_feature):
     empty = client.chat.completions.create(**kw, extra_body={"steering": []}).choices[0].message.content
     assert empty == plain
     # streamed, the same steering gives the same text, chunk by chunk
-    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}, extra_body={"steering": steering}))
+    chunks = list(
+        client.chat.completions.create(
+            **kw, stream=True, stream_options={"include_usage": True}, extra_body={"steering": steering}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == steered.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
     # an absolute value, another mode, a strength of 0 (= no change)
-    added = client.chat.completions.create(**kw, extra_body={"steering": [{"feature": strong_feature, "mode": "add", "value": 50.0}]})
+    added = client.chat.completions.create(
+        **kw, extra_body={"steering": [{"feature": strong_feature, "mode": "add", "value": 50.0}]}
+    )
     assert added.choices[0].message.content != plain
     off = client.chat.completions.create(**kw, extra_body={"steering": steering, "steering_strength": 0.0})
     assert off.choices[0].message.content == plain
@@ -101,7 +112,11 @@ def test_completions_stream_and_not(client, service, server):
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
     assert streamed == whole.choices[0].text
     # raw SSE framing
-    raw = request("POST", server.url + "/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0, "stream": True})
+    raw = request(
+        "POST",
+        server.url + "/v1/completions",
+        {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0, "stream": True},
+    )
     assert raw.status == 200 and raw.headers["content-type"].startswith("text/event-stream")
     events = [e for e in raw.body.decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -113,11 +128,17 @@ def test_seeded_sampling_and_stop(server):
     a = request("POST", server.url + "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
     b = request("POST", server.url + "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
     assert a == b
-    greedy = request("POST", server.url + "/v1/chat/completions", {"messages": PROMPT, "max_tokens": 12, "temperature": 0}).json()
+    greedy = request(
+        "POST", server.url + "/v1/chat/completions", {"messages": PROMPT, "max_tokens": 12, "temperature": 0}
+    ).json()
     text = greedy["choices"][0]["message"]["content"]
     stop = text[3:5] if len(text) >= 5 else None
     if stop:
-        cut = request("POST", server.url + "/v1/chat/completions", {"messages": PROMPT, "max_tokens": 12, "temperature": 0, "stop": [stop]}).json()
+        cut = request(
+            "POST",
+            server.url + "/v1/chat/completions",
+            {"messages": PROMPT, "max_tokens": 12, "temperature": 0, "stop": [stop]},
+        ).json()
         assert cut["choices"][0]["message"]["content"] == text[: text.find(stop)]
         assert cut["choices"][0]["finish_reason"] == "stop"
 
@@ -131,8 +152,14 @@ def test_feature_dashboard_and_lists(server, strong_feature):
     assert f["id"] == strong_feature and f["label"] and f["max_activation"] > 0 and 0 < f["density"] <= 1
     assert d["top_examples"] and all(len(e["tokens"]) == len(e["activations"]) for e in d["top_examples"])
     top = d["top_examples"][0]
-    assert max(top["activations"]) == pytest.approx(top["max_activation"], rel=1e-2) and top["activations"][top["peak"]] > 0
-    assert len(d["histogram"]["edges"]) == len(d["histogram"]["counts"]) + 1 and sum(d["histogram"]["counts"]) == f["n_active"]
+    assert (
+        max(top["activations"]) == pytest.approx(top["max_activation"], rel=1e-2)
+        and top["activations"][top["peak"]] > 0
+    )
+    assert (
+        len(d["histogram"]["edges"]) == len(d["histogram"]["counts"]) + 1
+        and sum(d["histogram"]["counts"]) == f["n_active"]
+    )
     assert len(d["logits_up"]) == 10 and len(d["neighbours"]) == 10 and d["labels"][0]["source"] == "heuristic"
     near = request("GET", f"{server.url}/api/features/{strong_feature}/neighbours").json()["neighbours"]
     assert [n["id"] for n in near] == [n["id"] for n in d["neighbours"]]
@@ -150,9 +177,15 @@ def test_search_by_words_and_example(server, strong_feature):
     words = [w for w in re.findall(r"[A-Za-z]{2,}", label)]
     assert words, label
     r = request("GET", f"{server.url}/api/search?q={words[0]}&limit=64").json()
-    assert r["mode"] == "words" and strong_feature in [h["id"] for h in r["hits"]]  # hybrid falls back to words: no embeddings stored
+    assert r["mode"] == "words" and strong_feature in [
+        h["id"] for h in r["hits"]
+    ]  # hybrid falls back to words: no embeddings stored
     assert all(h["sparkline"] is not None and len(h["sparkline"]) <= 32 for h in r["hits"])
-    ex = request("POST", server.url + "/api/search/examples", {"texts": ["The quick brown fox jumps over the lazy dog."], "limit": 5}).json()
+    ex = request(
+        "POST",
+        server.url + "/api/search/examples",
+        {"texts": ["The quick brown fox jumps over the lazy dog."], "limit": 5},
+    ).json()
     assert 1 <= len(ex["hits"]) <= 5 and all(h["example_mean"] > 0 for h in ex["hits"])
 
 
@@ -162,20 +195,32 @@ def test_scan_and_attribution(server):
     assert all(1 <= len(t["features"]) <= 3 for t in scan["tokens"]) and scan["top"]
     hit = scan["tokens"][0]["features"][0]
     assert hit["label"] and 0 < hit["fraction"]
-    a = request("POST", server.url + "/api/attribute", {"prompt": "The quick brown", "target": " fox jumps", "per_token": True, "top": 5}).json()
+    a = request(
+        "POST",
+        server.url + "/api/attribute",
+        {"prompt": "The quick brown", "target": " fox jumps", "per_token": True, "top": 5},
+    ).json()
     assert len(a["tokens"]) >= 2 and a["hook_point"] == "resid_post.0"
     assert a["tokens"][0]["features"] and all(f["label"] for f in a["tokens"][0]["features"])
 
 
 def test_suggest_steering_toward_a_concept(server):
-    reply = request("POST", server.url + "/api/suggest", {"concept": "fox", "references": ["The quick brown fox jumps."], "method": "features"},
-                    timeout=300)
+    reply = request(
+        "POST",
+        server.url + "/api/suggest",
+        {"concept": "fox", "references": ["The quick brown fox jumps."], "method": "features"},
+        timeout=300,
+    )
     assert reply.status == 200, reply.body
     r = reply.json()
     assert r["concept"] == "fox" and r["positions"] in ("generated", "all") and r["hook_point"] == "resid_post.0"
-    if r["works"]:  # features to put in the equalizer as `add` edits, with their value as a multiple of the max activation
+    if r[
+        "works"
+    ]:  # features to put in the equalizer as `add` edits, with their value as a multiple of the max activation
         assert r["kind"] in ("feature", "group") and r["features"] and r["similarity"] > r["unsteered_similarity"]
-        assert all(f["multiple"] is not None and f["multiple"] > 0 for f in r["features"]) and r["perplexity_ratio"] <= 3.0
+        assert (
+            all(f["multiple"] is not None and f["multiple"] > 0 for f in r["features"]) and r["perplexity_ratio"] <= 3.0
+        )
     else:
         assert not r["features"] and r["notes"]
     bad = request("POST", server.url + "/api/suggest", {"concept": "fox", "references": ["word " * 500]}, timeout=300)
@@ -251,12 +296,17 @@ def test_api_key(service):
             assert r.status == 401 and "API key" in r.message
             r = request("POST", keyed.url + "/v1/chat/completions", raw=b"{junk", headers=headers)
             assert r.status == 401
-        assert request("GET", keyed.url + "/api/info", headers={"Authorization": "Bearer s3cret"}).json()["auth"] is True
+        assert (
+            request("GET", keyed.url + "/api/info", headers={"Authorization": "Bearer s3cret"}).json()["auth"] is True
+        )
         assert request("GET", keyed.url + "/health").status == 200 and request("GET", keyed.url + "/").status == 200
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
         ok = OpenAI(base_url=keyed.url + "/v1", api_key="s3cret", max_retries=0)
-        assert ok.chat.completions.create(model=service.served_name, messages=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        assert (
+            ok.chat.completions.create(model=service.served_name, messages=PROMPT, max_tokens=2).usage.completion_tokens
+            == 2
+        )
 
 
 def test_cli_serve(served_sae, tmp_path):
@@ -266,9 +316,25 @@ def test_cli_serve(served_sae, tmp_path):
     from monoscope.steer import SteeringVector
 
     SteeringVector({"resid_post.0": torch.ones(32)}).save(tmp_path / "calm.safetensors")
-    proc = subprocess.Popen([sys.executable, "-m", "monoscope", "serve", "--sae", str(served_sae), "--port", "0", "--name", "tiny",
-                             "--vector", str(tmp_path / "calm.safetensors")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "monoscope",
+            "serve",
+            "--sae",
+            str(served_sae),
+            "--port",
+            "0",
+            "--name",
+            "tiny",
+            "--vector",
+            str(tmp_path / "calm.safetensors"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = None
         deadline = time.monotonic() + 60
@@ -285,8 +351,12 @@ def test_cli_serve(served_sae, tmp_path):
         assert request("GET", url + "/v1/models").json()["data"][0]["id"] == "tiny"
         assert [v["id"] for v in request("GET", url + "/api/info").json()["vectors"]] == ["calm"]
         port = int(url.rsplit(":", 1)[1])
-        busy = subprocess.run([sys.executable, "-m", "monoscope", "serve", "--sae", str(served_sae), "--port", str(port)],
-                              capture_output=True, text=True, timeout=60)
+        busy = subprocess.run(
+            [sys.executable, "-m", "monoscope", "serve", "--sae", str(served_sae), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert busy.returncode == 2 and "cannot listen" in busy.stderr and "Traceback" not in busy.stderr
     finally:
         proc.send_signal(signal.SIGINT)
@@ -312,7 +382,9 @@ def test_several_saes_one_without_database_and_a_vector(served_sae, tmp_path):
     shutil.copytree(served_sae, bare, ignore=shutil.ignore_patterns("features.db"))
     torch.manual_seed(1)
     SteeringVector({"resid_post.0": torch.randn(32)}, name="push").save(tmp_path / "push.safetensors")
-    svc = Service.load([f"main={served_sae}", str(bare)], vectors=[f"push={tmp_path / 'push.safetensors'}"], max_tokens_limit=64)
+    svc = Service.load(
+        [f"main={served_sae}", str(bare)], vectors=[f"push={tmp_path / 'push.safetensors'}"], max_tokens_limit=64
+    )
     try:
         with ServerThread(create_app(svc)) as srv:
             info = request("GET", srv.url + "/api/info").json()
@@ -325,9 +397,11 @@ def test_several_saes_one_without_database_and_a_vector(served_sae, tmp_path):
             assert scan["notes"] and scan["tokens"][0]["features"][0]["label"] is None
             base = {"messages": PROMPT, "max_tokens": 10, "temperature": 0}
             plain = request("POST", srv.url + "/v1/chat/completions", base).json()["choices"][0]["message"]["content"]
-            for steering in ([{"feature": 5, "value": "8x", "sae": "bare"}],
-                             [{"feature": 5, "value": "8x", "sae": "main"}, {"feature": 9, "mode": "ablate", "sae": "bare"}],
-                             [{"vector": "push", "coefficient": 20}]):
+            for steering in (
+                [{"feature": 5, "value": "8x", "sae": "bare"}],
+                [{"feature": 5, "value": "8x", "sae": "main"}, {"feature": 9, "mode": "ablate", "sae": "bare"}],
+                [{"vector": "push", "coefficient": 20}],
+            ):
                 reply = request("POST", srv.url + "/v1/chat/completions", {**base, "steering": steering})
                 assert reply.status == 200, reply.body
                 assert reply.json()["choices"][0]["message"]["content"] != plain, steering
@@ -347,7 +421,13 @@ def test_model_alone_serves_the_openai_api_and_says_features_need_an_sae(tiny_ll
 
     torch.manual_seed(2)
     SteeringVector({"resid_post.0": torch.randn(32)}).save(tmp_path / "push.safetensors")
-    svc = Service.load([], model=str(tiny_llama_dir), served_name="tiny", vectors=[str(tmp_path / "push.safetensors")], max_tokens_limit=32)
+    svc = Service.load(
+        [],
+        model=str(tiny_llama_dir),
+        served_name="tiny",
+        vectors=[str(tmp_path / "push.safetensors")],
+        max_tokens_limit=32,
+    )
     try:
         with ServerThread(create_app(svc)) as srv:
             assert request("GET", srv.url + "/v1/models").json()["data"][0]["id"] == "tiny"
@@ -356,17 +436,35 @@ def test_model_alone_serves_the_openai_api_and_says_features_need_an_sae(tiny_ll
             base = {"model": "tiny", "messages": PROMPT, "max_tokens": 8, "temperature": 0}
             plain = request("POST", srv.url + "/v1/chat/completions", base)
             assert plain.status == 200 and plain.json()["usage"]["completion_tokens"] > 0
-            assert plain.json()["choices"][0]["message"]["content"] == plain_generate(svc, PROMPT, plain.json()["usage"]["completion_tokens"])
-            text = request("POST", srv.url + "/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0})
+            assert plain.json()["choices"][0]["message"]["content"] == plain_generate(
+                svc, PROMPT, plain.json()["usage"]["completion_tokens"]
+            )
+            text = request(
+                "POST", srv.url + "/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}
+            )
             assert text.status == 200 and text.json()["object"] == "text_completion"
-            pushed = request("POST", srv.url + "/v1/chat/completions", {**base, "steering": [{"vector": "push", "coefficient": 20}]})
-            assert pushed.status == 200 and pushed.json()["choices"][0]["message"]["content"] != plain.json()["choices"][0]["message"]["content"]
-            for method, path, body in (("GET", "/api/features", None), ("GET", "/api/features/3", None), ("GET", "/api/map", None),
-                                       ("GET", "/api/search?q=fox", None), ("POST", "/api/scan", {"text": "The quick brown fox"}),
-                                       ("POST", "/api/attribute", {"prompt": "The quick", "target": " brown"}),
-                                       ("POST", "/v1/chat/completions", {**base, "steering": [{"feature": 3, "value": 4}]})):
+            pushed = request(
+                "POST", srv.url + "/v1/chat/completions", {**base, "steering": [{"vector": "push", "coefficient": 20}]}
+            )
+            assert (
+                pushed.status == 200
+                and pushed.json()["choices"][0]["message"]["content"]
+                != plain.json()["choices"][0]["message"]["content"]
+            )
+            for method, path, body in (
+                ("GET", "/api/features", None),
+                ("GET", "/api/features/3", None),
+                ("GET", "/api/map", None),
+                ("GET", "/api/search?q=fox", None),
+                ("POST", "/api/scan", {"text": "The quick brown fox"}),
+                ("POST", "/api/attribute", {"prompt": "The quick", "target": " brown"}),
+                ("POST", "/v1/chat/completions", {**base, "steering": [{"feature": 3, "value": 4}]}),
+            ):
                 r = request(method, srv.url + path, body)
-                assert r.status == 404 and r.json()["error"]["code"] == "no_sae" and "--sae DIR" in r.message, (path, r.body)
+                assert r.status == 404 and r.json()["error"]["code"] == "no_sae" and "--sae DIR" in r.message, (
+                    path,
+                    r.body,
+                )
     finally:
         svc.close()
     assert main(["serve", "--port", "0"]) == 2

@@ -45,7 +45,14 @@ CASES = [
     ("POST", CHAT, chat(steering=[{"feature": 1, "value": "lots"}]), 400, None, "8x"),
     ("POST", CHAT, chat(steering=[{"feature": 1, "value": 1e9}]), 400, None, "value"),
     ("POST", CHAT, chat(steering=[{"feature": 1, "value": "1e9x"}]), 400, None, "beyond"),
-    ("POST", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "steering": [{"feature": 1, "value": NaN}]}', 400, None, "finite"),
+    (
+        "POST",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "hi"}], "steering": [{"feature": 1, "value": NaN}]}',
+        400,
+        None,
+        "finite",
+    ),
     ("POST", CHAT, chat(steering=[{"feature": 1, "mode": "explode", "value": 3}]), 400, None, "mode"),
     ("POST", CHAT, chat(steering=[{"feature": 1, "vector": "v"}]), 400, None, "not both"),
     ("POST", CHAT, chat(steering=[{"value": 3}]), 400, None, "feature"),
@@ -55,8 +62,22 @@ CASES = [
     ("POST", CHAT, chat(steering_strength=1e9), 400, None, "steering_strength"),
     ("POST", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, None, "stop"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, None, "32000"),
-    ("POST", CHAT, {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 10}, 400, "context_length_exceeded", "context length"),
-    ("POST", CHAT, {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 10, "stream": True}, 400, "context_length_exceeded", "context length"),
+    (
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 10},
+        400,
+        "context_length_exceeded",
+        "context length",
+    ),
+    (
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 10, "stream": True},
+        400,
+        "context_length_exceeded",
+        "context length",
+    ),
     ("POST", CHAT, chat(stream=True, steering=[{"feature": 99, "value": 1}]), 400, "unknown_feature", "64 features"),
     ("POST", "/v1/completions", {"prompt": ["a", "b"]}, 400, None, "exactly one prompt"),
     ("POST", "/v1/completions", {"prompt": ""}, 400, "empty_prompt", "empty"),
@@ -83,7 +104,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method, path, body, status, code, words", CASES, ids=[f"{c[0]} {c[1]} {i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "method, path, body, status, code, words", CASES, ids=[f"{c[0]} {c[1]} {i}" for i, c in enumerate(CASES)]
+)
 def test_bad_request(server, method, path, body, status, code, words):
     raw = body if isinstance(body, bytes) else None
     reply = request(method, server.url + path, None if raw is not None else body, raw=raw)
@@ -100,7 +123,13 @@ def test_huge_bodies_are_refused(server):
     assert reply.status == 413 and "1,000,000 bytes" in reply.message
     # chunked, without a Content-Length: counted while it is read
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", CHAT, body=(b"x" * 65536 for _ in range(40)), headers={"Content-Type": "application/json"}, encode_chunked=True)
+    conn.request(
+        "POST",
+        CHAT,
+        body=(b"x" * 65536 for _ in range(40)),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
     resp = conn.getresponse()
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "body_too_large"
     conn.close()

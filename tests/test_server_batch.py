@@ -31,8 +31,13 @@ def batch_server(served_sae, tmp_path_factory):
     SteeringVector({"resid_post.0": torch.full((32,), 1e35)}, name="boom").save(folder / "boom.safetensors")
     torch.manual_seed(3)
     SteeringVector({"resid_post.0": torch.randn(32)}, name="push").save(folder / "push.safetensors")
-    svc = Service.load([str(served_sae)], vectors=[str(folder / "boom.safetensors"), str(folder / "push.safetensors")],
-                       max_tokens_limit=200, max_queue=MAX_QUEUE, max_batch=8)
+    svc = Service.load(
+        [str(served_sae)],
+        vectors=[str(folder / "boom.safetensors"), str(folder / "push.safetensors")],
+        max_tokens_limit=200,
+        max_queue=MAX_QUEUE,
+        max_batch=8,
+    )
     with ServerThread(create_app(svc)) as srv:
         yield srv, svc
     svc.close()
@@ -57,7 +62,9 @@ def test_concurrent_requests_with_their_own_steering_equal_each_alone(batch_serv
     bodies = [
         chat(),
         chat([{"feature": 3, "mode": "clamp", "value": "8x"}]),
-        chat([{"feature": 5, "mode": "add", "value": 40.0, "positions": "generated"}, {"feature": 9, "mode": "ablate"}]),
+        chat(
+            [{"feature": 5, "mode": "add", "value": 40.0, "positions": "generated"}, {"feature": 9, "mode": "ablate"}]
+        ),
         chat([{"vector": "push", "coefficient": 20}], steering_strength=0.5),
     ]
     alone = [content(request("POST", srv.url + CHAT, b)) for b in bodies]
@@ -113,7 +120,11 @@ def test_full_queue_answers_503_and_dropped_streams_free_their_rows(batch_server
     try:
         streams = [open_stream(srv.port) for _ in range(MAX_QUEUE)]
         busy = request("POST", srv.url + CHAT, chat())
-        assert busy.status == 503 and busy.json()["error"]["code"] == "queue_full" and {k.lower(): v for k, v in busy.headers.items()}["retry-after"] == "1"
+        assert (
+            busy.status == 503
+            and busy.json()["error"]["code"] == "queue_full"
+            and {k.lower(): v for k, v in busy.headers.items()}["retry-after"] == "1"
+        )
         assert "busy" in busy.message
         assert request("GET", srv.url + "/api/features/1").status == 200  # the database never waits for the model
         for conn in streams:  # the clients go away mid-stream

@@ -18,7 +18,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def family_server(tmp_path_factory, served_sae, tiny_llama_dir, text_corpus):
     """The session's SAE, a copy of it (its family of feature i is i, cosine 1) and an SAE at another hook."""
     from monoscope.model import load_model
-    from monoscope.server import Service, ServerThread, create_app
+    from monoscope.server import ServerThread, Service, create_app
     from server_fixtures import build_sae
 
     root = tmp_path_factory.mktemp("family-serve")
@@ -53,14 +53,18 @@ def test_family_endpoint(family_server):
     assert request("GET", f"{running.url}/api/features/7/family?sae={source}&top=0").status in (400, 422)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="the UI tests need Debian's `chromium` (apt-get install chromium); CI installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="the UI tests need Debian's `chromium` (apt-get install chromium); CI installs it"
+)
 def test_feature_page_shows_the_family_and_colours_it_on_the_map(family_server):
     from playwright.sync_api import sync_playwright
 
     running, svc = family_server
     source, twin, _ = list(svc.saes)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
         page = browser.new_page(viewport={"width": 1360, "height": 900})
         page.set_default_timeout(20_000)
         errors: list[str] = []
@@ -72,6 +76,8 @@ def test_feature_page_shows_the_family_and_colours_it_on_the_map(family_server):
         assert first.get_attribute("href").startswith(f"#/feature/7?sae={twin}")
         page.click("#family a.button")
         page.wait_for_selector("#map-canvas[data-ready='1']")
-        assert page.inner_text("#map-marked").startswith("5 marked") and f"family of #7 in {source}" in page.inner_text("#map-marked")
+        assert page.inner_text("#map-marked").startswith("5 marked") and f"family of #7 in {source}" in page.inner_text(
+            "#map-marked"
+        )
         browser.close()
         assert not errors, errors

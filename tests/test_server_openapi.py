@@ -40,8 +40,18 @@ def test_committed_contract_matches_the_app():
 def test_contract_covers_the_api():
     spec = json.loads(CONTRACT.read_text())
     paths = spec["paths"]
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/api/features/{feature_id}", "/api/search",
-                 "/api/search/examples", "/api/scan", "/api/map", "/api/features/{feature_id}/neighbours", "/api/attribute"):
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/api/features/{feature_id}",
+        "/api/search",
+        "/api/search/examples",
+        "/api/scan",
+        "/api/map",
+        "/api/features/{feature_id}/neighbours",
+        "/api/attribute",
+    ):
         assert path in paths, path
     chat = paths["/v1/chat/completions"]["post"]
     assert set(chat["responses"]) >= {"200", "400", "401", "404", "413", "503"} and "422" not in chat["responses"]
@@ -63,4 +73,6 @@ def test_every_route_is_in_the_contract():
     for route in app.routes:
         if isinstance(route, APIRoute) and route.include_in_schema:
             for method in route.methods:
-                assert method.lower() in spec["paths"].get(route.path, {}), f"{method} {route.path} is missing from openapi.json"
+                assert method.lower() in spec["paths"].get(route.path, {}), (
+                    f"{method} {route.path} is missing from openapi.json"
+                )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.test_steer_core import make_sae
 
 from monoscope.errors import MonoscopeError
 from monoscope.model import load_model, run_to
 from monoscope.steer import attribute
 from monoscope.steer.attribution import ablation_effect
-from tests.test_steer_core import make_sae
 
 CASES = [
     ("Q: What is the capital of France?\nA:", " Paris", "resid_post.0"),
@@ -101,23 +101,32 @@ def test_suggestions_rank_by_output_effect(lm):
     unembed = lm.model.get_output_embeddings().weight
     push = unembed[lm.tokenizer(reference, add_special_tokens=False).input_ids].sum(0)
     generic = unembed[[i for t in NEUTRAL_TEXTS for i in lm.tokenizer(t, add_special_tokens=False).input_ids]].sum(0)
+
     def mean_activation(texts):
-        return torch.stack([run_to(lm.model, [hook], lm.tokenizer(t, return_tensors="pt").input_ids)[hook][0].mean(0) for t in texts]).mean(0)
+        return torch.stack(
+            [run_to(lm.model, [hook], lm.tokenizer(t, return_tensors="pt").input_ids)[hook][0].mean(0) for t in texts]
+        ).mean(0)
 
     reads_reference = mean_activation([reference]) - mean_activation(NEUTRAL_TEXTS)
     with torch.no_grad():
         sae.W_dec[9] = push / push.norm()
         sae.W_dec[10] = generic / generic.norm()
-        sae.W_enc[:, 9] = sae.W_enc[:, 10] = 16 * reads_reference / reads_reference.norm()  # both fire on the reference: candidates
+        sae.W_enc[:, 9] = sae.W_enc[:, 10] = (
+            16 * reads_reference / reads_reference.norm()
+        )  # both fire on the reference: candidates
     scores = output_effect(lm, sae, hook, {f: 0.3 for f in range(12)}, [reference])
     assert max(scores, key=scores.get) == 9 and scores[9] > 0
     found = suggest_features(lm, sae, reference, top=64, max_activations={f: 1.0 for f in range(64)})
     assert 0 < len(found) <= 64 and all(a.score >= b.score for a, b in zip(found, found[1:]))
     by_feature = {s.feature: s for s in found}
     assert {9, 10} <= set(by_feature), sorted(by_feature)
-    assert all(s.score == pytest.approx(s.gain - max(s.neutral_gain, 0.0)) for s in found)  # no credit for breaking neutral text
+    assert all(
+        s.score == pytest.approx(s.gain - max(s.neutral_gain, 0.0)) for s in found
+    )  # no credit for breaking neutral text
     assert found[0].feature == 9 and by_feature[9].gain > by_feature[9].neutral_gain
-    assert by_feature[10].neutral_gain > by_feature[10].gain and by_feature[10].score < 0  # favours any text, not the reference
+    assert (
+        by_feature[10].neutral_gain > by_feature[10].gain and by_feature[10].score < 0
+    )  # favours any text, not the reference
     with pytest.raises(MonoscopeError, match="empty"):
         suggest_features(lm, sae, "  ")
 
@@ -132,10 +141,14 @@ def test_map_by_ablation_ranks_every_active_feature_by_its_exact_effect(lm):
     assert 4 <= len(feats) <= 12 and len(set(feats)) == len(feats)
     exact = ablation_effect(lm, sae, prompt, target, feats)
     assert [f.ablation for f in result.features] == pytest.approx([exact[f] for f in feats], abs=1e-5)
-    assert [abs(f.ablation) for f in result.features] == sorted((abs(f.ablation) for f in result.features), reverse=True)
+    assert [abs(f.ablation) for f in result.features] == sorted(
+        (abs(f.ablation) for f in result.features), reverse=True
+    )
     attr = {f.feature: f.attribution for f in attribute(lm, sae, prompt, target, top=12).features}
     assert all(f.attribution == pytest.approx(attr[f.feature], abs=1e-6) for f in result.features)
-    assert result.spearman == pytest.approx(spearman([f.ablation for f in result.features], [f.attribution for f in result.features]), abs=1e-6)
+    assert result.spearman == pytest.approx(
+        spearman([f.ablation for f in result.features], [f.attribution for f in result.features]), abs=1e-6
+    )
     assert 0.0 <= result.top_overlap <= 1.0
     with pytest.raises(MonoscopeError, match="at least 1"):
         map_by_ablation(lm, sae, prompt, target, max_features=0)

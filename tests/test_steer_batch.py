@@ -9,12 +9,12 @@ import threading
 
 import pytest
 import torch
+from tests.test_steer_core import HOOK, make_sae
 
 from monoscope.errors import MonoscopeError
 from monoscope.model import load_model
 from monoscope.steer import Steering, SteeringVector, generate, generate_batch, steer
 from monoscope.steer.batch import BatchEngine, Request, SamplingParams
-from tests.test_steer_core import HOOK, make_sae
 
 PROMPTS = [
     "The quick brown fox",
@@ -84,7 +84,9 @@ def test_rows_join_mid_decode_and_leave_early(llama):
 
     def add(i):
         params = SamplingParams(max_new_tokens=lengths[i], min_new_tokens=lengths[i])
-        engine.add(Request(_ids(lm, PROMPTS[i]), steerings[i], params), on_done=lambda r, i=i: results.__setitem__(i, r))
+        engine.add(
+            Request(_ids(lm, PROMPTS[i]), steerings[i], params), on_done=lambda r, i=i: results.__setitem__(i, r)
+        )
 
     add(0), add(1)
     for _ in range(4):
@@ -116,8 +118,13 @@ def test_one_encoder_gemm_per_sae_per_forward(llama, monkeypatch):
         return real(s, x, features)
 
     monkeypatch.setattr(steering_module, "feature_codes", counting)
-    steerings = [Steering(sae).clamp(3, 2.0), Steering(sae).multiply(9, 2.0).ablate(11), None, Steering(sae).add(5, 1.0, when="7>0.2"),
-                 Steering(sae).ablate(3)]
+    steerings = [
+        Steering(sae).clamp(3, 2.0),
+        Steering(sae).multiply(9, 2.0).ablate(11),
+        None,
+        Steering(sae).add(5, 1.0, when="7>0.2"),
+        Steering(sae).ablate(3),
+    ]
     generate_batch(llama, PROMPTS[:5], steerings=steerings, max_new_tokens=4, ignore_eos=True)
     # 1 prefill + 3 decode steps, each one GEMM; a decode step reads 4 rows x 1 token, the union {3, 9, 11, 7}
     assert len(calls) == 4
@@ -132,16 +139,29 @@ def test_a_non_finite_row_ends_alone(llama):
     out = generate_batch(llama, PROMPTS[:3], steerings=steerings, max_new_tokens=TOKENS, ignore_eos=True)
     assert out[1].finish_reason == "error" and "non-finite" in out[1].error
     for i in (0, 2):
-        assert out[i].finish_reason == "length" and out[i].ids == generate(llama, PROMPTS[i], steering=steerings[i], max_new_tokens=TOKENS).ids
+        assert (
+            out[i].finish_reason == "length"
+            and out[i].ids == generate(llama, PROMPTS[i], steering=steerings[i], max_new_tokens=TOKENS).ids
+        )
 
 
 def test_an_invalid_spec_fails_before_joining(llama):
     engine = BatchEngine(llama)
     good = engine.add(Request(_ids(llama, PROMPTS[0]), None, SamplingParams(max_new_tokens=3)))
     with pytest.raises(MonoscopeError, match="does not exist"):
-        engine.add(Request(_ids(llama, PROMPTS[1]), Steering().clamp(999, 1.0, sae=make_sae(model=llama.name)), SamplingParams()))
+        engine.add(
+            Request(
+                _ids(llama, PROMPTS[1]), Steering().clamp(999, 1.0, sae=make_sae(model=llama.name)), SamplingParams()
+            )
+        )
     with pytest.raises(MonoscopeError, match="8x"):  # a relative value with no maxima to resolve it against
-        engine.add(Request(_ids(llama, PROMPTS[1]), Steering(make_sae(model=llama.name), max_activations={}).clamp(3, "8x"), SamplingParams()))
+        engine.add(
+            Request(
+                _ids(llama, PROMPTS[1]),
+                Steering(make_sae(model=llama.name), max_activations={}).clamp(3, "8x"),
+                SamplingParams(),
+            )
+        )
     assert engine.waiting == 1
     engine.run()
     assert good.result.finish_reason in ("length", "stop")
@@ -156,7 +176,9 @@ def test_seeds_streaming_stops_and_cancel(llama):
     assert mixed[2].ids == alone[0].ids
     # streamed deltas add up to the text; a stop string cuts it where it starts
     deltas: dict[int, list[str]] = {}
-    out = generate_batch(llama, PROMPTS[:3], max_new_tokens=12, ignore_eos=True, on_text=lambda i, d: deltas.setdefault(i, []).append(d))
+    out = generate_batch(
+        llama, PROMPTS[:3], max_new_tokens=12, ignore_eos=True, on_text=lambda i, d: deltas.setdefault(i, []).append(d)
+    )
     assert ["".join(deltas.get(i, [])) for i in range(3)] == [o.text for o in out]
     text = out[0].text
     stop = text[3:5]
@@ -165,8 +187,12 @@ def test_seeds_streaming_stops_and_cancel(llama):
     # a cancelled row leaves; the other finishes as if alone
     cancel = threading.Event()
     engine = BatchEngine(llama)
-    gone = engine.add(Request(_ids(llama, PROMPTS[0]), None, SamplingParams(max_new_tokens=50, min_new_tokens=50), cancel=cancel))
-    kept = engine.add(Request(_ids(llama, PROMPTS[1]), None, SamplingParams(max_new_tokens=TOKENS, min_new_tokens=TOKENS)))
+    gone = engine.add(
+        Request(_ids(llama, PROMPTS[0]), None, SamplingParams(max_new_tokens=50, min_new_tokens=50), cancel=cancel)
+    )
+    kept = engine.add(
+        Request(_ids(llama, PROMPTS[1]), None, SamplingParams(max_new_tokens=TOKENS, min_new_tokens=TOKENS))
+    )
     for _ in range(3):
         engine.step()
     cancel.set()
@@ -187,8 +213,10 @@ def test_steer_follows_left_padding_in_plain_generate(llama):
     finally:
         tok.padding_side = side
     with steer(llama, s), torch.inference_mode():
-        out = llama.model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
-    new = out[:, batch.input_ids.shape[1]:]
+        out = llama.model.generate(
+            **batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    new = out[:, batch.input_ids.shape[1] :]
     for i in range(3):
         assert new[i].tolist() == generate(llama, PROMPTS[i], steering=s, max_new_tokens=6).ids, i
 
@@ -197,8 +225,19 @@ def test_a_sliding_window_model_runs_one_row_at_a_time(tokenizer, tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, sliding_window=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     MistralForCausalLM(cfg).eval().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     lm = load_model(str(tmp_path))

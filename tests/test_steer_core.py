@@ -14,11 +14,21 @@ from monoscope.steer.spec import Value, parse_feature_spec
 HOOK = "resid_post.0"
 
 
-def make_sae(d_in: int = 32, d_sae: int = 64, k: int = 4, hook: str = HOOK, model: str | None = None, seed: int = 0,
-             always_on: int | None = None, enc_scale: float = 8.0) -> TopKSAE:
+def make_sae(
+    d_in: int = 32,
+    d_sae: int = 64,
+    k: int = 4,
+    hook: str = HOOK,
+    model: str | None = None,
+    seed: int = 0,
+    always_on: int | None = None,
+    enc_scale: float = 8.0,
+) -> TopKSAE:
     """A random TopK SAE with unit decoder rows; `always_on` gets a large encoder bias so it fires everywhere."""
     g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, metadata={"hook_name": hook, "model_name": model}))
+    sae = TopKSAE(
+        SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, metadata={"hook_name": hook, "model_name": model})
+    )
     with torch.no_grad():
         sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g))
         sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
@@ -59,7 +69,9 @@ def test_feature_modes_match_their_formulas(lm, ids):
     expected = x + (5 - f[..., 3:4]) * D[3] + 2.0 * D[7] + (3 - 1) * f[..., 9:10] * D[9] - f[..., 11:12] * D[11]
     assert torch.allclose(y[:, 1:], expected[:, 1:], atol=1e-5)
     assert torch.equal(y[:, 0], x[:, 0])  # the first position (an attention sink) is left alone by default
-    _, y_all = steered_pair(lm, Steering(sae, skip_first=False).clamp(3, 5.0).add(7, 2.0).multiply(9, 3.0).ablate(11), ids)
+    _, y_all = steered_pair(
+        lm, Steering(sae, skip_first=False).clamp(3, 5.0).add(7, 2.0).multiply(9, 3.0).ablate(11), ids
+    )
     assert torch.allclose(y_all, expected, atol=1e-5)
 
 
@@ -130,7 +142,15 @@ def test_one_encoder_gemm_per_forward_for_all_features_of_an_sae(lm, ids):
 
     class Count(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            is_product = getattr(func, "__name__", "") in ("addmm", "mm", "matmul", "__matmul__", "linear", "einsum", "bmm")
+            is_product = getattr(func, "__name__", "") in (
+                "addmm",
+                "mm",
+                "matmul",
+                "__matmul__",
+                "linear",
+                "einsum",
+                "bmm",
+            )
             if is_product and any(a is sae.W_enc for a in args if isinstance(a, torch.Tensor)):
                 calls.append(func)
             return func(*args, **(kwargs or {}))
@@ -157,7 +177,21 @@ def test_spec_parsing():
     assert parse_feature_spec("3=mul:2")[1] == "multiply"
 
 
-@pytest.mark.parametrize("spec", ["abc", "12=clamp", "12=foo:3", "12=clamp:", "=3", "12=clamp:nan", "12=add:inf", "12=clamp:1e7", "12=clamp:eightx", "-3=clamp:1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "abc",
+        "12=clamp",
+        "12=foo:3",
+        "12=clamp:",
+        "=3",
+        "12=clamp:nan",
+        "12=add:inf",
+        "12=clamp:1e7",
+        "12=clamp:eightx",
+        "-3=clamp:1",
+    ],
+)
 def test_malformed_or_absurd_specs_are_clear_errors(spec):
     with pytest.raises(MonoscopeError) as err:
         Steering(make_sae()).parse(spec)
@@ -191,7 +225,9 @@ def test_bad_feature_ids_models_and_hooks(lm, ids, tiny_gpt2_dir):
 def test_saved_sae_steers_and_max_activation_is_estimated_without_a_database(lm, ids, tmp_path):
     from monoscope.steer import load_steering_sae
 
-    folder = save_sae(make_sae(model=lm.name, always_on=2), tmp_path / "sae", info={"hook_point": HOOK, "model": lm.name})
+    folder = save_sae(
+        make_sae(model=lm.name, always_on=2), tmp_path / "sae", info={"hook_point": HOOK, "model": lm.name}
+    )
     sae = load_steering_sae(folder)
     with pytest.warns(UserWarning, match="estimated"):
         compiled = Steering(sae).clamp(2, "2x").compile(lm)
@@ -204,14 +240,26 @@ def test_values_and_suggestions_from_a_feature_database(lm, tmp_path, text_corpu
     from monoscope.features.store import FeatureStore
     from monoscope.steer import FeatureDB, load_steering_sae, suggest_features
 
-    folder = save_sae(make_sae(model=lm.name, always_on=2), tmp_path / "sae", info={"hook_point": HOOK, "model": lm.name})
-    analyze_sae(folder, loaded=lm, corpus=str(text_corpus), config=AnalysisConfig(tokens=600, context_size=16, map="none", embeddings=False), progress=False)
+    folder = save_sae(
+        make_sae(model=lm.name, always_on=2), tmp_path / "sae", info={"hook_point": HOOK, "model": lm.name}
+    )
+    analyze_sae(
+        folder,
+        loaded=lm,
+        corpus=str(text_corpus),
+        config=AnalysisConfig(tokens=600, context_size=16, map="none", embeddings=False),
+        progress=False,
+    )
     sae = load_steering_sae(folder)
     store = FeatureStore.for_sae(folder)
     fired = [r.id for r in store.features() if r.max_activation > 0][:2]
-    compiled = Steering(sae).clamp(fired[0], "2x").add(fired[1], "0.5x").compile(lm)  # the database next to the SAE, no estimate
+    compiled = (
+        Steering(sae).clamp(fired[0], "2x").add(fired[1], "0.5x").compile(lm)
+    )  # the database next to the SAE, no estimate
     values = compiled.plans[HOOK].groups[0].values.tolist()
-    assert values == pytest.approx([2 * store.feature(fired[0]).max_activation, 0.5 * store.feature(fired[1]).max_activation])
+    assert values == pytest.approx(
+        [2 * store.feature(fired[0]).max_activation, 0.5 * store.feature(fired[1]).max_activation]
+    )
     found = suggest_features(lm, sae, "the quick brown fox", db=FeatureDB(store), top=3, search_mode="words")
     assert found and all(s.source in ("search", "examples") for s in found)
     with pytest.raises(MonoscopeError, match="another SAE"):
@@ -228,7 +276,9 @@ def test_feature_codes_match_encode_for_every_architecture(arch):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g).abs() * 0.3 if p.dim() == 1 else torch.randn(p.shape, generator=g))
+            p.copy_(
+                torch.randn(p.shape, generator=g).abs() * 0.3 if p.dim() == 1 else torch.randn(p.shape, generator=g)
+            )
     x = torch.randn(10, 32, generator=g)
     idx = torch.tensor([5, 0, 63, 17])
     assert torch.allclose(feature_codes(sae, x, idx), sae.encode(x)[:, idx], atol=1e-5)

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
+from tests.test_steer_core import HOOK, make_sae
 from transformers import TextIteratorStreamer
 
 from monoscope.model import edit, load_model
 from monoscope.steer import Steering, generate, steer
-from tests.test_steer_core import HOOK, make_sae
 
 PROMPT = "Q: What is the capital of France?\nA:"
 
@@ -43,20 +43,24 @@ def test_empty_steering_gives_the_same_tokens_as_plain_generate(lm, ids, samplin
     result = generate(lm, PROMPT, steering=Steering(), max_new_tokens=12, seed=7 if sampling else None)
     torch.manual_seed(7)
     again = plain(lm, ids, max_new_tokens=12, do_sample=sampling, **({"temperature": 1.0} if sampling else {}))
-    assert result.ids == again[0, ids.shape[1]:].tolist()
+    assert result.ids == again[0, ids.shape[1] :].tolist()
 
 
 def test_streaming_with_an_empty_steering_matches_plain_text(lm, ids):
     def stream_text(steering):
         streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with steer(lm, steering):
-            worker = threading.Thread(target=plain, args=(lm, ids), kwargs=dict(max_new_tokens=10, do_sample=False, streamer=streamer))
+            worker = threading.Thread(
+                target=plain, args=(lm, ids), kwargs=dict(max_new_tokens=10, do_sample=False, streamer=streamer)
+            )
             worker.start()
             text = "".join(streamer)
             worker.join()
         return text
 
-    expected = lm.tokenizer.decode(plain(lm, ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = lm.tokenizer.decode(
+        plain(lm, ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True
+    )
     assert stream_text(Steering()) == expected
 
 

@@ -12,11 +12,24 @@ import pytest
 import torch
 
 from monoscope.model import load_model
-from monoscope.steer.refusal import builtin_prompts, bypass_score, find_refusal_direction, refusal_log_odds, refusal_token_ids
+from monoscope.steer.refusal import (
+    builtin_prompts,
+    bypass_score,
+    find_refusal_direction,
+    refusal_log_odds,
+    refusal_token_ids,
+)
 from monoscope.steer.vectors import SteeringVector
 
 HARMFUL = ["def add(a, b): bad", "import os bad", "bad bad code", "print bad", "return bad a", "lazy bad dog"]
-HARMLESS = ["The quick brown fox", "Q: What is the capital", "There once was a man", "Beware of bugs", "A: Paris.", "jumps over"]
+HARMLESS = [
+    "The quick brown fox",
+    "Q: What is the capital",
+    "There once was a man",
+    "Beware of bugs",
+    "A: Paris.",
+    "jumps over",
+]
 
 
 def test_refusal_log_odds_matches_its_definition():
@@ -28,7 +41,9 @@ def test_refusal_log_odds_matches_its_definition():
 
 def test_search_scores_every_candidate_and_keeps_the_best(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
-    search = find_refusal_direction(lm, HARMFUL, HARMLESS, positions=2, openings=["bad", "The"], kl_max=10.0, progress=False)
+    search = find_refusal_direction(
+        lm, HARMFUL, HARMLESS, positions=2, openings=["bad", "The"], kl_max=10.0, progress=False
+    )
     assert len(search.candidates) == 2 * 2  # 2 layers x 2 positions
     assert {c.layer for c in search.candidates} == {0, 1} and {c.position for c in search.candidates} == {-1, -2}
     pool = [c for c in search.candidates if c.passed] or search.candidates
@@ -40,7 +55,9 @@ def test_search_scores_every_candidate_and_keeps_the_best(tiny_llama_dir):
     # bypass was measured on the validation half; re-measure on exactly those prompts through a separate path
     assert all(math.isfinite(c.kl) and c.kl >= 0 for c in search.candidates)
     # a KL bound below every candidate's: induce is measured for none, and the gentlest candidate is kept
-    strict = find_refusal_direction(lm, HARMFUL, HARMLESS, positions=2, openings=["bad", "The"], kl_max=1e-12, progress=False)
+    strict = find_refusal_direction(
+        lm, HARMFUL, HARMLESS, positions=2, openings=["bad", "The"], kl_max=1e-12, progress=False
+    )
     assert not strict.passed_filters and all(c.induce is None for c in strict.candidates)
     assert strict.chosen.kl == min(c.kl for c in strict.candidates)
     assert search.n_train == 6 and search.n_val == 6
@@ -49,8 +66,9 @@ def test_search_scores_every_candidate_and_keeps_the_best(tiny_llama_dir):
 def test_bypass_score_agrees_with_the_search(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
     # one harmful prompt for training and one for validation, so the validation set is known
-    search = find_refusal_direction(lm, HARMFUL[:2], HARMLESS[:2], positions=1, layers=[1], openings=["bad"], kl_max=10.0,
-                                    progress=False, seed=3)
+    search = find_refusal_direction(
+        lm, HARMFUL[:2], HARMLESS[:2], positions=1, layers=[1], openings=["bad"], kl_max=10.0, progress=False, seed=3
+    )
     import random
 
     harmful = random.Random(3).sample(HARMFUL[:2], 2)
@@ -68,8 +86,12 @@ def test_refusal_tokens_and_builtin_prompts(tokenizer):
 
 def test_vector_refusal_cli(tiny_llama_dir, tmp_path, capsys):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "monoscope", "vector", "refusal", "--model", str(tiny_llama_dir), *args],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "monoscope", "vector", "refusal", "--model", str(tiny_llama_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     args = [a for p in HARMFUL for a in ("--harmful", p)] + [a for p in HARMLESS for a in ("--harmless", p)]
     out = tmp_path / "refusal.safetensors"
@@ -89,7 +111,9 @@ def test_vector_refusal_cli(tiny_llama_dir, tmp_path, capsys):
         ([*args, "--val-fraction", "1.5"], "fraction"),
     ]:
         try:
-            code = main(["vector", "refusal", "--model", str(tiny_llama_dir), *bad, "--out", str(tmp_path / "x.safetensors")])
+            code = main(
+                ["vector", "refusal", "--model", str(tiny_llama_dir), *bad, "--out", str(tmp_path / "x.safetensors")]
+            )
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code
         err = capsys.readouterr().err

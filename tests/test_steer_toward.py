@@ -8,14 +8,20 @@ import math
 
 import pytest
 import torch
+from tests.test_steer_core import make_sae
 
 from monoscope.cli import main
 from monoscope.errors import MonoscopeError
 from monoscope.model import edit, load_model
 from monoscope.sae import save_sae
-from monoscope.steer.concepts import ReferenceObjective, check_references, explain_vector, learn_steering_vector, repetition
+from monoscope.steer.concepts import (
+    ReferenceObjective,
+    check_references,
+    explain_vector,
+    learn_steering_vector,
+    repetition,
+)
 from monoscope.steer.toward import TEST_PROMPTS, Option, TowardConfig, _refinements, plan_steering
-from tests.test_steer_core import make_sae
 
 HOOK = "resid_post.0"
 REFS = ["the quick brown fox jumps", "a brown fox runs over the dog"]
@@ -42,7 +48,7 @@ def test_the_objective_with_cached_prompts_equals_a_full_forward(lm):
     answer = lm.tokenizer(" " + REFS[0], add_special_tokens=False, return_tensors="pt").input_ids[0]
     ids = torch.cat([prompt, answer]).unsqueeze(0)
     keep = torch.zeros(1, ids.shape[1], 1)
-    keep[:, len(prompt):] = 1
+    keep[:, len(prompt) :] = 1
     with torch.no_grad(), edit(lm.model, {HOOK: lambda x: x + keep * v}):
         logits = lm.model(ids).logits[0, len(prompt) - 1 : -1].float()
     expected = -torch.log_softmax(logits, -1).gather(-1, answer.unsqueeze(-1)).mean()
@@ -91,7 +97,11 @@ def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae)
         v = o.vector if o.vector is not None else sum(val * sae.W_dec[f] for f, val in o.features)
         assert float(v.norm()) == pytest.approx(o.strength * plan.unit, rel=1e-3)
     out = json.loads(json.dumps(plan.to_dict()))
-    assert out["concept"] == "fox" and out["positions"] in ("generated", "all", "prompt") and len(out["options"]) == len(plan.options)
+    assert (
+        out["concept"] == "fox"
+        and out["positions"] in ("generated", "all", "prompt")
+        and len(out["options"]) == len(plan.options)
+    )
     if plan.chosen is not None:
         assert plan.chosen in plan.options and plan.chosen.perplexity_ratio <= plan.max_perplexity_ratio
         assert plan.chosen.similarity > plan.unsteered_similarity
@@ -100,11 +110,14 @@ def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae)
         assert plan.notes
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(concept="  "), "concept is empty"),
-    (dict(concept="fox", references=["x"] * 65), "too many"),
-    (dict(concept="fox", references=["word " * 500]), "characters"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(concept="  "), "concept is empty"),
+        (dict(concept="fox", references=["x"] * 65), "too many"),
+        (dict(concept="fox", references=["word " * 500]), "characters"),
+    ],
+)
 def test_plan_bad_input_is_one_line(lm, sae, kwargs, message):
     with pytest.raises(MonoscopeError, match=message):
         plan_steering(lm, sae, **kwargs)
@@ -123,32 +136,61 @@ def test_config_and_helpers_refuse_nonsense():
 @pytest.fixture(scope="module")
 def sae_dir(tiny_llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("toward-sae") / "sae"
-    return save_sae(make_sae(model=str(tiny_llama_dir)), folder, info={"hook_point": HOOK, "model": str(tiny_llama_dir)})
+    return save_sae(
+        make_sae(model=str(tiny_llama_dir)), folder, info={"hook_point": HOOK, "model": str(tiny_llama_dir)}
+    )
 
 
 def test_steer_toward_json_and_suggest_json(sae_dir, capsys):
-    code = main(["steer", "--sae", str(sae_dir), "--toward", "fox", "--reference", REFS[0], "--method", "vector", "--prompt", PROMPTS[0],
-                 "--max-new-tokens", "5", "--json"])
+    code = main(
+        [
+            "steer",
+            "--sae",
+            str(sae_dir),
+            "--toward",
+            "fox",
+            "--reference",
+            REFS[0],
+            "--method",
+            "vector",
+            "--prompt",
+            PROMPTS[0],
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     if code == 0:
         out = json.loads(captured.out)
         assert {"prompt", "unsteered", "steered", "features", "vectors", "toward"} <= set(out)
-        assert out["toward"]["chosen"]["kind"] in ("vector", "diffmean") and out["vectors"] and out["toward"]["explanation"]
+        assert (
+            out["toward"]["chosen"]["kind"] in ("vector", "diffmean")
+            and out["vectors"]
+            and out["toward"]["explanation"]
+        )
     else:  # nothing moved the tiny model's text toward 'fox': one line that says so and what to try
         assert code == 2 and captured.err.count("\n") == 1 and "found nothing that steers toward 'fox'" in captured.err
-    assert main(["suggest", "--sae", str(sae_dir), "fox", "--reference", REFS[0], "--method", "features", "--json"]) == 0
+    assert (
+        main(["suggest", "--sae", str(sae_dir), "fox", "--reference", REFS[0], "--method", "features", "--json"]) == 0
+    )
     rows = json.loads(capsys.readouterr().out)
-    assert rows and all({"feature", "score", "source", "kind", "chosen", "similarity", "perplexity_ratio"} <= set(r) for r in rows)
+    assert rows and all(
+        {"feature", "score", "source", "kind", "chosen", "similarity", "perplexity_ratio"} <= set(r) for r in rows
+    )
     measured = [r for r in rows if r["similarity"] is not None and not r["chosen"]]
     assert [r["similarity"] for r in measured] == sorted((r["similarity"] for r in measured), reverse=True)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--toward", "  "], "--toward is empty"),
-    (["--toward", "fox", "--feature", "1=add:2"], "leave out --feature"),
-    (["--reference", "a fox"], "--reference goes with --toward"),
-    (["--toward", "fox", "--strength", "nan"], "--strength is nan"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--toward", "  "], "--toward is empty"),
+        (["--toward", "fox", "--feature", "1=add:2"], "leave out --feature"),
+        (["--reference", "a fox"], "--reference goes with --toward"),
+        (["--toward", "fox", "--strength", "nan"], "--strength is nan"),
+    ],
+)
 def test_steer_toward_bad_input_exits_2_with_one_line(sae_dir, capsys, args, message):
     assert main(["steer", "--sae", str(sae_dir), *args, "--prompt", PROMPTS[0], "--max-new-tokens", "3"]) == 2
     err = capsys.readouterr().err
@@ -161,13 +203,28 @@ def test_refinement_tries_a_strength_between_fluent_and_broken():
     base_a, base_b, base_c = object(), object(), object()
 
     def option(strength, ratio, sim, base, feature):
-        return Option("feature", strength, [(feature, 10.0 * strength)], "prompt", similarity=sim, perplexity_ratio=ratio, base=base)
+        return Option(
+            "feature",
+            strength,
+            [(feature, 10.0 * strength)],
+            "prompt",
+            similarity=sim,
+            perplexity_ratio=ratio,
+            base=base,
+        )
 
-    options = [option(0.5, 1.5, 0.2, base_a, 1), option(1.0, 6.0, 0.6, base_a, 1),  # fluent at 0.5, broken at 1
-               option(0.5, 4.0, 0.5, base_b, 2), option(1.0, 9.0, 0.5, base_b, 2),  # broken at both
-               option(0.5, 1.1, 0.1, base_c, 3), option(1.0, 1.2, 0.15, base_c, 3)]  # fluent at both: nothing to refine
+    options = [
+        option(0.5, 1.5, 0.2, base_a, 1),
+        option(1.0, 6.0, 0.6, base_a, 1),  # fluent at 0.5, broken at 1
+        option(0.5, 4.0, 0.5, base_b, 2),
+        option(1.0, 9.0, 0.5, base_b, 2),  # broken at both
+        option(0.5, 1.1, 0.1, base_c, 3),
+        option(1.0, 1.2, 0.15, base_c, 3),
+    ]  # fluent at both: nothing to refine
     extra = {o.features[0][0]: o for o in _refinements(options, 2.5, top=3)}
     assert set(extra) == {1, 2}
-    assert extra[1].strength == pytest.approx(math.sqrt(0.5)) and extra[1].features[0][1] == pytest.approx(10 * math.sqrt(0.5))
+    assert extra[1].strength == pytest.approx(math.sqrt(0.5)) and extra[1].features[0][1] == pytest.approx(
+        10 * math.sqrt(0.5)
+    )
     assert extra[2].strength == pytest.approx(0.25) and extra[2].features[0][1] == pytest.approx(2.5)
     assert _refinements(options, 2.5, top=1)[0].features[0][0] == 1  # only the most promising direction

@@ -38,7 +38,14 @@ def test_contrastive_vector_is_the_difference_of_means(lm):
     mean_v = contrastive_vector(lm, POSITIVE, NEGATIVE, "resid_post.1", position="mean")
 
     def avg(prompts):  # the first position (an attention sink) left out
-        return torch.stack([run_to(lm.model, "resid_post.1", lm.tokenizer(p, return_tensors="pt").input_ids)["resid_post.1"][0, 1:].mean(0) for p in prompts]).mean(0)
+        return torch.stack(
+            [
+                run_to(lm.model, "resid_post.1", lm.tokenizer(p, return_tensors="pt").input_ids)["resid_post.1"][
+                    0, 1:
+                ].mean(0)
+                for p in prompts
+            ]
+        ).mean(0)
 
     assert torch.allclose(mean_v.directions["resid_post.1"], avg(POSITIVE) - avg(NEGATIVE), atol=1e-5)
 
@@ -86,7 +93,11 @@ def test_gguf_export_reads_back_as_a_llama_cpp_control_vector(lm, tmp_path):
 
     reader = gguf.GGUFReader(str(path))
     (tensor,) = reader.tensors
-    assert tensor.name == "direction.1" and tensor.tensor_type == gguf.GGMLQuantizationType.F32 and list(tensor.shape) == [32]
+    assert (
+        tensor.name == "direction.1"
+        and tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        and list(tensor.shape) == [32]
+    )
     with pytest.raises(MonoscopeError, match="block 0"):
         export_gguf(SteeringVector({"resid_post.0": torch.ones(32)}), tmp_path / "bad.gguf")
     with pytest.raises(MonoscopeError, match="block outputs"):

@@ -19,7 +19,9 @@ from server_client import http as request
 pytest_plugins = ["server_fixtures"]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="the UI tests need Debian's `chromium` (apt-get install chromium); CI installs it")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="the UI tests need Debian's `chromium` (apt-get install chromium); CI installs it"
+)
 TIMEOUT = 20_000
 
 
@@ -28,7 +30,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
         yield b
         b.close()
 
@@ -98,7 +102,9 @@ def test_scanner(page):
     page.goto(page.base + "/#/scan")
     page.fill("#scan-input", "The quick brown fox jumps over the lazy dog.")
     page.click("#scan-button")
-    page.wait_for_function("() => document.querySelector('#scan-tokens')?.innerText === 'The quick brown fox jumps over the lazy dog.'")
+    page.wait_for_function(
+        "() => document.querySelector('#scan-tokens')?.innerText === 'The quick brown fox jumps over the lazy dog.'"
+    )
     tokens = page.locator("#scan-tokens .tok")
     texts = tokens.all_inner_texts()
     i = max(range(len(texts)), key=lambda j: len(texts[j].strip()))  # the longest token
@@ -117,9 +123,13 @@ def test_scanner(page):
 
 
 def _replies(page):
-    page.wait_for_function("() => [...document.querySelectorAll('.turn:last-child .reply')].every(r => r.dataset.state === 'done')")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.turn:last-child .reply')].every(r => r.dataset.state === 'done')"
+    )
     last = page.locator(".turn").last
-    return last.locator(".reply.unsteered .reply-text").inner_text(), last.locator(".reply.steered .reply-text").inner_text()
+    return last.locator(".reply.unsteered .reply-text").inner_text(), last.locator(
+        ".reply.steered .reply-text"
+    ).inner_text()
 
 
 def test_equalizer_chat_slider_changes_the_steered_reply(page, target, server):
@@ -136,8 +146,16 @@ def test_equalizer_chat_slider_changes_the_steered_reply(page, target, server):
     page.fill("#chat-input", "The quick brown fox")
     page.click("#send-button")
     unsteered, steered = _replies(page)
-    plain = request("POST", server.url + "/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": "The quick brown fox"}], "max_tokens": 12, "temperature": 0, "seed": 0}).json()
+    plain = request(
+        "POST",
+        server.url + "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "The quick brown fox"}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "seed": 0,
+        },
+    ).json()
     assert unsteered == plain["choices"][0]["message"]["content"]
     assert steered != unsteered  # clamped at 4x its max activation
     # move the slider to the top: the steered reply is generated again, and changes
@@ -145,7 +163,11 @@ def test_equalizer_chat_slider_changes_the_steered_reply(page, target, server):
     slider.focus()
     page.keyboard.press("End")
     assert item.locator(".value").inner_text().startswith("20")
-    page.wait_for_function("(old) => { const r = document.querySelector('.turn:last-child .reply.steered'); return r.dataset.state === 'done' && r.querySelector('.reply-text').innerText !== old; }", arg=steered)
+    page.wait_for_function(
+        "(old) => { const r = document.querySelector('.turn:last-child .reply.steered'); "
+        "return r.dataset.state === 'done' && r.querySelector('.reply-text').innerText !== old; }",
+        arg=steered,
+    )
     unsteered2, steered2 = _replies(page)
     assert unsteered2 == unsteered and steered2 not in (steered, unsteered)
     shot(page, "chat")
@@ -174,7 +196,16 @@ def test_equalizer_add_by_search(page, target):
     page.locator(f".eq-item[data-feature='{fid}'] select").select_option("ablate")
     assert page.locator(f".eq-item[data-feature='{fid}'] .value").inner_text() == "off"
     steering = page.evaluate("JSON.parse(localStorage.getItem('monoscope.equalizer'))")
-    assert steering["items"] == [{"sae": "sae", "feature": fid, "label": steering["items"][0]["label"], "mode": "ablate", "value": 0, "enabled": True}]
+    assert steering["items"] == [
+        {
+            "sae": "sae",
+            "feature": fid,
+            "label": steering["items"][0]["label"],
+            "mode": "ablate",
+            "value": 0,
+            "enabled": True,
+        }
+    ]
 
 
 def test_map(page, server):

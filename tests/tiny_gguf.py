@@ -10,7 +10,11 @@ import numpy as np
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's row order for Q and K (interleaved rotary halves); transformers undoes it on load."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def write_llama_gguf(model, tokenizer, path: Path, qtype: str = "F32", architecture: str = "llama") -> Path:
@@ -30,7 +34,9 @@ def write_llama_gguf(model, tokenizer, path: Path, qtype: str = "F32", architect
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
+    writer.add_rope_freq_base(
+        cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
+    )
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
 

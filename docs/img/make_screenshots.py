@@ -21,9 +21,13 @@ def main() -> None:
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--feature", type=int, default=0, help="feature page to show")
     ap.add_argument("--search", default="love", help="words to search for")
-    ap.add_argument("--steer", action="append", default=[], help="ID=MODE:VALUE for the equalizer (value in x max for clamp/add)")
+    ap.add_argument(
+        "--steer", action="append", default=[], help="ID=MODE:VALUE for the equalizer (value in x max for clamp/add)"
+    )
     ap.add_argument("--prompt", default="Tell me about your weekend.")
-    ap.add_argument("--scan", default="I love my dog. We walk by the sea every weekend, and then I cook pasta for dinner.")
+    ap.add_argument(
+        "--scan", default="I love my dog. We walk by the sea every weekend, and then I cook pasta for dinner."
+    )
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -35,7 +39,10 @@ def main() -> None:
         mode, value = rest.split(":")
         items.append({"feature": int(fid), "mode": mode, "value": float(value), "enabled": True})
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         page = browser.new_page(viewport={"width": 1360, "height": 860}, device_scale_factor=1)
         page.set_default_timeout(120_000)
         page.goto(f"{args.url}/#/search?mode=hybrid&q={args.search}")
@@ -52,14 +59,20 @@ def main() -> None:
         page.wait_for_function(f"() => document.querySelector('#scan-tokens')?.innerText === {json.dumps(args.scan)}")
         time.sleep(0.3)
         page.screenshot(path=str(out / "scanner.png"))
-        page.evaluate(f"localStorage.setItem('monoscope.equalizer', {json.dumps(json.dumps({'strength': 1, 'items': items}))})")
-        page.evaluate("localStorage.setItem('monoscope.chatSettings', JSON.stringify({max_tokens: 48, temperature: 0, seed: 0, compare: true, auto: false}))")
+        page.evaluate(
+            f"localStorage.setItem('monoscope.equalizer', {json.dumps(json.dumps({'strength': 1, 'items': items}))})"
+        )
+        page.evaluate(
+            "localStorage.setItem('monoscope.chatSettings', JSON.stringify({max_tokens: 48, temperature: 0, seed: 0, compare: true, auto: false}))"
+        )
         page.goto(f"{args.url}/#/chat")
         page.reload()
         page.wait_for_selector(".eq-item")
         page.fill("#chat-input", args.prompt)
         page.click("#send-button")
-        page.wait_for_function("() => [...document.querySelectorAll('.reply')].length > 0 && [...document.querySelectorAll('.reply')].every(r => r.dataset.state === 'done')")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.reply')].length > 0 && [...document.querySelectorAll('.reply')].every(r => r.dataset.state === 'done')"
+        )
         page.screenshot(path=str(out / "chat.png"))
         page.goto(f"{args.url}/#/map")
         page.wait_for_selector("#map-canvas[data-ready]")

@@ -55,7 +55,9 @@ def _commit(tmp: Path, path: Path) -> None:
 
 
 def _disk_error(path: Path, err: OSError) -> MonoscopeError:
-    return MonoscopeError(f"could not write {path}: {err.strerror or err}. Free some disk space or choose another folder; nothing already saved was changed.")
+    return MonoscopeError(
+        f"could not write {path}: {err.strerror or err}. Free some disk space or choose another folder; nothing already saved was changed."
+    )
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -79,7 +81,9 @@ def atomic_save_safetensors(
     path = Path(path)
     tmp = _temp_sibling(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {})
+        )
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise _disk_error(path, err) from err

@@ -16,8 +16,9 @@ from .config import JsonConfig
 if TYPE_CHECKING:
     from .model import LoadedModel
 
-MODEL_SOURCES = ("hub id, local folder, .gguf file (dequantised once into the cache), "
-                 "or smollm2-135m-instruct (embedded, offline)")
+MODEL_SOURCES = (
+    "hub id, local folder, .gguf file (dequantised once into the cache), or smollm2-135m-instruct (embedded, offline)"
+)
 CORPUS_SOURCES = "starter (offline), a .txt/.jsonl/.parquet file or folder, or hf:DATASET_ID"
 HOOK_POINT = "hook point KIND.LAYER (resid_pre, resid_post, attn_out, mlp_out)"
 
@@ -55,8 +56,9 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None, default_help
 def add_hook_arg(p: argparse.ArgumentParser, *, repeat: bool = False, default_help: str | None = None) -> None:
     """--hook: one hook point, or (repeat) several, one per flag."""
     text = HOOK_POINT + ("; repeat for several" if repeat else "")
-    p.add_argument("--hook", default=None, action="append" if repeat else "store",
-                   help=_with_default(text, None, default_help))
+    p.add_argument(
+        "--hook", default=None, action="append" if repeat else "store", help=_with_default(text, None, default_help)
+    )
 
 
 def default_hooks(hooks: Sequence[str] | None, loaded: "LoadedModel") -> list[str]:
@@ -77,21 +79,33 @@ def add_corpus_args(
     one `recorded` says (e.g. "the SAE's"), else open_corpus's own (text, train)."""
     p.add_argument("--corpus", default=default, help=_with_default(CORPUS_SOURCES, default, default_help))
     column_help = "column holding the text in JSONL/Parquet/HF data"
-    p.add_argument("--text-column", default=text_column,
-                   help=_with_default(column_help, text_column, recorded and f"{recorded}, else text"))
-    p.add_argument("--split", default=split,
-                   help=_with_default("HF dataset split", split, recorded and f"{recorded}, else train"))
-    p.add_argument("--dataset-config", default=None,
-                   help="HF dataset configuration name" + (f" (default: {recorded})" if recorded else ""))
+    p.add_argument(
+        "--text-column",
+        default=text_column,
+        help=_with_default(column_help, text_column, recorded and f"{recorded}, else text"),
+    )
+    p.add_argument(
+        "--split", default=split, help=_with_default("HF dataset split", split, recorded and f"{recorded}, else train")
+    )
+    p.add_argument(
+        "--dataset-config",
+        default=None,
+        help="HF dataset configuration name" + (f" (default: {recorded})" if recorded else ""),
+    )
 
 
-def add_context_size_arg(p: argparse.ArgumentParser, default: int | None, default_help: str | None = None, *,
-                         when: str = "") -> None:
+def add_context_size_arg(
+    p: argparse.ArgumentParser, default: int | None, default_help: str | None = None, *, when: str = ""
+) -> None:
     """--context-size: tokens per packed context, BOS included."""
     from .argtypes import positive_int
 
-    p.add_argument("--context-size", type=positive_int, default=default,
-                   help=_with_default(f"{when}tokens per context, BOS included", default, default_help))
+    p.add_argument(
+        "--context-size",
+        type=positive_int,
+        default=default,
+        help=_with_default(f"{when}tokens per context, BOS included", default, default_help),
+    )
 
 
 # ---------------------------------------------------------------- flags read from a dataclass config
@@ -113,16 +127,28 @@ def config_default(config: type[JsonConfig], name: str) -> Any:
     raise KeyError(f"{config.__name__}.{name} has no default")
 
 
-def add_config_flag(p: argparse.ArgumentParser, config: type[JsonConfig], name: str, *,
-                    type: Callable[[str], object] = str, choices: Sequence[str] | None = None) -> None:
+def add_config_flag(
+    p: argparse.ArgumentParser,
+    config: type[JsonConfig],
+    name: str,
+    *,
+    type: Callable[[str], object] = str,
+    choices: Sequence[str] | None = None,
+) -> None:
     """--NAME (underscores as dashes) for a config field: its default, and its help from the field's metadata
     ("help", and "default_help" to say what a None default means)."""
     default = config_default(config, name)
     metadata = _field(config, name).metadata
     if "help" not in metadata:
         raise KeyError(f"{config.__name__}.{name} has no help in its metadata")
-    p.add_argument("--" + name.replace("_", "-"), dest=name, type=type, choices=choices, default=default,
-                   help=_with_default(metadata["help"], default, metadata.get("default_help")))
+    p.add_argument(
+        "--" + name.replace("_", "-"),
+        dest=name,
+        type=type,
+        choices=choices,
+        default=default,
+        help=_with_default(metadata["help"], default, metadata.get("default_help")),
+    )
 
 
 def config_from_args(config: type[C], args: argparse.Namespace, **values: object) -> C:

@@ -18,6 +18,7 @@ from ..argtypes import non_negative_int, positive_int
 from ..errors import MonoscopeError
 
 if TYPE_CHECKING:
+    from ..cli_common import Parsers
     from ..features.store import FeatureStore
     from .client import LLMClient
     from .run import LabelRun
@@ -260,7 +261,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_explain(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def register_explain(subparsers: "Parsers") -> argparse.ArgumentParser:
     """Add `monoscope explain` to the CLI's subcommands."""
     p = subparsers.add_parser(
         "explain",

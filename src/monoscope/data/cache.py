@@ -32,7 +32,17 @@ from .harvest import HarvestBatch, HarvestConfig, Harvester, check_finite, scale
 MANIFEST = "activations.json"
 FORMAT = "monoscope-activations"
 FORMAT_VERSION = 1
-_IDENTITY_FIELDS = ("model", "hook_points", "corpus", "text_column", "split", "dataset_config", "context_size", "seed", "cache_dtype")
+_IDENTITY_FIELDS = (
+    "model",
+    "hook_points",
+    "corpus",
+    "text_column",
+    "split",
+    "dataset_config",
+    "context_size",
+    "seed",
+    "cache_dtype",
+)
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Rows of float32 held in RAM at once when shuffling a cache for training.
 DEFAULT_WINDOW_BYTES = 512 * 2**20
@@ -62,9 +72,15 @@ def _identity(cfg: HarvestConfig) -> dict[str, Any]:
 def _check_same_harvest(folder: Path, manifest: dict[str, Any], cfg: HarvestConfig) -> None:
     stored = manifest.get("harvest", {})
     wanted = _identity(cfg)
-    diffs = [f"{key}: cache has {stored.get(key)!r}, asked for {wanted[key]!r}" for key in _IDENTITY_FIELDS if stored.get(key) != wanted[key]]
+    diffs = [
+        f"{key}: cache has {stored.get(key)!r}, asked for {wanted[key]!r}"
+        for key in _IDENTITY_FIELDS
+        if stored.get(key) != wanted[key]
+    ]
     if diffs:
-        raise MonoscopeError(f"{folder} holds a different harvest ({'; '.join(diffs)}); pass another --out or delete that folder")
+        raise MonoscopeError(
+            f"{folder} holds a different harvest ({'; '.join(diffs)}); pass another --out or delete that folder"
+        )
 
 
 class _ShardWriter:
@@ -89,14 +105,18 @@ class _ShardWriter:
         if self.pending:
             if manifest["scale_factors"] is None:
                 manifest["scale_factors"] = {
-                    name: scale_factor(torch.cat([b.activations[name] for b in self.pending])[: self.cfg.norm_sample_tokens])
+                    name: scale_factor(
+                        torch.cat([b.activations[name] for b in self.pending])[: self.cfg.norm_sample_tokens]
+                    )
                     for name in self.cfg.hook_points
                 }
             tensors: dict[str, torch.Tensor] = {}
             for name in self.cfg.hook_points:
                 stored = torch.cat([b.activations[name] for b in self.pending]).to(self.dtype).cpu()
                 if not torch.isfinite(stored).all():
-                    raise MonoscopeError(f"activations at {name} overflow {self.cfg.cache_dtype}; harvest again with --cache-dtype float32 or bfloat16")
+                    raise MonoscopeError(
+                        f"activations at {name} overflow {self.cfg.cache_dtype}; harvest again with --cache-dtype float32 or bfloat16"
+                    )
                 tensors[name] = stored
             tensors["token_ids"] = torch.cat([b.token_ids for b in self.pending]).to(torch.int32)
             tensors["context_index"] = torch.cat([b.context_index for b in self.pending]).to(torch.int32)
@@ -130,7 +150,9 @@ def harvest_to_cache(
             raise MonoscopeError(f"{folder} is not a monoscope activation cache; pass another --out")
         _check_same_harvest(folder, manifest, cfg)
         if manifest["n_tokens"] >= cfg.tokens and manifest.get("complete"):
-            return HarvestReport(folder, manifest["n_tokens"], 0, len(manifest["shards"]), 0.0, manifest["scale_factors"], False, True)
+            return HarvestReport(
+                folder, manifest["n_tokens"], 0, len(manifest["shards"]), 0.0, manifest["scale_factors"], False, True
+            )
         resumed = manifest["n_tokens"] > 0
     else:
         if folder.exists() and any(folder.iterdir()):
@@ -191,7 +213,9 @@ class ActivationCache:
         self.path = Path(path).expanduser()
         if self.path.is_dir():
             if not (self.path / MANIFEST).is_file():
-                raise MonoscopeError(f"{self.path} is not an activation cache (no {MANIFEST}); harvest into it with `monoscope harvest`")
+                raise MonoscopeError(
+                    f"{self.path} is not an activation cache (no {MANIFEST}); harvest into it with `monoscope harvest`"
+                )
             self.manifest = read_json(self.path / MANIFEST)
             if self.manifest.get("format") != FORMAT:
                 raise MonoscopeError(f"{self.path / MANIFEST} is not a monoscope activation manifest")
@@ -213,7 +237,9 @@ class ActivationCache:
             with safe_open(str(self.path), framework="pt") as f:
                 keys = list(f.keys())
                 if "activations" not in keys:
-                    raise MonoscopeError(f"{self.path} has no 'activations' tensor (found: {', '.join(keys) or 'none'})")
+                    raise MonoscopeError(
+                        f"{self.path} has no 'activations' tensor (found: {', '.join(keys) or 'none'})"
+                    )
                 shape = f.get_slice("activations").get_shape()
                 meta = f.metadata() or {}
         except MonoscopeError:
@@ -251,10 +277,14 @@ class ActivationCache:
     def hook(self, hook_point: str | None) -> str:
         if hook_point is None:
             if len(self.hook_points) > 1:
-                raise MonoscopeError(f"{self.path} holds several hook points ({', '.join(self.hook_points)}); say which one")
+                raise MonoscopeError(
+                    f"{self.path} holds several hook points ({', '.join(self.hook_points)}); say which one"
+                )
             return self.hook_points[0]
         if hook_point not in self._keys:
-            raise MonoscopeError(f"{self.path} has no activations for {hook_point}; it holds {', '.join(self.hook_points)}")
+            raise MonoscopeError(
+                f"{self.path} has no activations for {hook_point}; it holds {', '.join(self.hook_points)}"
+            )
         return hook_point
 
     def scale_factor(self, hook_point: str | None = None) -> float:
@@ -274,7 +304,9 @@ class ActivationCache:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(key)
 
-    def read_all(self, hook_point: str | None = None, *, normalize: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def read_all(
+        self, hook_point: str | None = None, *, normalize: bool = True, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         hook = self.hook(hook_point)
         rows = torch.cat([self.read_shard(i, hook).to(dtype) for i in range(len(self.shards))])
         return rows * self.scale_factor(hook) if normalize else rows
@@ -291,8 +323,12 @@ class ActivationCache:
     ) -> "CacheBatches":
         hook = self.hook(hook_point)
         if batch_size > self.n_tokens:
-            raise MonoscopeError(f"batch size {batch_size} is larger than the cache ({self.n_tokens} tokens); harvest more or use a smaller batch")
-        return CacheBatches(self, hook, batch_size, shuffle=shuffle, seed=seed, normalize=normalize, window_bytes=window_bytes)
+            raise MonoscopeError(
+                f"batch size {batch_size} is larger than the cache ({self.n_tokens} tokens); harvest more or use a smaller batch"
+            )
+        return CacheBatches(
+            self, hook, batch_size, shuffle=shuffle, seed=seed, normalize=normalize, window_bytes=window_bytes
+        )
 
 
 class CacheBatches:
@@ -303,7 +339,17 @@ class CacheBatches:
     the trainer's resume protocol.
     """
 
-    def __init__(self, cache: ActivationCache, hook: str, batch_size: int, *, shuffle: bool, seed: int, normalize: bool, window_bytes: int):
+    def __init__(
+        self,
+        cache: ActivationCache,
+        hook: str,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        normalize: bool,
+        window_bytes: int,
+    ):
         self.cache = cache
         self.hook = hook
         self.batch_size = batch_size
@@ -319,7 +365,9 @@ class CacheBatches:
     def _epoch_windows(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.cache.shards)))
         if self.shuffle:
-            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+            order = torch.randperm(
+                len(order), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            ).tolist()
         windows: list[list[int]] = [[]]
         filled = 0
         for index in order:
@@ -333,7 +381,9 @@ class CacheBatches:
     def _window_rows(self, epoch: int, w: int, shards: list[int]) -> torch.Tensor:
         rows = torch.cat([self.cache.read_shard(i, self.hook).float() for i in shards])
         if self.shuffle:
-            perm = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + w))
+            perm = torch.randperm(
+                rows.shape[0], generator=torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + w)
+            )
             rows = rows[perm]
         return rows * self.scale if self.scale != 1.0 else rows
 
@@ -373,4 +423,3 @@ def describe_size(n_bytes: float) -> str:
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
         n_bytes /= 1024
     return f"{n_bytes:.1f} TiB"
-

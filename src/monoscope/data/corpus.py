@@ -36,7 +36,13 @@ class Corpus:
     _files: list[Path] = field(default_factory=list, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "seed": self.seed, "text_column": self.text_column, "split": self.split, "dataset_config": self.dataset_config}
+        return {
+            "spec": self.spec,
+            "seed": self.seed,
+            "text_column": self.text_column,
+            "split": self.split,
+            "dataset_config": self.dataset_config,
+        }
 
     def documents(self) -> Iterator[str]:
         produced = False
@@ -67,7 +73,9 @@ def starter_kinds(spec: str) -> tuple[str, ...] | None:
     kinds = tuple(k.strip() for k in spec.split(":", 1)[1].split(",") if k.strip())
     unknown = sorted(set(kinds) - set(STARTER_KINDS))
     if not kinds or unknown:
-        raise MonoscopeError(f"starter corpus kinds {spec.split(':', 1)[1]!r}: use a comma-separated list of {', '.join(STARTER_KINDS)}")
+        raise MonoscopeError(
+            f"starter corpus kinds {spec.split(':', 1)[1]!r}: use a comma-separated list of {', '.join(STARTER_KINDS)}"
+        )
     return kinds
 
 
@@ -95,7 +103,9 @@ def open_corpus(
             raise MonoscopeError(f"folder {spec} has no {', '.join(SUPPORTED_SUFFIXES)} files")
     else:
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-            raise MonoscopeError(f"cannot read {path.name}: corpus files must end in one of {', '.join(SUPPORTED_SUFFIXES)}")
+            raise MonoscopeError(
+                f"cannot read {path.name}: corpus files must end in one of {', '.join(SUPPORTED_SUFFIXES)}"
+            )
         files = [path]
     # A seeded file order mixes sources in a folder while staying reproducible.
     random.Random(seed).shuffle(files)
@@ -117,7 +127,9 @@ def _split_text(text: str) -> Iterator[str]:
 
 
 def _column_error(source: str, column: str, available: list[str]) -> MonoscopeError:
-    return MonoscopeError(f"{source} has no text column {column!r}; available columns: {', '.join(available) or 'none'} (use --text-column)")
+    return MonoscopeError(
+        f"{source} has no text column {column!r}; available columns: {', '.join(available) or 'none'} (use --text-column)"
+    )
 
 
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:

@@ -53,12 +53,21 @@ class HarvestConfig(JsonConfig):
         require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
         require(2 <= self.context_size <= 1_000_000, f"context size must be between 2 and 1e6, got {self.context_size}")
         require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
-        require(self.cache_dtype in CACHE_DTYPES, f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        require(
+            self.cache_dtype in CACHE_DTYPES,
+            f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}",
+        )
         require(self.shard_tokens > 0, f"shard size must be positive, got {self.shard_tokens}")
         require(self.norm_sample_tokens > 0, f"normalisation sample must be positive, got {self.norm_sample_tokens}")
 
     def open_corpus(self) -> Corpus:
-        return open_corpus(self.corpus, seed=self.seed, text_column=self.text_column, split=self.split, dataset_config=self.dataset_config)
+        return open_corpus(
+            self.corpus,
+            seed=self.seed,
+            text_column=self.text_column,
+            split=self.split,
+            dataset_config=self.dataset_config,
+        )
 
 
 @dataclass

@@ -30,7 +30,9 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     return bos, eos if eos is not None else bos
 
 
-def pack_contexts(documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int) -> Iterator[torch.Tensor]:
+def pack_contexts(
+    documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context_size: int
+) -> Iterator[torch.Tensor]:
     """Yield LongTensor[context_size] contexts: BOS then `context_size - 1` tokens of the joined documents."""
     if context_size < 2:
         raise MonoscopeError(f"context size must be at least 2, got {context_size}")

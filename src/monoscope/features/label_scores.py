@@ -123,8 +123,9 @@ class _FeatureTexts:
     score_neg: list[list[str]]
 
 
-def _feature_texts(heuristic: HeuristicLabels, examples: Examples, texts: TokenTexts, n: int,
-                   chunk_len: int) -> _FeatureTexts:
+def _feature_texts(
+    heuristic: HeuristicLabels, examples: Examples, texts: TokenTexts, n: int, chunk_len: int
+) -> _FeatureTexts:
     chunks = _Chunks(examples, texts, chunk_len)
     out = _FeatureTexts([], [], [], [])
     top_ctx, top_peak = examples.top.context.tolist(), examples.top.peak.tolist()
@@ -140,8 +141,10 @@ def _feature_texts(heuristic: HeuristicLabels, examples: Examples, texts: TokenT
         made_from = {c for c, _ in top_m + qm}
         out.make_pos.append([chunks.text(k) for k in _alternate(top_m, qm, set(), n)])
         out.score_pos.append([chunks.text(k) for k in _alternate(top_s, qs, made_from, n)])
-        negs = [chunks.text(chunks.of(int(examples.pool_context[s]), int(examples.pool_centre[s])))
-                for s in examples.random_slots(f)]
+        negs = [
+            chunks.text(chunks.of(int(examples.pool_context[s]), int(examples.pool_centre[s])))
+            for s in examples.random_slots(f)
+        ]
         out.make_neg.append(negs[0::2][:n])
         out.score_neg.append(negs[1::2][:n])
     return out
@@ -161,8 +164,16 @@ def _embed_all(groups: list[list[list[str]]], progress: bool, step: int = 1024) 
     return {t: i for i, t in enumerate(all_texts)}, vectors
 
 
-def score_labels(heuristic: HeuristicLabels, examples: Examples, texts: TokenTexts, dead: list[bool], *,
-                 n_texts: int, chunk_len: int, progress: bool = True) -> LabelScores:
+def score_labels(
+    heuristic: HeuristicLabels,
+    examples: Examples,
+    texts: TokenTexts,
+    dead: list[bool],
+    *,
+    n_texts: int,
+    chunk_len: int,
+    progress: bool = True,
+) -> LabelScores:
     """Choose each live feature's label among `heuristic.options` by how well it tells the making examples'
     texts from random ones, score it (and the token label) on the other examples, and embed the labels and
     what each feature fires on (search by meaning)."""
@@ -171,8 +182,10 @@ def score_labels(heuristic: HeuristicLabels, examples: Examples, texts: TokenTex
     d_sae = len(heuristic.token_labels)
     candidates = [heuristic.options(f) for f in range(d_sae)]
     feature_texts = _feature_texts(heuristic, examples, texts, n_texts, chunk_len)
-    index, vectors = _embed_all([candidates, feature_texts.make_pos, feature_texts.make_neg, feature_texts.score_pos,
-                                 feature_texts.score_neg], progress)
+    index, vectors = _embed_all(
+        [candidates, feature_texts.make_pos, feature_texts.make_neg, feature_texts.score_pos, feature_texts.score_neg],
+        progress,
+    )
 
     def holds(label: str, pos: list[str], neg: list[str]) -> float:
         if not pos or not neg:
@@ -191,8 +204,11 @@ def score_labels(heuristic: HeuristicLabels, examples: Examples, texts: TokenTex
         labels.append(best)
         if not dead[f]:
             scores[f] = holds(best, feature_texts.score_pos[f], feature_texts.score_neg[f])
-            token_scores[f] = (scores[f] if best == options[0]
-                               else holds(options[0], feature_texts.score_pos[f], feature_texts.score_neg[f]))
+            token_scores[f] = (
+                scores[f]
+                if best == options[0]
+                else holds(options[0], feature_texts.score_pos[f], feature_texts.score_neg[f])
+            )
     # what each feature fires on, for search by meaning: the mean of its activating texts' embeddings
     example_vectors = np.zeros((d_sae, vectors.shape[1]), dtype=np.float32)
     for f in range(d_sae):
@@ -201,7 +217,12 @@ def score_labels(heuristic: HeuristicLabels, examples: Examples, texts: TokenTex
             mean = vectors[[index[t] for t in fired_on]].mean(0)
             example_vectors[f] = mean / max(float(np.linalg.norm(mean)), 1e-12)
     return LabelScores(
-        labels=labels, token_labels=list(heuristic.token_labels), scores=scores, token_scores=token_scores,
-        embedding_model=EMBEDDING_MODEL, label_vectors=vectors[[index[t] for t in labels]],
-        token_vectors=vectors[[index[t] for t in heuristic.token_labels]], example_vectors=example_vectors,
+        labels=labels,
+        token_labels=list(heuristic.token_labels),
+        scores=scores,
+        token_scores=token_scores,
+        embedding_model=EMBEDDING_MODEL,
+        label_vectors=vectors[[index[t] for t in labels]],
+        token_vectors=vectors[[index[t] for t in heuristic.token_labels]],
+        example_vectors=example_vectors,
     )

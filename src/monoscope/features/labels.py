@@ -120,7 +120,8 @@ def heuristic_labels(
 # ---------------------------------------------------------------- concept labels: the words the examples share
 
 #: Function words never make a concept label.
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a about above after again against all almost also although always am among an and another any anyone anything are
 around as at away back be became because become been before being below between both but by came can cannot could
 did do does doing done down during each either else enough even ever every few for from further get gets getting
@@ -131,10 +132,13 @@ per perhaps rather really said same say says see seem seen shall she should sinc
 take than that the their theirs them themselves then there therefore these they thing things this those though
 through thus to together too took two under until up upon us use used using very was way we well were what when
 where whether which while who whom whose why will with within without would yet you your yours yourself yourselves
-""".split())
+""".split()
+)
 
 
-def word_table(token_texts: "Sequence[str]", vocabulary: "Collection[str]", min_chars: int = 3) -> tuple[Tensor, list[str]]:
+def word_table(
+    token_texts: "Sequence[str]", vocabulary: "Collection[str]", min_chars: int = 3
+) -> tuple[Tensor, list[str]]:
     """Map token ids to words: a token that is a whole English word (`vocabulary`, lower case) after a space,
     not a function word, maps to that word's index; any other token to -1. Returns ([vocab] ids, words)."""
     words: dict[str, int] = {}
@@ -174,7 +178,9 @@ def shared_words(
     if n_words == 0:
         return out
     valid = token_ids >= 0
-    words = torch.where(valid, token_word[token_ids.clamp_min(0).clamp_max(token_word.numel() - 1)], torch.full_like(token_ids, -1))
+    words = torch.where(
+        valid, token_word[token_ids.clamp_min(0).clamp_max(token_word.numel() - 1)], torch.full_like(token_ids, -1)
+    )
     f_idx, s_idx, w_idx = torch.nonzero(words >= 0, as_tuple=True)
     if f_idx.numel() == 0:
         return out
@@ -241,8 +247,9 @@ def making_examples(examples: Examples) -> Tensor:
     return making
 
 
-def _word_idf(tokenizer: PreTrainedTokenizerBase, vocab_size: int, words: Collection[str], unigram: Tensor,
-              n_tokens: int) -> tuple[Tensor, list[str], Tensor]:
+def _word_idf(
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int, words: Collection[str], unigram: Tensor, n_tokens: int
+) -> tuple[Tensor, list[str], Tensor]:
     """(token -> word id table, the words, each word's idf over the analysed tokens)."""
     vocab_texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
     token_word, word_list = word_table(vocab_texts, words)
@@ -254,8 +261,14 @@ def _word_idf(tokenizer: PreTrainedTokenizerBase, vocab_size: int, words: Collec
 
 
 def make_heuristic_labels(
-    stats: Statistics, examples: Examples, texts: TokenTexts, promoted_ids: Tensor, tokenizer: PreTrainedTokenizerBase,
-    vocab_size: int, words: Collection[str] | None, chunk: int = 2048,
+    stats: Statistics,
+    examples: Examples,
+    texts: TokenTexts,
+    promoted_ids: Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    vocab_size: int,
+    words: Collection[str] | None,
+    chunk: int = 2048,
 ) -> HeuristicLabels:
     """Token labels from every feature's examples; with `words` (an English word list), token labels and
     concept-label candidates from the making half of the examples only."""
@@ -284,13 +297,15 @@ def make_heuristic_labels(
         part = making[lo : lo + chunk]
         fire_tokens.extend(characteristic_tokens(acts * part.unsqueeze(-1), toks, fmax, stats.unigram, n_tokens, n=3))
         peak_value = peak_value.float()
-        weight = torch.where((ctx >= 0) & part, peak_value / fmax.float().clamp_min(1e-12).unsqueeze(1),
-                             torch.zeros_like(peak_value))
+        weight = torch.where(
+            (ctx >= 0) & part, peak_value / fmax.float().clamp_min(1e-12).unsqueeze(1), torch.zeros_like(peak_value)
+        )
         shared.extend(shared_words(toks, weight, token_word, word_idf, n=3))
     dead = stats.dead
     token_labels = [
-        format_label([texts.text(t) for t in fire_tokens[f]], [texts.text(t) for t in promoted_ids[f, :3].tolist()],
-                     dead=dead[f])
+        format_label(
+            [texts.text(t) for t in fire_tokens[f]], [texts.text(t) for t in promoted_ids[f, :3].tolist()], dead=dead[f]
+        )
         for f in range(d_sae)
     ]
     return HeuristicLabels(token_labels, shared, concepts[1] if concepts is not None else [], making)

@@ -41,7 +41,9 @@ def open_sae(sae_dir: str | os.PathLike, device: str | torch.device | None = "cp
     """An SAE folder (monoscope, SAELens, sparsify, Gemma Scope) or an `hf://org/repo/sub/path` spec."""
     path = Path(sae_dir)
     if not str(sae_dir).startswith("hf://") and not path.exists():
-        raise MonoscopeError(f"SAE folder {path} does not exist; pass the folder `monoscope train` wrote (with cfg.json)")
+        raise MonoscopeError(
+            f"SAE folder {path} does not exist; pass the folder `monoscope train` wrote (with cfg.json)"
+        )
     from ..model import resolve_device
 
     return load_sae(sae_dir if str(sae_dir).startswith("hf://") else path, device=resolve_device(device))

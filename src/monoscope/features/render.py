@@ -73,7 +73,10 @@ def sparkline(counts: Sequence[int]) -> str:
         return ""
     logs = [math.log1p(c) for c in counts]
     top = max(logs) or 1.0
-    return "".join(" " if c == 0 else SPARK[min(len(SPARK) - 1, int((len(SPARK) - 1) * v / top + 0.5))] for c, v in zip(counts, logs))
+    return "".join(
+        " " if c == 0 else SPARK[min(len(SPARK) - 1, int((len(SPARK) - 1) * v / top + 0.5))]
+        for c, v in zip(counts, logs)
+    )
 
 
 def fmt_density(d: float | None) -> str:
@@ -106,26 +109,47 @@ def render_examples(examples: Sequence[Example], scale: float, colour: bool, wid
     return lines
 
 
-def render_feature(store: FeatureStore, feature_id: int, *, colour: bool = False, n_examples: int = 5,
-                   quantiles: bool = True, width: int | None = None) -> str:
+def render_feature(
+    store: FeatureStore,
+    feature_id: int,
+    *,
+    colour: bool = False,
+    n_examples: int = 5,
+    quantiles: bool = True,
+    width: int | None = None,
+) -> str:
     width = width or terminal_width()
     rec: FeatureRecord = store.feature(feature_id)
     lines = [_title(f"feature {rec.id}", colour) + f"  {store.meta.get('model')} @ {store.meta.get('hook_point')}"]
     score = store.label_scores([rec.id]).get(rec.id)
     held = " held-out" if (rec.label_source or "").startswith("heuristic") else ""
-    lines.append(f"  label    {rec.label or '-'}" + (f"  ({rec.label_source}" + (f", embedding score{held} {score:.2f})" if score is not None else ")")
-                                                    if rec.label_source else ""))
+    lines.append(
+        f"  label    {rec.label or '-'}"
+        + (
+            f"  ({rec.label_source}" + (f", embedding score{held} {score:.2f})" if score is not None else ")")
+            if rec.label_source
+            else ""
+        )
+    )
     lines.append(
         f"  density  {fmt_density(rec.density)} of {store.tokens_analysed:,} tokens ({rec.n_active:,}), in {rec.n_contexts:,} contexts"
         f"   mean {fmt_num(rec.mean_activation)}   max {fmt_num(rec.max_activation)}"
     )
     edges, counts = store.histogram(rec.id)
     if counts:
-        lines.append(f"  histogram  {fmt_num(edges[0])} {sparkline(counts)} {fmt_num(edges[-1])}  (log-spaced bins, log counts)")
+        lines.append(
+            f"  histogram  {fmt_num(edges[0])} {sparkline(counts)} {fmt_num(edges[-1])}  (log-spaced bins, log counts)"
+        )
     effects = store.logit_effects(rec.id)
     if effects["up"]:
-        lines.append("  promotes   " + _trim("  ".join(f"{show_piece(t.token)!r} {t.value:+.3g}" for t in effects["up"]), width - 13))
-        lines.append("  suppresses " + _trim("  ".join(f"{show_piece(t.token)!r} {t.value:+.3g}" for t in effects["down"]), width - 13))
+        lines.append(
+            "  promotes   "
+            + _trim("  ".join(f"{show_piece(t.token)!r} {t.value:+.3g}" for t in effects["up"]), width - 13)
+        )
+        lines.append(
+            "  suppresses "
+            + _trim("  ".join(f"{show_piece(t.token)!r} {t.value:+.3g}" for t in effects["down"]), width - 13)
+        )
     if rec.dead:
         lines.append("  (this feature never fired on the analysed tokens)")
     else:
@@ -139,7 +163,11 @@ def render_feature(store: FeatureStore, feature_id: int, *, colour: bool = False
                 for e in q:
                     by_bin.setdefault(e.bin if e.bin is not None else 0, e)
                 lines.append(_title("across the activation range (one per quantile bin, highest first)", colour))
-                lines.extend(render_examples([by_bin[b] for b in sorted(by_bin, reverse=True)], rec.max_activation, colour, width))
+                lines.extend(
+                    render_examples(
+                        [by_bin[b] for b in sorted(by_bin, reverse=True)], rec.max_activation, colour, width
+                    )
+                )
     neighbours = store.neighbours(rec.id)
     if neighbours:
         lines.append(_title("nearest features (decoder cosine)", colour))
@@ -149,7 +177,11 @@ def render_feature(store: FeatureStore, feature_id: int, *, colour: bool = False
     if len(labels) > 1:
         lines.append(_title("labels", colour))
         for lab in labels:
-            scores = "  ".join(f"{k} {fmt_num(getattr(lab, k))}" for k in ("detection", "fuzzing", "embedding_score") if getattr(lab, k) is not None)
+            scores = "  ".join(
+                f"{k} {fmt_num(getattr(lab, k))}"
+                for k in ("detection", "fuzzing", "embedding_score")
+                if getattr(lab, k) is not None
+            )
             lines.append(_trim(f"  [{lab.source}] {lab.text}" + (f"   ({scores})" if scores else ""), width))
     return "\n".join(lines)
 
@@ -161,7 +193,12 @@ def render_search(hits: Sequence[SearchHit], width: int | None = None) -> str:
     lines = [f"{'feature':>8}  {'score':>6}  {'density':>8}  {'max':>6}  {'holds':>5}  label"]
     for h in hits:
         holds = "-" if h.label_score is None else f"{h.label_score:.2f}"
-        lines.append(_trim(f"{h.feature_id:>8}  {h.score:>6.3f}  {fmt_density(h.density):>8}  {fmt_num(h.max_activation):>6}  {holds:>5}  {h.label or '-'}", width))
+        lines.append(
+            _trim(
+                f"{h.feature_id:>8}  {h.score:>6.3f}  {fmt_density(h.density):>8}  {fmt_num(h.max_activation):>6}  {holds:>5}  {h.label or '-'}",
+                width,
+            )
+        )
     return "\n".join(lines)
 
 
@@ -171,8 +208,13 @@ def render_example_hits(hits: Sequence[ExampleHit], width: int | None = None) ->
         return "no feature fires on the examples"
     lines = [f"{'feature':>8}  {'score':>6}  {'mean':>7}  {'base':>7}  {'fires':>5}  label"]
     for h in hits:
-        lines.append(_trim(f"{h.feature_id:>8}  {h.score:>6.3f}  {h.example_mean:>7.3g}  {h.baseline_mean:>7.3g}  "
-                           f"{100 * h.fired_in:>4.0f}%  {h.label or '-'}", width))
+        lines.append(
+            _trim(
+                f"{h.feature_id:>8}  {h.score:>6.3f}  {h.example_mean:>7.3g}  {h.baseline_mean:>7.3g}  "
+                f"{100 * h.fired_in:>4.0f}%  {h.label or '-'}",
+                width,
+            )
+        )
     return "\n".join(lines)
 
 
@@ -180,12 +222,16 @@ def render_scan(result: ScanResult, colour: bool = False, width: int | None = No
     width = width or terminal_width()
     lines = []
     for t in result.tokens:
-        feats = "  ".join(f"{h.id}:{h.activation:.3g}" + (f" {_trim(h.label, 40)}" if h.label else "") for h in t.features[:3])
+        feats = "  ".join(
+            f"{h.id}:{h.activation:.3g}" + (f" {_trim(h.label, 40)}" if h.label else "") for h in t.features[:3]
+        )
         lines.append(_trim(f"{t.position:>4} {show_piece(t.token)!r:<14} {feats or '-'}", width))
     if result.top:
         lines.append(_title("strongest features", colour))
         for f in result.top:
-            lines.append(_trim(f"  {f.id:>7}  max {f.max_activation:.3g} on {f.n_tokens} token(s)  {f.label or '-'}", width))
+            lines.append(
+                _trim(f"  {f.id:>7}  max {f.max_activation:.3g} on {f.n_tokens} token(s)  {f.label or '-'}", width)
+            )
     for note in result.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

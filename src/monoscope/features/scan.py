@@ -65,14 +65,20 @@ def tokenize_text(loaded: LoadedModel, text: str, max_tokens: int | None = None)
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise MonoscopeError("the text has no tokens")
-    limit = max_tokens or getattr(loaded.config, "max_position_embeddings", None) or getattr(loaded.config, "n_positions", None)
+    limit = (
+        max_tokens
+        or getattr(loaded.config, "max_position_embeddings", None)
+        or getattr(loaded.config, "n_positions", None)
+    )
     truncated = False
     if limit and len(ids) + 1 > int(limit):
         ids, truncated = ids[: int(limit) - 1], True
     return torch.tensor([[bos, *ids]], dtype=torch.long), truncated
 
 
-def encode_text(sae: SAE, loaded: LoadedModel, hook: str, text: str, max_tokens: int | None = None) -> tuple[list[int], SparseCodes, bool]:
+def encode_text(
+    sae: SAE, loaded: LoadedModel, hook: str, text: str, max_tokens: int | None = None
+) -> tuple[list[int], SparseCodes, bool]:
     """(token ids without BOS, sparse codes over those tokens, whether the text was cut)."""
     ids, truncated = tokenize_text(loaded, text, max_tokens)
     acts = run_to(loaded.model, [hook], ids.to(loaded.device))[hook][0, 1:]
@@ -103,8 +109,10 @@ def scan_text(
     if hook is None:
         raise MonoscopeError("the SAE does not say which hook point it reads; pass hook=")
     if store is not None and store.n_features != sae.cfg.d_sae:
-        raise MonoscopeError(f"the feature database {store.path} describes {store.n_features} features but the SAE has "
-                             f"{sae.cfg.d_sae}; re-run `monoscope analyze` for this SAE")
+        raise MonoscopeError(
+            f"the feature database {store.path} describes {store.n_features} features but the SAE has "
+            f"{sae.cfg.d_sae}; re-run `monoscope analyze` for this SAE"
+        )
     token_ids, codes, truncated = encode_text(sae, loaded, hook, text, max_tokens)
     tok, lat, val = codes.token.cpu(), codes.latent.cpu(), codes.value.cpu()
     # per token, strongest first
@@ -121,14 +129,20 @@ def scan_text(
         best = torch.zeros(feats.numel()).scatter_reduce_(0, inverse, val, reduce="amax")
         counts = torch.bincount(inverse, minlength=feats.numel())
         at = torch.full((feats.numel(),), len(token_ids), dtype=torch.int64)
-        at.scatter_reduce_(0, inverse, torch.where(val == best[inverse], tok, torch.full_like(tok, len(token_ids))), reduce="amin")
+        at.scatter_reduce_(
+            0, inverse, torch.where(val == best[inverse], tok, torch.full_like(tok, len(token_ids))), reduce="amin"
+        )
         rank = torch.argsort(best, descending=True)[:n_top_features]
         overall = [TopFeature(int(feats[i]), float(best[i]), int(counts[i]), int(at[i]) + 1) for i in rank.tolist()]
     records = _labels(store, [f for hits in per_token for f, _ in hits] + [t.id for t in overall])
     strings = loaded.tokenizer.batch_decode([[i] for i in token_ids])
     tokens = [
-        TokenFeatures(i + 1, strings[i], token_ids[i],
-                      [FeatureHit(f, v, getattr(records.get(f), "label", None)) for f, v in per_token[i]])
+        TokenFeatures(
+            i + 1,
+            strings[i],
+            token_ids[i],
+            [FeatureHit(f, v, getattr(records.get(f), "label", None)) for f, v in per_token[i]],
+        )
         for i in range(len(token_ids))
     ]
     for item in overall:

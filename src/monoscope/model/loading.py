@@ -9,13 +9,28 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import MonoscopeError
-from .gguf_files import EMBEDDED_MODEL, embedded_gguf_path, ensure_embedded_checkpoint, ensure_gguf_checkpoint, is_gguf_file
+from .gguf_files import (
+    EMBEDDED_MODEL,
+    embedded_gguf_path,
+    ensure_embedded_checkpoint,
+    ensure_gguf_checkpoint,
+    is_gguf_file,
+)
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the type checker reads it here
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EMBEDDED_MODEL", "LoadedModel", "embedded_gguf_path", "ensure_embedded_checkpoint", "ensure_gguf_checkpoint", "load_model",
-           "model_source", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "LoadedModel",
+    "embedded_gguf_path",
+    "ensure_embedded_checkpoint",
+    "ensure_gguf_checkpoint",
+    "load_model",
+    "model_source",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -47,7 +62,9 @@ class LoadedModel:
         for attr in ("hidden_size", "n_embd", "d_model"):
             if getattr(cfg, attr, None):
                 return int(getattr(cfg, attr))
-        raise MonoscopeError(f"cannot tell the hidden size of {self.name}: its config has no hidden_size/n_embd/d_model")
+        raise MonoscopeError(
+            f"cannot tell the hidden size of {self.name}: its config has no hidden_size/n_embd/d_model"
+        )
 
     @property
     def n_layers(self) -> int:

@@ -81,7 +81,9 @@ class SAEConfig(JsonConfig):
             f"normalize_activations={self.normalize_activations!r} is not supported; monoscope folds its "
             "activation scale into the weights, so it is always 'none'",
         )
-        require(self.reshape_activations == "none", "reshape_activations must be 'none' (hook_z SAEs are not supported)")
+        require(
+            self.reshape_activations == "none", "reshape_activations must be 'none' (hook_z SAEs are not supported)"
+        )
         self.metadata = {**default_metadata(), **dict(self.metadata or {})}
 
     def to_saelens_dict(self) -> dict[str, Any]:
@@ -121,7 +123,9 @@ def inference_class(architecture: str) -> type[SAE]:
     classes = inference_classes()
     found = classes.get(inference_name(architecture))
     if found is None:
-        raise MonoscopeError(f"SAE architecture {architecture!r} is not supported; monoscope can load: {', '.join(classes)}")
+        raise MonoscopeError(
+            f"SAE architecture {architecture!r} is not supported; monoscope can load: {', '.join(classes)}"
+        )
     assert issubclass(found, SAE)
     return found
 
@@ -155,7 +159,9 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         if cfg.architecture != self.architecture:
-            raise ValueError(f"{type(self).__name__} needs architecture {self.architecture!r}, got {cfg.architecture!r}")
+            raise ValueError(
+                f"{type(self).__name__} needs architecture {self.architecture!r}, got {cfg.architecture!r}"
+            )
         self.cfg = cfg
         self.info: dict[str, Any] = {}
         kw = {"dtype": DTYPES[cfg.dtype], "device": torch.device(cfg.device)}
@@ -224,7 +230,9 @@ class SAE(nn.Module):
         """
         k = k or self.cfg.k
         if k is None:
-            raise MonoscopeError(f"encode_topk on a {self.architecture} SAE needs k (how many latents per token to return)")
+            raise MonoscopeError(
+                f"encode_topk on a {self.architecture} SAE needs k (how many latents per token to return)"
+            )
         codes = self.encode(x)
         values, indices = codes.topk(min(k, self.cfg.d_sae), dim=-1)
         return values, indices

@@ -117,11 +117,13 @@ class BatchTopKTrainingSAE(TrainingSAE, TopKSAE):
         return sae
 
 
-BATCHTOPK = register(Architecture(
-    name="batchtopk",
-    config_class=BatchTopKConfig,
-    saved_as="jumprelu",
-    training_class=BatchTopKTrainingSAE,
-    description="BatchTopK (Bussmann et al. 2024): k latents per token on average; saved as jumprelu",
-    k_meaning="on average for batchtopk",
-))
+BATCHTOPK = register(
+    Architecture(
+        name="batchtopk",
+        config_class=BatchTopKConfig,
+        saved_as="jumprelu",
+        training_class=BatchTopKTrainingSAE,
+        description="BatchTopK (Bussmann et al. 2024): k latents per token on average; saved as jumprelu",
+        k_meaning="on average for batchtopk",
+    )
+)

@@ -73,13 +73,15 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -
     return out
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, named_parameters: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, named_parameters: dict[str, Tensor], tensors: dict[str, Tensor]
+) -> None:
     """Inverse of `optimizer_tensors`; moments keep the parameter's memory layout, steps stay as Adam keeps them."""
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for name, parameter in named_parameters.items():
         fields = {}
         for prefix in (f"optim.{name}.", f"adam.{name}."):  # "adam." in checkpoints written before other optimisers
-            fields.update({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})
+            fields.update({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)})
         if not fields:
             continue
         group = groups[id(parameter)]
@@ -93,7 +95,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, named_parameters: dict[s
         optimizer.state[parameter] = state
     load_scalar_state = getattr(optimizer, "load_scalar_state", None)
     if callable(load_scalar_state):
-        load_scalar_state({key[len("optim_group."):]: value for key, value in tensors.items() if key.startswith("optim_group.")})
+        load_scalar_state(
+            {key[len("optim_group.") :]: value for key, value in tensors.items() if key.startswith("optim_group.")}
+        )
 
 
 def save_checkpoint(

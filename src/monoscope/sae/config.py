@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import JsonConfig, require
@@ -32,8 +32,14 @@ from .registry import names as architecture_names
 DEFAULT_DEAD_TOKENS = 10_000_000
 
 #: Flat optimiser keys of configs saved before the optimiser was nested (all trained with Adam).
-_LEGACY_OPTIMIZER_KEYS = {"lr": "lr", "lr_warmup_steps": "warmup_steps", "lr_decay_fraction": "decay_fraction",
-                          "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_eps": "eps"}
+_LEGACY_OPTIMIZER_KEYS = {
+    "lr": "lr",
+    "lr_warmup_steps": "warmup_steps",
+    "lr_decay_fraction": "decay_fraction",
+    "adam_beta1": "beta1",
+    "adam_beta2": "beta2",
+    "adam_eps": "eps",
+}
 
 
 @dataclass(init=False)
@@ -130,10 +136,14 @@ class TrainConfig(JsonConfig):
         require(self.d_sae is not None, "give the SAE width: d_sae (number of latents) or an expansion factor")
         assert self.d_sae is not None
         require(isinstance(self.d_sae, int) and self.d_sae > 0, f"d_sae must be a positive integer, got {self.d_sae!r}")
-        require(isinstance(self.batch_size, int) and self.batch_size > 0,
-                f"batch size must be a positive integer, got {self.batch_size!r}")
-        require(isinstance(self.total_tokens, int) and self.total_tokens > 0,
-                f"the number of training tokens must be positive, got {self.total_tokens!r}")
+        require(
+            isinstance(self.batch_size, int) and self.batch_size > 0,
+            f"batch size must be a positive integer, got {self.batch_size!r}",
+        )
+        require(
+            isinstance(self.total_tokens, int) and self.total_tokens > 0,
+            f"the number of training tokens must be positive, got {self.total_tokens!r}",
+        )
         require(
             self.total_tokens >= self.batch_size,
             f"training tokens ({self.total_tokens}) must be at least one batch ({self.batch_size}); "
@@ -142,8 +152,10 @@ class TrainConfig(JsonConfig):
         self.arch.resolve(self.d_in, self.d_sae, self.total_steps)
         require(self.activation_scale > 0, f"activation scale must be positive, got {self.activation_scale}")
         optimizer = self.optimizer or OptimizerConfig()
-        require(isinstance(optimizer, OptimizerConfig),
-                f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}")
+        require(
+            isinstance(optimizer, OptimizerConfig),
+            f"optimizer must be an OptimizerConfig or a dict, got {type(optimizer).__name__}",
+        )
         self.optimizer = optimizer.resolve(self.d_sae, self.total_steps, self.architecture)
         if self.max_grad_norm is None:
             self.max_grad_norm = self.arch.default_max_grad_norm
@@ -218,6 +230,7 @@ def _arch_from_keywords(architecture: str, fields: Mapping[str, Any]) -> ArchCon
         owner_field = next(f for f in dataclasses.fields(get_architecture(owners[0]).config_class) if f.name == key)
         if key == "k" or fields[key] == owner_field.default:
             continue
-        raise MonoscopeError(f"{key} is for the {' and '.join(owners)} architecture{'s' if len(owners) > 1 else ''}, "
-                             f"not {architecture}")
+        raise MonoscopeError(
+            f"{key} is for the {' and '.join(owners)} architecture{'s' if len(owners) > 1 else ''}, not {architecture}"
+        )
     return config_class(**{key: value for key, value in fields.items() if key in own})

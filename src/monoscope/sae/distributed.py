@@ -88,8 +88,10 @@ def setup(device: str | None = None) -> DistInfo:
     use_cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
     if use_cuda:
         if local >= torch.cuda.device_count():
-            raise MonoscopeError(f"rank {rank} has local rank {local} but only {torch.cuda.device_count()} GPUs are visible; "
-                                 "start at most one process per GPU (--nproc-per-node)")
+            raise MonoscopeError(
+                f"rank {rank} has local rank {local} but only {torch.cuda.device_count()} GPUs are visible; "
+                "start at most one process per GPU (--nproc-per-node)"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -158,7 +160,11 @@ class ShardedSource:
         def pull() -> bool:
             nonlocal have
             for item in iterator:
-                piece = item if isinstance(item, Mapping) else torch.as_tensor(item).reshape(-1, torch.as_tensor(item).shape[-1])
+                piece = (
+                    item
+                    if isinstance(item, Mapping)
+                    else torch.as_tensor(item).reshape(-1, torch.as_tensor(item).shape[-1])
+                )
                 n = next(iter(piece.values())).shape[0] if isinstance(piece, Mapping) else piece.shape[0]
                 pending.append(piece)
                 have += n
@@ -203,8 +209,9 @@ def _take(pending: list[Any], rows: int) -> Any:
     return torch.cat(out)
 
 
-def shard_source(source: Any, rank: int | None = None, world: int | None = None, split: str = "rows",
-                 chunk_rows: int | None = None) -> Any:
+def shard_source(
+    source: Any, rank: int | None = None, world: int | None = None, split: str = "rows", chunk_rows: int | None = None
+) -> Any:
     """This rank's share of `source` (unchanged when running as one process)."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world = world_size() if world is None else world
@@ -241,13 +248,17 @@ def shard_corpus(corpus: Any, rank: int | None = None, world: int | None = None)
 class DistributedSAETrainer(SAETrainer):
     """`SAETrainer` for one data-parallel rank: per-rank batch `batch_size / world`, averaged gradients."""
 
-    def __init__(self, configs: Mapping[str, TrainConfig], out_dir: str | os.PathLike, *, dist_info: DistInfo, **options: Any) -> None:
+    def __init__(
+        self, configs: Mapping[str, TrainConfig], out_dir: str | os.PathLike, *, dist_info: DistInfo, **options: Any
+    ) -> None:
         options.setdefault("device", dist_info.device)
         if not dist_info.is_main:
             options["progress"] = False
         super().__init__(configs, out_dir, **options)
         if self.batch_size % dist_info.world:
-            raise MonoscopeError(f"the batch size ({self.batch_size}) must be a multiple of the number of processes ({dist_info.world})")
+            raise MonoscopeError(
+                f"the batch size ({self.batch_size}) must be a multiple of the number of processes ({dist_info.world})"
+            )
         self.dist_info = dist_info
         self.rank = dist_info.rank
         self.world_size = dist_info.world
@@ -301,7 +312,12 @@ class DistributedSAETrainer(SAETrainer):
                 output.fired = mask > 0
             keys = sorted(k for k, v in output.metrics.items() if isinstance(v, (Tensor, float, int)))
             if keys:
-                values = torch.stack([torch.as_tensor(output.metrics[k], dtype=torch.float64, device=self.device).reshape(()) for k in keys])
+                values = torch.stack(
+                    [
+                        torch.as_tensor(output.metrics[k], dtype=torch.float64, device=self.device).reshape(())
+                        for k in keys
+                    ]
+                )
                 dist.all_reduce(values)
                 values /= world
                 for k, v in zip(keys, values):
@@ -344,7 +360,9 @@ class DistributedSAETrainer(SAETrainer):
                 if run.cfg.activation_scale != 1.0:
                     sae.fold_activation_scale(run.cfg.activation_scale)
                 run.done = True
-                run.result = TrainResult(run.name, sae, run.folder, run.step, run.step * self.batch_size, complete, dict(run.last_metrics))
+                run.result = TrainResult(
+                    run.name, sae, run.folder, run.step, run.step * self.batch_size, complete, dict(run.last_metrics)
+                )
         _dist().barrier()  # the SAE is on disk before any rank returns
 
     def _stream_ended(self, runs: dict[str, _Run], started: float) -> None:
@@ -353,7 +371,9 @@ class DistributedSAETrainer(SAETrainer):
 
 
 class _SpreadTrainer(SAETrainer):
-    def __init__(self, configs: Mapping[str, TrainConfig], out_dir: str | os.PathLike, *, rank: int, **options: Any) -> None:
+    def __init__(
+        self, configs: Mapping[str, TrainConfig], out_dir: str | os.PathLike, *, rank: int, **options: Any
+    ) -> None:
         super().__init__(configs, out_dir, **options)
         self.checkpoint_root = self.out_dir / f"checkpoints-rank{rank}"
 
@@ -407,19 +427,33 @@ OPTIMIZER_COPIES = {"adam": 2, "signum": 1, "adam_sf": 2}
 OPTIMIZER_STEP_COPIES = {"adam": 1, "signum": 1, "adam_sf": 2}
 
 
-def estimate_memory(d_in: int, d_sae: int, batch_size: int, k: int = 32, dtype_bytes: int = 4, *, architecture: str = "topk",
-                    optimizer: str = "adam", aux: bool = True, multi_topk: bool = False, bf16_preacts: bool = False) -> dict[str, float]:
+def estimate_memory(
+    d_in: int,
+    d_sae: int,
+    batch_size: int,
+    k: int = 32,
+    dtype_bytes: int = 4,
+    *,
+    architecture: str = "topk",
+    optimizer: str = "adam",
+    aux: bool = True,
+    multi_topk: bool = False,
+    bf16_preacts: bool = False,
+) -> dict[str, float]:
     """GiB needed to train one SAE, by term (and "total").
 
     `k`, `aux` (an AuxK term) and `multi_topk` are read by the architectures that have them; see
     `estimate_config_memory` for a whole config.
     """
-    arch = arch_config_from_flat(architecture, {"k": k, "aux_coefficient": 1 / 32 if aux else 0.0, "multi_topk": multi_topk})
+    arch = arch_config_from_flat(
+        architecture, {"k": k, "aux_coefficient": 1 / 32 if aux else 0.0, "multi_topk": multi_topk}
+    )
     return _memory_terms(d_in, d_sae, batch_size, arch, dtype_bytes, optimizer, bf16_preacts)
 
 
-def _memory_terms(d_in: int, d_sae: int, batch_size: int, arch: ArchConfig, dtype_bytes: int, optimizer: str,
-                  bf16_preacts: bool) -> dict[str, float]:
+def _memory_terms(
+    d_in: int, d_sae: int, batch_size: int, arch: ArchConfig, dtype_bytes: int, optimizer: str, bf16_preacts: bool
+) -> dict[str, float]:
     """- weights, gradients (dense, also for the sparse TopK backward), the optimiser's state and its step's temporaries;
     - the batch [batch, d_in] and its few same-sized temporaries (centred input, reconstruction, residual, grads);
     - what the architecture's step keeps alive (`ArchConfig.step_memory`: TopK's pre-activations, selection and
@@ -438,8 +472,9 @@ def _memory_terms(d_in: int, d_sae: int, batch_size: int, arch: ArchConfig, dtyp
 
 def estimate_config_memory(cfg: TrainConfig, world: int = 1, cuda: bool = False) -> dict[str, float]:
     """`estimate_memory` for one training config, per process when `world` ranks share each batch."""
-    return _memory_terms(cfg.d_in, cfg.width, max(1, cfg.batch_size // world), cfg.arch, 4, cfg.optim.name,
-                         cuda and cfg.bf16_autocast)
+    return _memory_terms(
+        cfg.d_in, cfg.width, max(1, cfg.batch_size // world), cfg.arch, 4, cfg.optim.name, cuda and cfg.bf16_autocast
+    )
 
 
 def describe_memory(configs: Iterable[TrainConfig], world: int = 1, min_gib: float = 1.0) -> str | None:

@@ -120,7 +120,7 @@ def sub_saes(folder: Path) -> list[str]:
 
 
 def split_hub(spec: str, subpath: str | None) -> tuple[str, str]:
-    text = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    text = spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else spec
     parts = [p for p in text.strip("/").split("/") if p]
     if len(parts) < 2:
         raise MonoscopeError(f"{spec!r} is not a hub SAE: write hf://ORG/REPO[/SUB/PATH]")
@@ -140,10 +140,17 @@ def resolve_hub(repo: str, subpath: str = "") -> Path:
         root = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=offline))
     except Exception as err:  # network errors, missing repos, offline cache misses: all user-fixable
         where = f"{repo}/{subpath}" if subpath else repo
-        hint = ("HF_HUB_OFFLINE is set and the files are not in the hub cache: unset it (or run "
-                f"`huggingface-cli download {repo} --include '{subpath}/*'` where there is a network)") if offline else \
-               "check the repository id and sub-path, your network, and HF_TOKEN for gated repositories"
-        raise MonoscopeError(f"could not fetch {where} from the Hugging Face hub ({type(err).__name__}); {hint}") from err
+        hint = (
+            (
+                "HF_HUB_OFFLINE is set and the files are not in the hub cache: unset it (or run "
+                f"`huggingface-cli download {repo} --include '{subpath}/*'` where there is a network)"
+            )
+            if offline
+            else "check the repository id and sub-path, your network, and HF_TOKEN for gated repositories"
+        )
+        raise MonoscopeError(
+            f"could not fetch {where} from the Hugging Face hub ({type(err).__name__}); {hint}"
+        ) from err
     folder = root / subpath if subpath else root
     if not folder.exists():
         raise MonoscopeError(f"{repo} has no {subpath!r}; check the sub-path (e.g. layer_12/width_16k/average_l0_82)")
@@ -203,9 +210,18 @@ def _load_saelens_converted(folder: Path, hub: tuple[str, str] | None = None) ->
             "statistic); fold the scale into its weights with SAELens (`fold_activation_norm_scaling_factor`) and save again"
         )
     if cfg.get("reshape_activations", "none") not in (None, "none"):
-        raise MonoscopeError(f"{folder}: reshape_activations={cfg.get('reshape_activations')!r} (hook_z SAEs) is not supported")
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {
-        key: cfg[key] for key in ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path") if key in cfg}
+        raise MonoscopeError(
+            f"{folder}: reshape_activations={cfg.get('reshape_activations')!r} (hook_z SAEs) is not supported"
+        )
+    meta = (
+        cfg.get("metadata")
+        if isinstance(cfg.get("metadata"), dict)
+        else {
+            key: cfg[key]
+            for key in ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path")
+            if key in cfg
+        }
+    )
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
     info = {"format": "saelens", "converted_from": arch}
@@ -222,9 +238,21 @@ def _load_saelens_converted(folder: Path, hub: tuple[str, str] | None = None) ->
             scale = tensors["r_mag"].double().exp()
             w_enc = (tensors["W_enc"].double() * scale).to(tensors["W_enc"].dtype)
             threshold = (tensors["b_mag"].double() - scale * tensors["b_gate"].double()).to(tensors["b_mag"].dtype)
-        out = {"W_enc": w_enc, "W_dec": tensors["W_dec"], "b_enc": tensors["b_mag"], "b_dec": tensors["b_dec"], "threshold": threshold}
-        sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", dtype=_dtype_name(tensors["W_dec"]),
-                            apply_b_dec_to_input=apply_b_dec, metadata={**default_metadata(), **meta})
+        out = {
+            "W_enc": w_enc,
+            "W_dec": tensors["W_dec"],
+            "b_enc": tensors["b_mag"],
+            "b_dec": tensors["b_dec"],
+            "threshold": threshold,
+        }
+        sae_cfg = SAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            architecture="jumprelu",
+            dtype=_dtype_name(tensors["W_dec"]),
+            apply_b_dec_to_input=apply_b_dec,
+            metadata={**default_metadata(), **meta},
+        )
         return _build(sae_cfg, out, info)
     if arch == "standard" and str(cfg.get("activation_fn_str", "relu")) == "topk":
         kwargs = cfg.get("activation_fn_kwargs") or {}
@@ -237,7 +265,9 @@ def _load_saelens_converted(folder: Path, hub: tuple[str, str] | None = None) ->
             raise MonoscopeError(f"{folder}: a topk SAE needs k in cfg.json")
         out = {name: tensors[name] for name in ("W_enc", "W_dec", "b_enc", "b_dec") if name in tensors}
         if len(out) != 4:
-            raise MonoscopeError(f"{folder}: a topk SAE needs W_enc, W_dec, b_enc, b_dec; found {', '.join(sorted(tensors))}")
+            raise MonoscopeError(
+                f"{folder}: a topk SAE needs W_enc, W_dec, b_enc, b_dec; found {', '.join(sorted(tensors))}"
+            )
         if cfg.get("rescale_acts_by_decoder_norm"):
             with torch.no_grad():
                 n = out["W_dec"].double().norm(dim=-1)
@@ -245,8 +275,15 @@ def _load_saelens_converted(folder: Path, hub: tuple[str, str] | None = None) ->
                 out["b_enc"] = (out["b_enc"].double() * n).to(out["b_enc"].dtype)
                 out["W_dec"] = (out["W_dec"].double() / n[:, None]).to(out["W_dec"].dtype)
             info["folded"] = "rescale_acts_by_decoder_norm"
-        sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=int(k), dtype=_dtype_name(out["W_dec"]),
-                            apply_b_dec_to_input=apply_b_dec, metadata={**default_metadata(), **meta})
+        sae_cfg = SAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            architecture="topk",
+            k=int(k),
+            dtype=_dtype_name(out["W_dec"]),
+            apply_b_dec_to_input=apply_b_dec,
+            metadata={**default_metadata(), **meta},
+        )
         return _build(sae_cfg, out, info)
     raise MonoscopeError(
         f"{folder}: SAELens architecture {arch!r} is not supported; monoscope reads standard, topk, jumprelu and gated "
@@ -262,9 +299,13 @@ def _load_sparsify(folder: Path, hub: tuple[str, str] | None = None) -> SAE:
     if not isinstance(cfg, dict) or "d_in" not in cfg:
         raise MonoscopeError(f"{folder / 'cfg.json'} has no d_in; it is not a sparsify SAE config")
     if cfg.get("transcode"):
-        raise MonoscopeError(f"{folder} is a sparsify transcoder (it predicts another site's output); only SAEs are supported")
+        raise MonoscopeError(
+            f"{folder} is a sparsify transcoder (it predicts another site's output); only SAEs are supported"
+        )
     if cfg.get("skip_connection") or cfg.get("embed_skip") or cfg.get("gram_lookup"):
-        raise MonoscopeError(f"{folder}: sparsify coders with skip connections or n-gram lookup tables are not supported")
+        raise MonoscopeError(
+            f"{folder}: sparsify coders with skip connections or n-gram lookup tables are not supported"
+        )
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise MonoscopeError(f"{folder}: sparsify activation {activation!r} is not supported (only topk)")
@@ -272,16 +313,31 @@ def _load_sparsify(folder: Path, hub: tuple[str, str] | None = None) -> SAE:
     d_sae = int(cfg.get("num_latents") or 0) or int(d_in * cfg.get("expansion_factor", 32))
     tensors = _read_safetensors(folder / SPARSIFY_WEIGHTS)
     if "W_dec" not in tensors:
-        raise MonoscopeError(f"{folder / SPARSIFY_WEIGHTS} has no W_dec (saved without its decoder); it cannot reconstruct")
+        raise MonoscopeError(
+            f"{folder / SPARSIFY_WEIGHTS} has no W_dec (saved without its decoder); it cannot reconstruct"
+        )
     try:
-        out = {"W_enc": tensors["encoder.weight"].T.contiguous(), "b_enc": tensors["encoder.bias"],
-               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+        out = {
+            "W_enc": tensors["encoder.weight"].T.contiguous(),
+            "b_enc": tensors["encoder.bias"],
+            "W_dec": tensors["W_dec"],
+            "b_dec": tensors["b_dec"],
+        }
     except KeyError as err:
-        raise MonoscopeError(f"{folder / SPARSIFY_WEIGHTS} lacks {err.args[0]}; found {', '.join(sorted(tensors))}") from None
+        raise MonoscopeError(
+            f"{folder / SPARSIFY_WEIGHTS} lacks {err.args[0]}; found {', '.join(sorted(tensors))}"
+        ) from None
     hook = folder.name
     meta = {**default_metadata(), "hook_name": hook}
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=int(cfg.get("k", 32)),
-                        dtype=_dtype_name(out["W_dec"]), apply_b_dec_to_input=True, metadata=meta)
+    sae_cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        architecture="topk",
+        k=int(cfg.get("k", 32)),
+        dtype=_dtype_name(out["W_dec"]),
+        apply_b_dec_to_input=True,
+        metadata=meta,
+    )
     return _build(sae_cfg, out, {"format": "sparsify", "hook_name": hook})
 
 
@@ -302,8 +358,10 @@ def _load_gemmascope(path: Path, hub: tuple[str, str] | None = None) -> SAE:
         raise MonoscopeError(f"{path} lacks {', '.join(missing)}; a Gemma Scope params.npz has {', '.join(needed)}")
     d_in, d_sae = arrays["W_enc"].shape
     tensors = {name: torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in needed}
-    tensors = {name: (t.float() if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else t)
-               for name, t in tensors.items()}
+    tensors = {
+        name: (t.float() if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else t)
+        for name, t in tensors.items()
+    }
     info: dict[str, Any] = {"format": "gemmascope"}
     where = "/".join(hub) if hub else str(path.parent)
     layer = re.search(r"layer_(\d+)", where)
@@ -321,8 +379,14 @@ def _load_gemmascope(path: Path, hub: tuple[str, str] | None = None) -> SAE:
             meta["hook_name"] = f"blocks.{int(layer[1])}.hook_{kind}"
     elif layer:
         info["layer"] = int(layer[1])
-    cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", dtype=_dtype_name(tensors["W_dec"]),
-                    apply_b_dec_to_input=False, metadata=meta)
+    cfg = SAEConfig(
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        architecture="jumprelu",
+        dtype=_dtype_name(tensors["W_dec"]),
+        apply_b_dec_to_input=False,
+        metadata=meta,
+    )
     return _build(cfg, tensors, info)
 
 
@@ -375,8 +439,10 @@ def check_model_match(
     trained = sae_model_name(sae)
     if not trained or not model_name or same_model(trained, model_name):
         return None
-    message = (f"this SAE was trained on {trained!r} but is being used with {model_name!r}; its features may mean "
-               "nothing there (same width, different model)")
+    message = (
+        f"this SAE was trained on {trained!r} but is being used with {model_name!r}; its features may mean "
+        "nothing there (same width, different model)"
+    )
     warnings.warn(message, category, stacklevel=3)
     if cli:
         print(f"monoscope: warning: {message}", file=sys.stderr, flush=True)

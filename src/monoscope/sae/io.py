@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from .._io import atomic_save_safetensors, atomic_write_json, read_json
 from ..errors import MonoscopeError
 from ..model.hooks import HookPoint
-from .base import DTYPES, SAELENS_METADATA_KEYS, SAE, SAEConfig, inference_class
+from .base import DTYPES, SAE, SAELENS_METADATA_KEYS, SAEConfig, inference_class
 from .training import TrainingSAE
 
 CFG_FILENAME = "cfg.json"
@@ -79,7 +79,9 @@ def _shape_text(shape: tuple[int, ...] | torch.Size) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def read_sae_folder(folder: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None) -> SAE:
+def read_sae_folder(
+    folder: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None
+) -> SAE:
     """Read an SAE folder in monoscope's (= SAELens's) own form; checks every tensor's shape against cfg.json.
 
     `device`/`dtype` override the saved ones (default: cfg.json's dtype, on the CPU). The result has
@@ -88,7 +90,9 @@ def read_sae_folder(folder: str | os.PathLike, device: str | torch.device | None
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise MonoscopeError(f"{folder} is not a folder; give the folder that holds cfg.json and sae_weights.safetensors")
+        raise MonoscopeError(
+            f"{folder} is not a folder; give the folder that holds cfg.json and sae_weights.safetensors"
+        )
     cfg_path = folder / CFG_FILENAME
     weights_path = folder / WEIGHTS_FILENAME
     if not cfg_path.is_file():
@@ -110,7 +114,9 @@ def read_sae_folder(folder: str | os.PathLike, device: str | torch.device | None
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
-        raise MonoscopeError(f"{weights_path} could not be read ({err}); the file is damaged or not safetensors") from err
+        raise MonoscopeError(
+            f"{weights_path} could not be read ({err}); the file is damaged or not safetensors"
+        ) from err
     tensors = sae_class.adapt_saved_tensors(tensors)
     sae = sae_class(cfg)
     expected = {name: tuple(tensor.shape) for name, tensor in sae.state_dict().items()}
@@ -141,7 +147,9 @@ def read_sae_folder(folder: str | os.PathLike, device: str | torch.device | None
 
 def _recorded(sae: SAE, info_keys: tuple[str, ...], metadata_key: str) -> str | None:
     info, meta = getattr(sae, "info", None) or {}, getattr(getattr(sae, "cfg", None), "metadata", None) or {}
-    return next((str(v) for v in (*(info.get(k) for k in info_keys), meta.get(metadata_key)) if v not in (None, "")), None)
+    return next(
+        (str(v) for v in (*(info.get(k) for k in info_keys), meta.get(metadata_key)) if v not in (None, "")), None
+    )
 
 
 def sae_hook_point(sae: SAE) -> str | None:
@@ -153,4 +161,3 @@ def sae_hook_point(sae: SAE) -> str | None:
 def sae_model_name(sae: SAE) -> str | None:
     """The model the SAE was trained on, as recorded (monoscope.json, then SAELens's metadata)."""
     return _recorded(sae, ("model", "model_name"), "model_name")
-

@@ -210,12 +210,14 @@ class JumpReLUTrainingSAE(TrainingSAE, JumpReLUSAE):
         return sae
 
 
-JUMPRELU = register(Architecture(
-    name="jumprelu",
-    saved_as=JumpReLUSAE.architecture,
-    config_class=JumpReLUConfig,
-    training_class=JumpReLUTrainingSAE,
-    inference_class=JumpReLUSAE,
-    description="JumpReLU (Rajamanoharan et al. 2024): a learned threshold per latent; --k sets the target L0",
-    k_meaning="the target L0 for jumprelu",
-))
+JUMPRELU = register(
+    Architecture(
+        name="jumprelu",
+        saved_as=JumpReLUSAE.architecture,
+        config_class=JumpReLUConfig,
+        training_class=JumpReLUTrainingSAE,
+        inference_class=JumpReLUSAE,
+        description="JumpReLU (Rajamanoharan et al. 2024): a learned threshold per latent; --k sets the target L0",
+        k_meaning="the target L0 for jumprelu",
+    )
+)

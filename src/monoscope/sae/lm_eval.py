@@ -83,6 +83,7 @@ LATENT_COUNTS = ("frac_alive", "frac_dense_1pct", "frac_dense_10pct")
 
 def _keep_prefix(patch: Patch, untouched: int = 1) -> Patch:
     """`patch` applied to every position but the first `untouched` (BOS, and any the SAE is not judged on)."""
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x[:, :untouched], patch(x[:, untouched:]).to(x.dtype)], dim=1)
 
@@ -246,14 +247,21 @@ def lm_loss_sums(
         patches = {
             "sae": reconstruct,
             "zero": lambda a: torch.zeros_like(a),
-            "mean": lambda a: mean.to(a.dtype).expand_as(a),
+            "mean": lambda a, mean=mean: mean.to(a.dtype).expand_as(a),
         }
-        if blockwise is None:  # checked on a prefix of one context (causal: its hidden states are those of the full pass)
+        if (
+            blockwise is None
+        ):  # checked on a prefix of one context (causal: its hidden states are those of the full pass)
             prefix = min(ids.shape[1], CHECK_POSITIONS)
-            blockwise = clean_hidden is not None and _blockwise_matches(model, head, ids[:1, :prefix], clean_hidden[:1, :prefix])
+            blockwise = clean_hidden is not None and _blockwise_matches(
+                model, head, ids[:1, :prefix], clean_hidden[:1, :prefix]
+            )
             if not blockwise:
-                warnings.warn("the model's output layer is not a plain linear layer this evaluation reproduces; "
-                              "using its own logits, one context at a time", stacklevel=2)
+                warnings.warn(
+                    "the model's output layer is not a plain linear layer this evaluation reproduces; "
+                    "using its own logits, one context at a time",
+                    stacklevel=2,
+                )
         targets = ids[:, untouched + 1 :].reshape(-1)
         if blockwise:
             assert clean_hidden is not None  # blockwise only when the model gave its final hidden states
@@ -269,8 +277,10 @@ def lm_loss_sums(
             for start in range(0, targets.numel(), token_block):
                 rows = stacked[:, start : start + token_block]
                 flat = rows.reshape(-1, rows.shape[-1])
-                blocks = (head.logits(flat, v, min(v + vocab_block, head.vocab)).view(len(VARIANTS), rows.shape[1], -1)
-                          for v in range(0, head.vocab, vocab_block))
+                blocks = (
+                    head.logits(flat, v, min(v + vocab_block, head.vocab)).view(len(VARIANTS), rows.shape[1], -1)
+                    for v in range(0, head.vocab, vocab_block)
+                )
                 ce, kl = _token_losses(blocks, targets[start : start + token_block])
                 ce_parts.append(ce)
                 kl_parts.append(kl)
@@ -289,14 +299,22 @@ def _blockwise_matches(model: torch.nn.Module, head: _OutputLayer, ids: torch.Te
     reference = model(input_ids=ids, use_cache=False).logits[0].float()
     if reference.shape[-1] != head.vocab:
         return False
-    ours = torch.cat([head.logits(hidden[0], v, min(v + VOCAB_BLOCK, head.vocab)) for v in range(0, head.vocab, VOCAB_BLOCK)], -1)
+    ours = torch.cat(
+        [head.logits(hidden[0], v, min(v + VOCAB_BLOCK, head.vocab)) for v in range(0, head.vocab, VOCAB_BLOCK)], -1
+    )
     scale = float(reference.abs().max().clamp_min(1.0))
     tolerance = max(1e-3, 4 * torch.finfo(head.head.weight.dtype).eps) if head.head is not None else 1e-3
     return bool((ours - reference).abs().max() <= tolerance * scale)
 
 
-def _sums_from_model_logits(model: torch.nn.Module, hook_point: str, patches: dict[str, Patch], ids: torch.Tensor,
-                            vocab_block: int, untouched: int) -> dict[str, torch.Tensor]:
+def _sums_from_model_logits(
+    model: torch.nn.Module,
+    hook_point: str,
+    patches: dict[str, Patch],
+    ids: torch.Tensor,
+    vocab_block: int,
+    untouched: int,
+) -> dict[str, torch.Tensor]:
     """The fallback: the model's own logits, one context at a time (memory: one context's logits x 4)."""
     parts = []
     for row in range(ids.shape[0]):
@@ -320,7 +338,10 @@ def lm_loss_metrics(
     on_activations: Callable[[torch.Tensor], None] | None = None,
 ) -> LMLossMetrics:
     """`lm_loss_sums` summed over all contexts, as metrics."""
-    sums = {key: value.sum() for key, value in lm_loss_sums(loaded, hook_point, reconstruct, context_batches, on_activations).items()}
+    sums = {
+        key: value.sum()
+        for key, value in lm_loss_sums(loaded, hook_point, reconstruct, context_batches, on_activations).items()
+    }
     values = {key: float(value) for key, value in lm_metrics_from_sums(sums).items()}
     return LMLossMetrics(tokens=int(sums["tokens"]), **values)
 
@@ -333,7 +354,9 @@ def held_out_skip(sae_info: dict, corpus: Corpus) -> int:
     return int(sae_info.get("harvest_contexts") or 0) if same else 0
 
 
-def sample_contexts(contexts: Iterable[torch.Tensor], n: int, *, skip: int, region: int, seed: int) -> tuple[list[torch.Tensor], int]:
+def sample_contexts(
+    contexts: Iterable[torch.Tensor], n: int, *, skip: int, region: int, seed: int
+) -> tuple[list[torch.Tensor], int]:
     """A seeded uniform sample of `n` contexts from the `region` contexts after the first `skip` (fewer if the
     text ends sooner), in text order; also returns how many contexts the region held (reservoir sampling)."""
     rng = random.Random(seed)
@@ -383,18 +406,29 @@ def evaluate_sae(
 
     check_model_match(sae, loaded.name, loaded.d_model)
     if not 1 <= untouched_positions < context_size - 1:
-        raise MonoscopeError(f"untouched positions must be from 1 (BOS) to {context_size - 2}, got {untouched_positions}")
+        raise MonoscopeError(
+            f"untouched positions must be from 1 (BOS) to {context_size - 2}, got {untouched_positions}"
+        )
     n_contexts = max(1, -(-tokens // (context_size - untouched_positions)))
     region = region_contexts if region_contexts is not None else max(DEFAULT_REGION_CONTEXTS, 50 * n_contexts)
     if region < 1:
         raise MonoscopeError(f"the held-out region must hold at least one context, got {region}")
-    chosen, region_seen = sample_contexts(pack_contexts(corpus.documents(), loaded.tokenizer, context_size), n_contexts,
-                                          skip=skip_contexts, region=region, seed=seed)
+    chosen, region_seen = sample_contexts(
+        pack_contexts(corpus.documents(), loaded.tokenizer, context_size),
+        n_contexts,
+        skip=skip_contexts,
+        region=region,
+        seed=seed,
+    )
     if not chosen:
-        raise MonoscopeError(f"no held-out text after the first {skip_contexts:,} contexts of the corpus; use a larger corpus, "
-                             "another --corpus, or another --seed")
+        raise MonoscopeError(
+            f"no held-out text after the first {skip_contexts:,} contexts of the corpus; use a larger corpus, "
+            "another --corpus, or another --seed"
+        )
     recon_parts: list[dict[str, torch.Tensor]] = []
-    bar = progress_bar(total=len(chosen) * (context_size - untouched_positions), desc="eval", unit="tok", enabled=show_progress)
+    bar = progress_bar(
+        total=len(chosen) * (context_size - untouched_positions), desc="eval", unit="tok", enabled=show_progress
+    )
 
     def batches():
         for batch in batched_contexts(chosen, batch_size):
@@ -408,11 +442,16 @@ def evaluate_sae(
         recon_parts.append({k: v.cpu() for k, v in reconstruction_sums(sae, x.float(), groups=x.shape[0]).items()})
 
     try:
-        lm = lm_loss_sums(loaded, hook_point, reconstruct, batches(), on_activations=on_activations, untouched=untouched_positions)
+        lm = lm_loss_sums(
+            loaded, hook_point, reconstruct, batches(), on_activations=on_activations, untouched=untouched_positions
+        )
     finally:
         bar.close()
     recon = {key: torch.cat([part[key] for part in recon_parts]) for key in SUM_KEYS}
-    recon_values = {key: float(value) for key, value in reconstruction_from_sums({k: v.sum(0, keepdim=True) for k, v in recon.items()}).items()}
+    recon_values = {
+        key: float(value)
+        for key, value in reconstruction_from_sums({k: v.sum(0, keepdim=True) for k, v in recon.items()}).items()
+    }
     lm_values = {key: float(value) for key, value in lm_metrics_from_sums({k: v.sum() for k, v in lm.items()}).items()}
 
     def all_metrics(weighted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -43,7 +43,17 @@ class ReconstructionMetrics:
 
 
 #: Per-group sums that every reconstruction metric is a function of (float64; fire_counts int64 [d_sae]).
-SUM_KEYS = ("tokens", "active", "squared_error", "squared_norm", "sum_x", "cosine", "recon_norm", "x_dot_recon", "fire_counts")
+SUM_KEYS = (
+    "tokens",
+    "active",
+    "squared_error",
+    "squared_norm",
+    "sum_x",
+    "cosine",
+    "recon_norm",
+    "x_dot_recon",
+    "fire_counts",
+)
 
 
 @torch.no_grad()
@@ -118,7 +128,9 @@ def bootstrap_intervals(
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)
         draws = torch.randint(n_groups, (size, n_groups), generator=generator)
-        weights = torch.zeros(size, n_groups, dtype=torch.float64).scatter_add_(1, draws, torch.ones(size, n_groups, dtype=torch.float64))
+        weights = torch.zeros(size, n_groups, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(size, n_groups, dtype=torch.float64)
+        )
         weighted = {}
         for key, value in per_group.items():
             flat = value.to(device="cpu", dtype=torch.float64).reshape(n_groups, -1)

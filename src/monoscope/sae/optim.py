@@ -56,17 +56,29 @@ class OptimizerConfig(JsonConfig):
     name: str = "adam"
     lr: float | None = None  # default: BASE_LR_AT_16K[name] / sqrt(d_sae / 2**14)
     warmup_steps: int | None = None  # linear warm-up; default: adam and adam_sf min(1000, 5% of steps), signum 0
-    decay_fraction: float | None = None  # linear decay to 0 over this last fraction of steps (adam: 0.2; schedule-free: 0)
+    decay_fraction: float | None = (
+        None  # linear decay to 0 over this last fraction of steps (adam: 0.2; schedule-free: 0)
+    )
     beta1: float = 0.9  # adam: first-moment decay
     beta2: float = 0.999  # adam and adam_sf: second-moment decay
     eps: float = 6.25e-10  # adam and adam_sf (Gao et al.: the normalised loss has small gradients)
     momentum: float = 0.95  # schedule-free: y = momentum * x + (1 - momentum) * z (sparsify: 0.95)
 
     def __post_init__(self) -> None:
-        require(self.name in OPTIMIZER_NAMES, f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
-        require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"learning rate must be positive, got {self.lr}")
-        require(self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        require(self.decay_fraction is None or 0 <= self.decay_fraction <= 1, f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        require(
+            self.name in OPTIMIZER_NAMES, f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}"
+        )
+        require(
+            self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+            f"learning rate must be positive, got {self.lr}",
+        )
+        require(
+            self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
+        )
+        require(
+            self.decay_fraction is None or 0 <= self.decay_fraction <= 1,
+            f"decay_fraction must be in [0, 1], got {self.decay_fraction}",
+        )
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas must be in [0, 1)")
         require(self.eps > 0, f"eps must be positive, got {self.eps}")
         require(0 < self.momentum <= 1, f"schedule-free momentum must be in (0, 1], got {self.momentum}")
@@ -126,12 +138,29 @@ class ScheduleFree(torch.optim.Optimizer):
     average weighs step t by max lr so far ** 2, as in the reference implementation.
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float, *, base: str = "sign", momentum: float = 0.95,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_lr_power: float = 2.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float,
+        *,
+        base: str = "sign",
+        momentum: float = 0.95,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_lr_power: float = 2.0,
+    ) -> None:
         if base not in ("sign", "adam"):
             raise ValueError(f"unknown schedule-free base step {base!r}")
-        defaults = dict(lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_lr_power=weight_lr_power,
-                        k=0, weight_sum=0.0, lr_max=0.0)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            beta2=beta2,
+            eps=eps,
+            weight_lr_power=weight_lr_power,
+            k=0,
+            weight_sum=0.0,
+            lr_max=0.0,
+        )
         super().__init__(params, defaults)
         self.base = base
 

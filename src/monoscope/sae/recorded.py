@@ -52,13 +52,24 @@ class RecordedCorpus:
         if isinstance(corpus, str):
             return cls(spec=_text(corpus.strip()))
         if isinstance(corpus, Mapping):
-            return cls(spec=_text(corpus.get("spec")), seed=_whole(corpus.get("seed")),
-                       text_column=_text(corpus.get("text_column")), split=_text(corpus.get("split")),
-                       dataset_config=_text(corpus.get("dataset_config")))
+            return cls(
+                spec=_text(corpus.get("spec")),
+                seed=_whole(corpus.get("seed")),
+                text_column=_text(corpus.get("text_column")),
+                split=_text(corpus.get("split")),
+                dataset_config=_text(corpus.get("dataset_config")),
+            )
         return cls()
 
-    def reopen(self, spec: str | None = None, *, seed: int | None = None, text_column: str | None = None,
-               split: str | None = None, dataset_config: str | None = None) -> Corpus:
+    def reopen(
+        self,
+        spec: str | None = None,
+        *,
+        seed: int | None = None,
+        text_column: str | None = None,
+        split: str | None = None,
+        dataset_config: str | None = None,
+    ) -> Corpus:
         """The recorded corpus (starter when none is recorded), each given part overriding the record. Another
         `spec` than the recorded one starts from open_corpus's defaults: the record describes other text."""
         same = spec is None or spec == (self.spec or "starter")
@@ -121,7 +132,8 @@ class SAERecord:
         if self.hook:
             return self.hook
         raise MonoscopeError(
-            f"{what} does not say which hook point it reads (no hook_point in monoscope.json); pass --hook")
+            f"{what} does not say which hook point it reads (no hook_point in monoscope.json); pass --hook"
+        )
 
     def context(self, context_size: int | None = None) -> int:
         """`context_size` when given, else the recorded one, else 128."""

@@ -107,8 +107,9 @@ def register(architecture: Architecture) -> Architecture:
     if architecture.name in _ARCHITECTURES:
         raise ValueError(f"SAE architecture {architecture.name!r} is already registered")
     runs = architecture.inference_class
-    if runs is not None and (getattr(runs, "architecture", None) != architecture.saved_as
-                             or architecture.saved_as in inference_classes()):
+    if runs is not None and (
+        getattr(runs, "architecture", None) != architecture.saved_as or architecture.saved_as in inference_classes()
+    ):
         raise ValueError(f"{runs.__name__} must be the only class saved as {architecture.saved_as!r}")
     _ARCHITECTURES[architecture.name] = architecture
     return architecture

@@ -95,14 +95,22 @@ class ReLUTrainingSAE(TrainingSAE, ReLUSAE):
         return copy_weights(self, ReLUSAE(SAEConfig.from_dict(self.cfg.to_dict())))
 
 
-RELU = register(Architecture(
-    name="relu",
-    saved_as=ReLUSAE.architecture,
-    config_class=ReLUConfig,
-    training_class=ReLUTrainingSAE,
-    inference_class=ReLUSAE,
-    description="ReLU + L1 (Anthropic, April 2024): the L1 weight sets L0; saved as SAELens's standard",
-    k_meaning="unused by relu",
-    cli_flags=(CliFlag("--l1-coefficient", "l1_coefficient", non_negative_float,
-                       "relu: weight of the L1 penalty, which sets L0 (default: 5)"),),
-))
+RELU = register(
+    Architecture(
+        name="relu",
+        saved_as=ReLUSAE.architecture,
+        config_class=ReLUConfig,
+        training_class=ReLUTrainingSAE,
+        inference_class=ReLUSAE,
+        description="ReLU + L1 (Anthropic, April 2024): the L1 weight sets L0; saved as SAELens's standard",
+        k_meaning="unused by relu",
+        cli_flags=(
+            CliFlag(
+                "--l1-coefficient",
+                "l1_coefficient",
+                non_negative_float,
+                "relu: weight of the L1 penalty, which sets L0 (default: 5)",
+            ),
+        ),
+    )
+)

@@ -30,7 +30,9 @@ from torch.nn import functional as F
 # use up that one warning here, silently.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), (1, 1))
+    torch.sparse_csr_tensor(
+        torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), (1, 1)
+    )
 
 
 @dataclass
@@ -105,7 +107,10 @@ class SparsePattern:
         """[n_rows, n_cols] CSR matrix holding `values` (given in pattern order) at the pattern."""
         order, cols = self.row_sorted()
         return torch.sparse_csr_tensor(
-            self.row_ptr, cols, values if order is None else values[order], (self.n_rows, self.n_cols),
+            self.row_ptr,
+            cols,
+            values if order is None else values[order],
+            (self.n_rows, self.n_cols),
             check_invariants=self.check_invariants,
         )
 
@@ -196,11 +201,17 @@ class _SparseDecode(torch.autograd.Function):
         values = values.to(W_dec.dtype)
         if pattern.per_row is not None:
             return F.embedding_bag(
-                pattern.cols.view(pattern.n_rows, pattern.per_row), W_dec,
-                per_sample_weights=values.view(pattern.n_rows, pattern.per_row), mode="sum",
+                pattern.cols.view(pattern.n_rows, pattern.per_row),
+                W_dec,
+                per_sample_weights=values.view(pattern.n_rows, pattern.per_row),
+                mode="sum",
             )
         return F.embedding_bag(
-            pattern.cols, W_dec, offsets=pattern.row_ptr, per_sample_weights=values, mode="sum",
+            pattern.cols,
+            W_dec,
+            offsets=pattern.row_ptr,
+            per_sample_weights=values,
+            mode="sum",
             include_last_offset=True,
         )
 

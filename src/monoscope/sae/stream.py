@@ -68,7 +68,9 @@ def _as_chunk(item: Any, keys: tuple[str, ...], single_key: str | None) -> dict[
         absent = [key for key in keys if key not in item]
         if absent:
             have = ", ".join(map(str, item.keys())) or "nothing"
-            raise MonoscopeError(f"the activation stream has no {', '.join(map(repr, absent))}; its batches hold: {have}")
+            raise MonoscopeError(
+                f"the activation stream has no {', '.join(map(repr, absent))}; its batches hold: {have}"
+            )
         tensors = {key: item[key] for key in keys}
     else:
         raise MonoscopeError(f"activation batches must be tensors or dicts of tensors, got {type(item).__name__}")
@@ -81,7 +83,9 @@ def _as_chunk(item: Any, keys: tuple[str, ...], single_key: str | None) -> dict[
         tensor = tensor.reshape(-1, tensor.shape[-1])
         tensors[key] = tensor
         if rows is not None and tensor.shape[0] != rows:
-            raise MonoscopeError(f"the tensors of one batch have different numbers of tokens ({rows} and {tensor.shape[0]})")
+            raise MonoscopeError(
+                f"the tensors of one batch have different numbers of tokens ({rows} and {tensor.shape[0]})"
+            )
         rows = tensor.shape[0]
     return tensors
 
@@ -89,7 +93,9 @@ def _as_chunk(item: Any, keys: tuple[str, ...], single_key: str | None) -> dict[
 class BatchStream:
     """Yields {key: [batch_size, d] tensor} batches from a chunk stream and tracks the `DataPosition`."""
 
-    def __init__(self, source: Any, batch_size: int, keys: tuple[str, ...], single_key: str | None, start: DataPosition) -> None:
+    def __init__(
+        self, source: Any, batch_size: int, keys: tuple[str, ...], single_key: str | None, start: DataPosition
+    ) -> None:
         self.batch_size = batch_size
         self.keys = keys
         self.single_key = single_key
@@ -168,6 +174,8 @@ def peek_width(source: Any, key: str | None = None) -> tuple[int, Any]:
         if key is None and len(first) == 1:
             key = next(iter(first))
         if key not in first:
-            raise MonoscopeError(f"the activation stream has no {key!r}; its batches hold: {', '.join(map(str, first))}")
+            raise MonoscopeError(
+                f"the activation stream has no {key!r}; its batches hold: {', '.join(map(str, first))}"
+            )
         return int(first[key].shape[-1]), replacement
     raise MonoscopeError(f"activation batches must be tensors or dicts of tensors, got {type(first).__name__}")

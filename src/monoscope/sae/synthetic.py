@@ -34,7 +34,7 @@ class SyntheticActivations:
         directions = torch.randn(self.n_features, self.d_in, generator=g)
         self.directions = directions / directions.norm(dim=1, keepdim=True)
         ranks = torch.arange(1, self.n_features + 1, dtype=torch.float64)
-        self.frequencies = (ranks ** -0.7 / (ranks ** -0.7).sum()).to(torch.float32)
+        self.frequencies = (ranks**-0.7 / (ranks**-0.7).sum()).to(torch.float32)
         self.offset = torch.randn(self.d_in, generator=g) * 0.5
         self.scale = 1.0
         sample = self.sample(-1, 4096)

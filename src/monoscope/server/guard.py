@@ -27,8 +27,17 @@ class Guard:
             return
         path = scope.get("path", "")
         if self.api_key and path.startswith(PROTECTED_PREFIXES) and not self._authorised(scope):
-            await _reply(scope, receive, send, error_json(401, "missing or wrong API key: send the header `Authorization: Bearer KEY`",
-                                                          "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+            await _reply(
+                scope,
+                receive,
+                send,
+                error_json(
+                    401,
+                    "missing or wrong API key: send the header `Authorization: Bearer KEY`",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ),
+            )
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             body = await self._read_body(scope, receive, send)
@@ -44,7 +53,9 @@ class Guard:
             try:
                 declared = int(length)
             except ValueError:
-                await _reply(scope, receive, send, error_json(400, "the Content-Length header is not a number", "invalid_header"))
+                await _reply(
+                    scope, receive, send, error_json(400, "the Content-Length header is not a number", "invalid_header")
+                )
                 return None
             if declared > DRAIN_LIMIT * self.max_body:  # far too large: answer at once, without reading it
                 await _reply(scope, receive, send, self._too_large())
@@ -69,13 +80,21 @@ class Guard:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as err:
-            await _reply(scope, receive, send, error_json(400, f"the body is not valid UTF-8 (byte {err.start}); send JSON encoded as UTF-8",
-                                                          "invalid_utf8"))
+            await _reply(
+                scope,
+                receive,
+                send,
+                error_json(
+                    400, f"the body is not valid UTF-8 (byte {err.start}); send JSON encoded as UTF-8", "invalid_utf8"
+                ),
+            )
             return None
         return body
 
     def _too_large(self) -> Response:
-        return error_json(413, f"the body is larger than {self.max_body:,} bytes; send a smaller request", "body_too_large")
+        return error_json(
+            413, f"the body is larger than {self.max_body:,} bytes; send a smaller request", "body_too_large"
+        )
 
     def _authorised(self, scope: Scope) -> bool:
         header = _header(scope, b"authorization") or ""

@@ -22,7 +22,9 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise MonoscopeError(f"cannot resolve host {host!r} ({err}); pass --host 127.0.0.1 or an address of this machine") from err
+        raise MonoscopeError(
+            f"cannot resolve host {host!r} ({err}); pass --host 127.0.0.1 or an address of this machine"
+        ) from err
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -31,7 +33,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as err:
         sock.close()
-        raise MonoscopeError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another port with --port") from err
+        raise MonoscopeError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}); choose another port with --port"
+        ) from err
     sock.set_inheritable(True)
     return sock
 
@@ -39,12 +43,19 @@ def bind(host: str, port: int) -> socket.socket:
 def _config(app: ASGIApp, log_level: str) -> uvicorn.Config:
     import uvicorn
 
-    return uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"), lifespan="off",
-                          timeout_graceful_shutdown=2, ws="none")
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=log_level in ("debug", "info"),
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        ws="none",
+    )
 
 
-def serve_forever(app: ASGIApp, host: str, port: int, log_level: str = "warning",
-                  on_ready: Callable[[int], None] | None = None) -> None:
+def serve_forever(
+    app: ASGIApp, host: str, port: int, log_level: str = "warning", on_ready: Callable[[int], None] | None = None
+) -> None:
     """Serve `app` on host:port until Ctrl-C."""
     import uvicorn
 
@@ -66,7 +77,9 @@ class ServerThread:
         self.host = host
         self.port = int(self.sock.getsockname()[1])
         self.server = uvicorn.Server(_config(app, log_level))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="monoscope-server", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="monoscope-server", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -40,9 +40,17 @@ class ServedSAE:
         meta = self.store.meta if self.store is not None else {}
         cfg = self.sae.cfg
         return S.SAEInfo(
-            id=self.id, path=str(self.path), hook_point=self.hook, d_in=int(cfg.d_in), d_sae=int(cfg.d_sae),
-            architecture=str(cfg.architecture), k=getattr(cfg, "k", None), has_database=self.store is not None,
-            tokens_analysed=meta.get("tokens_analysed"), map_method=meta.get("map_method"), meaning_search=self.meaning,
+            id=self.id,
+            path=str(self.path),
+            hook_point=self.hook,
+            d_in=int(cfg.d_in),
+            d_sae=int(cfg.d_sae),
+            architecture=str(cfg.architecture),
+            k=getattr(cfg, "k", None),
+            has_database=self.store is not None,
+            tokens_analysed=meta.get("tokens_analysed"),
+            map_method=meta.get("map_method"),
+            meaning_search=self.meaning,
         )
 
     @property
@@ -51,15 +59,21 @@ class ServedSAE:
 
     def require_store(self) -> FeatureStore:
         if self.store is None:
-            raise ApiError(404, f"SAE {self.id!r} has no feature database: run `monoscope analyze --sae {self.path}` and restart the server",
-                           "no_database")
+            raise ApiError(
+                404,
+                f"SAE {self.id!r} has no feature database: run `monoscope analyze --sae {self.path}` and restart the server",
+                "no_database",
+            )
         return self.store
 
     def check_feature(self, feature: int, param: str = "feature") -> int:
         if not 0 <= int(feature) < self.d_sae:
-            raise ApiError(404 if param == "feature_id" else 400,
-                           f"feature {feature} does not exist: SAE {self.id!r} has {self.d_sae} features (0-{self.d_sae - 1})",
-                           "unknown_feature", param)
+            raise ApiError(
+                404 if param == "feature_id" else 400,
+                f"feature {feature} does not exist: SAE {self.id!r} has {self.d_sae} features (0-{self.d_sae - 1})",
+                "unknown_feature",
+                param,
+            )
         return int(feature)
 
     def cached_map(self) -> S.MapResponse | None:
@@ -95,13 +109,20 @@ class SAERegistry:
     def get(self, name: str | None) -> ServedSAE:
         """The SAE a request names (the first served when it names none); 404 when there is no such SAE."""
         if not self._by_id:
-            raise ApiError(404, "this server serves no SAE (only the model): start it with `monoscope serve --sae DIR` for the "
-                                "feature endpoints", "no_sae", "sae")
+            raise ApiError(
+                404,
+                "this server serves no SAE (only the model): start it with `monoscope serve --sae DIR` for the "
+                "feature endpoints",
+                "no_sae",
+                "sae",
+            )
         if name is None or name == "":
             return next(iter(self._by_id.values()))
         found = self._by_id.get(name)
         if found is None:
-            raise ApiError(404, f"no SAE named {name!r}; this server serves: {', '.join(self._by_id)}", "unknown_sae", "sae")
+            raise ApiError(
+                404, f"no SAE named {name!r}; this server serves: {', '.join(self._by_id)}", "unknown_sae", "sae"
+            )
         return found
 
     def by_object(self, sae: object) -> ServedSAE:
@@ -154,7 +175,9 @@ def model_to_serve(saes: Sequence[LoadedSAE], model: str | None) -> str:
         raise MonoscopeError("the SAE does not say which model it reads; pass --model")
     for s in saes:
         if s.model and not same_model(s.model, name):
-            raise MonoscopeError(f"SAE {s.name!r} reads {s.model}, not {name}: serve SAEs of one model at a time (or pass --model)")
+            raise MonoscopeError(
+                f"SAE {s.name!r} reads {s.model}, not {name}: serve SAEs of one model at a time (or pass --model)"
+            )
     return name
 
 
@@ -170,9 +193,13 @@ def serve_saes(saes: Sequence[LoadedSAE], lm: LoadedModel) -> list[ServedSAE]:
         if default_db_path(s.path).is_file():
             store = FeatureStore.for_sae(s.path)
             if store.n_features != s.sae.cfg.d_sae:
-                raise MonoscopeError(f"{store.path} describes {store.n_features} features but the SAE has {s.sae.cfg.d_sae}; "
-                                     f"re-run `monoscope analyze --sae {s.path}`")
-        served.append(ServedSAE(s.name, s.path, s.sae, s.hook, store, _has_label_vectors(store) if store is not None else False))
+                raise MonoscopeError(
+                    f"{store.path} describes {store.n_features} features but the SAE has {s.sae.cfg.d_sae}; "
+                    f"re-run `monoscope analyze --sae {s.path}`"
+                )
+        served.append(
+            ServedSAE(s.name, s.path, s.sae, s.hook, store, _has_label_vectors(store) if store is not None else False)
+        )
     return served
 
 

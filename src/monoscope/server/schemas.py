@@ -46,9 +46,13 @@ class _Lenient(BaseModel):
 
 class ErrorDetail(_Model):
     message: str = Field(description="What went wrong and what to do about it, in one line.")
-    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, server_busy or server_error.")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, not_found_error, server_busy or server_error."
+    )
     param: Optional[str] = Field(None, description="The request field at fault, when there is one.")
-    code: Optional[str] = Field(None, description="A stable machine-readable code, e.g. invalid_json, body_too_large, unknown_feature.")
+    code: Optional[str] = Field(
+        None, description="A stable machine-readable code, e.g. invalid_json, body_too_large, unknown_feature."
+    )
 
 
 class ErrorResponse(_Model):
@@ -66,12 +70,22 @@ class SteeringItem(_Model):
 
     feature: Optional[int] = Field(None, ge=0, description="Feature id of the SAE (0 to d_sae - 1).")
     mode: Literal["clamp", "add", "multiply", "ablate"] = Field(
-        "clamp", description="clamp: set the feature to value; add: add value x its decoder direction; multiply: scale it by value; ablate: set it to 0.")
+        "clamp",
+        description="clamp: set the feature to value; add: add value x its decoder direction; multiply: scale it by value; ablate: set it to 0.",
+    )
     value: Union[float, str] = Field(
-        0.0, description="A number in the feature's activation units, or a multiple of its max activation such as \"8x\".")
-    sae: Optional[str] = Field(None, max_length=200, description="Which served SAE the feature belongs to (default: the first).")
-    positions: Optional[Literal["all", "prompt", "generated"]] = Field(None, description="Where the edit applies (default: steering_positions).")
-    vector: Optional[str] = Field(None, max_length=200, description="Id of a served steering vector (GET /api/info lists them).")
+        0.0,
+        description='A number in the feature\'s activation units, or a multiple of its max activation such as "8x".',
+    )
+    sae: Optional[str] = Field(
+        None, max_length=200, description="Which served SAE the feature belongs to (default: the first)."
+    )
+    positions: Optional[Literal["all", "prompt", "generated"]] = Field(
+        None, description="Where the edit applies (default: steering_positions)."
+    )
+    vector: Optional[str] = Field(
+        None, max_length=200, description="Id of a served steering vector (GET /api/info lists them)."
+    )
     coefficient: float = Field(1.0, ge=-MAX_VALUE, le=MAX_VALUE, description="Multiplier of the steering vector.")
 
     @field_validator("value")
@@ -82,7 +96,9 @@ class SteeringItem(_Model):
                 try:
                     v = float(v)
                 except ValueError:
-                    raise ValueError("write a number (4, -2.5) or a multiple of the feature's max activation (8x)") from None
+                    raise ValueError(
+                        "write a number (4, -2.5) or a multiple of the feature's max activation (8x)"
+                    ) from None
             else:
                 number = float(v.strip().rstrip("xX"))
                 if abs(number) > MAX_VALUE:
@@ -95,17 +111,25 @@ class SteeringItem(_Model):
     @model_validator(mode="after")
     def _one_kind(self) -> "SteeringItem":
         if (self.feature is None) == (self.vector is None):
-            raise ValueError("each steering item needs either `feature` (an SAE feature id) or `vector` (a steering vector id), not both")
+            raise ValueError(
+                "each steering item needs either `feature` (an SAE feature id) or `vector` (a steering vector id), not both"
+            )
         return self
 
 
 class SteeringFields(BaseModel):
     steering: Optional[list[SteeringItem]] = Field(
-        None, max_length=MAX_STEERING_ITEMS,
+        None,
+        max_length=MAX_STEERING_ITEMS,
         description="monoscope extension: features to clamp/add/multiply/ablate and steering vectors to add while generating. "
-                    "Empty or absent: plain generation.")
-    steering_strength: float = Field(1.0, ge=-100.0, le=100.0, description="monoscope extension: global multiplier of every steering edit.")
-    steering_positions: Literal["all", "prompt", "generated"] = Field("all", description="monoscope extension: where edits apply by default.")
+        "Empty or absent: plain generation.",
+    )
+    steering_strength: float = Field(
+        1.0, ge=-100.0, le=100.0, description="monoscope extension: global multiplier of every steering edit."
+    )
+    steering_positions: Literal["all", "prompt", "generated"] = Field(
+        "all", description="monoscope extension: where edits apply by default."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (as in vLLM).")
 
 
@@ -139,11 +163,17 @@ class StreamOptions(_Lenient):
 
 
 class _GenerationFields(_Lenient, SteeringFields):
-    model: Optional[str] = Field(None, max_length=500, description="The served model id (GET /v1/models); may be left out.")
-    max_tokens: Optional[int] = Field(None, ge=1, le=1_000_000, description="Tokens to generate at most (capped by the server's limit).")
+    model: Optional[str] = Field(
+        None, max_length=500, description="The served model id (GET /v1/models); may be left out."
+    )
+    max_tokens: Optional[int] = Field(
+        None, ge=1, le=1_000_000, description="Tokens to generate at most (capped by the server's limit)."
+    )
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Sampling seed: the same seed gives the same tokens.")
+    seed: Optional[int] = Field(
+        None, ge=0, le=2**63 - 1, description="Sampling seed: the same seed gives the same tokens."
+    )
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = Field(None, description=f"Up to {MAX_STOP} strings that end the completion.")
@@ -165,7 +195,9 @@ class _GenerationFields(_Lenient, SteeringFields):
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, le=1_000_000, description="Alias of max_tokens (newer OpenAI clients).")
+    max_completion_tokens: Optional[int] = Field(
+        None, ge=1, le=1_000_000, description="Alias of max_tokens (newer OpenAI clients)."
+    )
 
 
 class CompletionRequest(_GenerationFields):
@@ -313,8 +345,11 @@ class ServerInfo(_Model):
     version: str
     model: str = Field(description="The served model id (as in /v1/models).")
     model_source: str = Field(description="Where the model was loaded from.")
-    ablated_direction: Optional[str] = Field(None, description="The direction projected out of the residual stream at every layer "
-                                             "(`serve --ablate-direction`), or null.")
+    ablated_direction: Optional[str] = Field(
+        None,
+        description="The direction projected out of the residual stream at every layer "
+        "(`serve --ablate-direction`), or null.",
+    )
     saes: list[SAEInfo]
     vectors: list[VectorInfo]
     limits: Limits
@@ -329,7 +364,9 @@ class ServerStats(_Model):
     cancelled: int = Field(description="Completions stopped because the client went away.")
     failed: int
     tokens_generated: int
-    last_cancelled_tokens: Optional[int] = Field(None, description="Tokens the last cancelled completion had produced when it stopped.")
+    last_cancelled_tokens: Optional[int] = Field(
+        None, description="Tokens the last cancelled completion had produced when it stopped."
+    )
 
 
 class Health(_Model):
@@ -350,7 +387,9 @@ class FeatureSummary(_Model):
     dead: bool
     x: Optional[float] = None
     y: Optional[float] = None
-    sparkline: list[int] = Field(default_factory=list, description="Its activation histogram, shortened to at most 32 counts.")
+    sparkline: list[int] = Field(
+        default_factory=list, description="Its activation histogram, shortened to at most 32 counts."
+    )
 
 
 class FeatureList(_Model):
@@ -450,21 +489,33 @@ class SearchHitOut(_Model):
     words_rank: Optional[int] = None
     meaning_rank: Optional[int] = None
     similarity: Optional[float] = None
-    examples_rank: Optional[int] = Field(None, description="Rank by the cosine of the query and the texts the feature fires on most.")
-    label_score: Optional[float] = Field(None, description="Embedding score of the label (heuristic labels: on held-out examples).")
+    examples_rank: Optional[int] = Field(
+        None, description="Rank by the cosine of the query and the texts the feature fires on most."
+    )
+    label_score: Optional[float] = Field(
+        None, description="Embedding score of the label (heuristic labels: on held-out examples)."
+    )
     sparkline: list[int] = Field(default_factory=list)
 
 
 class SearchResponse(_Model):
     sae: str
     query: str
-    mode: Literal["hybrid", "words", "meaning"] = Field(description="The mode used (hybrid falls back to words without label embeddings).")
+    mode: Literal["hybrid", "words", "meaning"] = Field(
+        description="The mode used (hybrid falls back to words without label embeddings)."
+    )
     hits: list[SearchHitOut]
 
 
 class ExampleSearchRequest(_Model):
-    texts: list[str] = Field(..., min_length=1, max_length=MAX_EXAMPLE_TEXTS, description="Example texts the wanted features fire on.")
-    contrast: list[str] = Field(default_factory=list, max_length=MAX_EXAMPLE_TEXTS, description="Texts they should not fire on (default: the corpus baseline).")
+    texts: list[str] = Field(
+        ..., min_length=1, max_length=MAX_EXAMPLE_TEXTS, description="Example texts the wanted features fire on."
+    )
+    contrast: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_EXAMPLE_TEXTS,
+        description="Texts they should not fire on (default: the corpus baseline).",
+    )
     sae: Optional[str] = Field(None, max_length=200)
     limit: int = Field(20, ge=1, le=100)
 
@@ -502,7 +553,9 @@ class ScanRequest(_Model):
 class FeatureHitOut(_Model):
     id: int
     activation: float
-    fraction: Optional[float] = Field(None, description="activation / the feature's max activation in the analysed corpus (needs the database).")
+    fraction: Optional[float] = Field(
+        None, description="activation / the feature's max activation in the analysed corpus (needs the database)."
+    )
     label: Optional[str] = None
 
 
@@ -520,7 +573,9 @@ class TopFeatureOut(_Model):
     position: int
     label: Optional[str] = None
     density: Optional[float] = None
-    corpus_max_activation: Optional[float] = Field(None, description="Its max activation in the analysed corpus (needs the database).")
+    corpus_max_activation: Optional[float] = Field(
+        None, description="Its max activation in the analysed corpus (needs the database)."
+    )
 
 
 class ScanResponse(_Model):
@@ -546,12 +601,16 @@ class MapResponse(_Model):
 
 class AttributionRequest(_Model):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    target: str = Field(..., min_length=1, max_length=2000, description="The completion whose token(s) to explain, e.g. ' Paris'.")
+    target: str = Field(
+        ..., min_length=1, max_length=2000, description="The completion whose token(s) to explain, e.g. ' Paris'."
+    )
     sae: Optional[str] = Field(None, max_length=200)
     metric: Literal["logit", "logprob"] = "logit"
     top: int = Field(15, ge=1, le=100)
     chat: bool = Field(False, description="Apply the chat template to the prompt.")
-    per_token: bool = Field(False, description="Attribute every token of the target in turn (at most 32), not just its first.")
+    per_token: bool = Field(
+        False, description="Attribute every token of the target in turn (at most 32), not just its first."
+    )
 
 
 class FeatureAttributionOut(_Model):
@@ -583,34 +642,55 @@ class AttributionResponse(_Model):
 
 class SuggestRequest(_Model):
     concept: str = Field(..., min_length=1, max_length=200, description="What to steer toward, e.g. 'the ocean'.")
-    references: list[str] = Field(default_factory=list, max_length=64, description="Short texts about the concept (each at most 2,000 characters).")
+    references: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Short texts about the concept (each at most 2,000 characters).",
+    )
     sae: Optional[str] = Field(None, max_length=200)
-    method: Literal["auto", "features", "vector"] = Field("features", description="What may steer: SAE features, a learned vector, or auto (features, "
-                                                          "a learned vector when none moves the text).")
+    method: Literal["auto", "features", "vector"] = Field(
+        "features",
+        description="What may steer: SAE features, a learned vector, or auto (features, "
+        "a learned vector when none moves the text).",
+    )
 
 
 class SuggestedFeature(_Model):
     feature: int
     value: float = Field(description="The value to add, in the feature's activation units.")
-    multiple: Optional[float] = Field(None, description="The same as a multiple of the feature's max activation (the equalizer's `add` value).")
+    multiple: Optional[float] = Field(
+        None, description="The same as a multiple of the feature's max activation (the equalizer's `add` value)."
+    )
     label: Optional[str] = None
 
 
 class SuggestResponse(_Model):
     sae: str
     concept: str
-    works: bool = Field(description="Whether anything tried moved the completions toward the concept at a bounded perplexity.")
+    works: bool = Field(
+        description="Whether anything tried moved the completions toward the concept at a bounded perplexity."
+    )
     kind: Optional[Literal["feature", "group", "contrast", "vector", "diffmean"]] = Field(
-        None, description="feature, group (learned weights) or contrast (DiffMean's features): `features` are added; vector "
-                          "(learned) or diffmean: a raw vector, `features` are those it points along.")
+        None,
+        description="feature, group (learned weights) or contrast (DiffMean's features): `features` are added; vector "
+        "(learned) or diffmean: a raw vector, `features` are those it points along.",
+    )
     positions: Literal["all", "prompt", "generated"]
     hook_point: str
-    features: list[SuggestedFeature] = Field(description="The features to add (kind feature or group); for a vector, the SAE features it points along.")
-    vector_cosines: list[float] = Field(default_factory=list, description="For a vector: the cosine of each listed feature's decoder row with it.")
+    features: list[SuggestedFeature] = Field(
+        description="The features to add (kind feature or group); for a vector, the SAE features it points along."
+    )
+    vector_cosines: list[float] = Field(
+        default_factory=list, description="For a vector: the cosine of each listed feature's decoder row with it."
+    )
     strength: Optional[float] = Field(None, description="Norm of the added vector / the hook's mean activation norm.")
-    similarity: Optional[float] = Field(None, description="Mean MiniLM cosine of the steered completions with the concept (on suggest's own prompts).")
+    similarity: Optional[float] = Field(
+        None, description="Mean MiniLM cosine of the steered completions with the concept (on suggest's own prompts)."
+    )
     unsteered_similarity: Optional[float] = None
     mention_rate: Optional[float] = None
-    perplexity_ratio: Optional[float] = Field(None, description="Perplexity of the steered completions / the unsteered ones.")
+    perplexity_ratio: Optional[float] = Field(
+        None, description="Perplexity of the steered completions / the unsteered ones."
+    )
     notes: list[str] = Field(default_factory=list)
     seconds: float

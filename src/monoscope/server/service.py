@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 __all__ = ["Service", "ServedSAE", "default_max_tokens", "new_id"]
 
 T = TypeVar("T")
-DEFAULT_MAX_TOKENS = 256  # when a request gives no max_tokens (OpenAI completions default to 16; chat to "as many as fit")
+DEFAULT_MAX_TOKENS = (
+    256  # when a request gives no max_tokens (OpenAI completions default to 16; chat to "as many as fit")
+)
 DEFAULT_COMPLETION_TOKENS = 16
 
 
@@ -121,9 +123,19 @@ class Service:
 
             for vec_name, vec_path in named_paths(vectors, "vector", strip_suffix=True):
                 loaded_vectors[vec_name] = SteeringVector.load(vec_path)
-        return cls(lm, served, vectors=loaded_vectors, served_name=served_name, model_source=name, ablate_direction=ablation,
-                   max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_batch=max_batch, max_body_bytes=max_body_bytes,
-                   truncate_prompt=truncate_prompt)
+        return cls(
+            lm,
+            served,
+            vectors=loaded_vectors,
+            served_name=served_name,
+            model_source=name,
+            ablate_direction=ablation,
+            max_tokens_limit=max_tokens_limit,
+            max_queue=max_queue,
+            max_batch=max_batch,
+            max_body_bytes=max_body_bytes,
+            truncate_prompt=truncate_prompt,
+        )
 
     def close(self) -> None:
         self.worker.close()
@@ -139,38 +151,64 @@ class Service:
     def check_model(self, name: str | None) -> None:
         if name in (None, "", self.served_name, self.model_source, str(self.lm.name)):
             return
-        raise ApiError(404, f"The model `{name}` does not exist; this server serves `{self.served_name}`", "model_not_found", "model")
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist; this server serves `{self.served_name}`",
+            "model_not_found",
+            "model",
+        )
 
     def max_tokens(self, value: int | None, kind: Literal["chat", "completion"]) -> int:
         """A request's max_tokens (the default of its kind when it gives none), within this server's limit."""
         if value is None:
             return default_max_tokens(kind, self.max_tokens_limit)
         if value > self.max_tokens_limit:
-            raise ApiError(400, f"max_tokens is {value}, above this server's limit of {self.max_tokens_limit}", "max_tokens_too_large",
-                           "max_tokens")
+            raise ApiError(
+                400,
+                f"max_tokens is {value}, above this server's limit of {self.max_tokens_limit}",
+                "max_tokens_too_large",
+                "max_tokens",
+            )
         return int(value)
 
     def info(self, auth: bool) -> S.ServerInfo:
         return S.ServerInfo(
-            version=__version__, model=self.served_name, model_source=self.model_source, ablated_direction=self.ablated_direction,
+            version=__version__,
+            model=self.served_name,
+            model_source=self.model_source,
+            ablated_direction=self.ablated_direction,
             saes=[s.info() for s in self.saes.values()],
             vectors=[S.VectorInfo(id=k, hook_points=list(v.hooks), model=v.model) for k, v in self.vectors.items()],
-            limits=S.Limits(max_body_bytes=self.max_body_bytes, max_prompt_chars=S.MAX_PROMPT_CHARS, max_tokens=self.max_tokens_limit,
-                            context_length=self.context_length, max_steering_items=S.MAX_STEERING_ITEMS, max_queue=self.worker.max_queue,
-                            max_batch=self.worker.max_batch),
+            limits=S.Limits(
+                max_body_bytes=self.max_body_bytes,
+                max_prompt_chars=S.MAX_PROMPT_CHARS,
+                max_tokens=self.max_tokens_limit,
+                context_length=self.context_length,
+                max_steering_items=S.MAX_STEERING_ITEMS,
+                max_queue=self.worker.max_queue,
+                max_batch=self.worker.max_batch,
+            ),
             auth=auth,
         )
 
     def stats(self) -> S.ServerStats:
         st = self.worker.stats
-        return S.ServerStats(queued=self.worker.pending, running=self.worker.running, peak_batch=st.peak_batch, generations=st.generations,
-                             cancelled=st.cancelled, failed=st.failed, tokens_generated=st.tokens_generated,
-                             last_cancelled_tokens=st.last_cancelled_tokens)
+        return S.ServerStats(
+            queued=self.worker.pending,
+            running=self.worker.running,
+            peak_batch=st.peak_batch,
+            generations=st.generations,
+            cancelled=st.cancelled,
+            failed=st.failed,
+            tokens_generated=st.tokens_generated,
+            last_cancelled_tokens=st.last_cancelled_tokens,
+        )
 
     # ---- work
 
-    def steering(self, items: Sequence[S.SteeringItem] | None, strength: float,
-                 positions: Positions) -> tuple[Steering | None, S.SteeringApplied | None]:
+    def steering(
+        self, items: Sequence[S.SteeringItem] | None, strength: float, positions: Positions
+    ) -> tuple[Steering | None, S.SteeringApplied | None]:
         """(Steering or None when there is nothing to steer with, its description)."""
         return self.translator.translate(items, strength, positions)
 

@@ -34,8 +34,9 @@ class SteeringTranslator:
 
         return estimate_max_activations(self.lm, sae, served.hook, features)
 
-    def translate(self, items: Sequence[S.SteeringItem] | None, strength: float,
-                  positions: Positions) -> tuple[Steering | None, S.SteeringApplied | None]:
+    def translate(
+        self, items: Sequence[S.SteeringItem] | None, strength: float, positions: Positions
+    ) -> tuple[Steering | None, S.SteeringApplied | None]:
         """(Steering or None when there is nothing to steer with, its description)."""
         if not items:
             return None, None
@@ -56,7 +57,12 @@ class SteeringTranslator:
                     vector = self.vectors.get(item.vector or "")
                     if vector is None:
                         listed = ", ".join(self.vectors) or "none (start the server with --vector NAME=FILE)"
-                        raise ApiError(400, f"no steering vector {item.vector!r}; served: {listed}", "unknown_vector", f"steering[{i}].vector")
+                        raise ApiError(
+                            400,
+                            f"no steering vector {item.vector!r}; served: {listed}",
+                            "unknown_vector",
+                            f"steering[{i}].vector",
+                        )
                     steering.add_vector(vector, item.coefficient, positions=item.positions, label=item.vector or "")
                     edits.append(f"vector {item.vector} x{item.coefficient:g}")
             except MonoscopeError as err:

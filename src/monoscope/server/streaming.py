@@ -77,7 +77,9 @@ class StreamFormat(Protocol):
     def closing(self, result: GenerationResult) -> list[str]: ...
 
 
-async def stream_completion(worker: ModelWorker, job: GenerationJob, request: Request, fmt: StreamFormat) -> EventStream:
+async def stream_completion(
+    worker: ModelWorker, job: GenerationJob, request: Request, fmt: StreamFormat
+) -> EventStream:
     """Queue `job` and answer with its text as events; errors found before the first token keep their status."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BATCH = 16
 T = TypeVar("T")
 
-GenerationEvent = Union[tuple[Literal["start"], int], tuple[Literal["text"], str], tuple[Literal["end"], "Future[GenerationResult]"]]
+GenerationEvent = Union[
+    tuple[Literal["start"], int], tuple[Literal["text"], str], tuple[Literal["end"], "Future[GenerationResult]"]
+]
 """What a streamed completion hears: its prompt's length when it joins, each text delta, then its future."""
 
 
@@ -82,8 +84,15 @@ class Stats:
 class ModelWorker:
     """One thread: the batch engine's steps, and other model jobs between them; at most `max_queue` jobs in it."""
 
-    def __init__(self, lm: LoadedModel, *, max_queue: int = 64, max_batch: int = DEFAULT_MAX_BATCH, context_length: int | None = None,
-                 truncate_prompt: bool = False):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_queue: int = 64,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        context_length: int | None = None,
+        truncate_prompt: bool = False,
+    ):
         self.lm = lm
         self.max_queue = int(max_queue)
         self.engine = BatchEngine(lm, max_batch=max_batch)
@@ -92,7 +101,9 @@ class ModelWorker:
         self.stats = Stats()
         self._cond = threading.Condition()
         self._jobs: collections.deque[ModelJob] = collections.deque()  # model jobs other than completions
-        self._arrived: list[tuple[Future[GenerationResult], GenerationJob]] = []  # completions not yet handed to the engine
+        self._arrived: list[
+            tuple[Future[GenerationResult], GenerationJob]
+        ] = []  # completions not yet handed to the engine
         self._pending = 0
         self._closed = False
         self._failure: BaseException | None = None
@@ -149,7 +160,11 @@ class ModelWorker:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", "shutting_down")
             if self._pending >= self.max_queue:
-                raise ApiError(503, f"the model is busy ({self._pending} requests waiting or running); retry in a moment", "queue_full")
+                raise ApiError(
+                    503,
+                    f"the model is busy ({self._pending} requests waiting or running); retry in a moment",
+                    "queue_full",
+                )
             self._pending += 1
         future: Future = Future()
         future.add_done_callback(self._leave)
@@ -199,9 +214,14 @@ class ModelWorker:
             return
         try:
             ids = self._prompt_ids(job)
-            params = SamplingParams(max_new_tokens=job.max_tokens, temperature=job.temperature if job.temperature > 0 else 0.0,
-                                    top_p=job.top_p, seed=job.seed, stop=tuple(job.stops),
-                                    min_new_tokens=job.max_tokens if job.ignore_eos else 0)
+            params = SamplingParams(
+                max_new_tokens=job.max_tokens,
+                temperature=job.temperature if job.temperature > 0 else 0.0,
+                top_p=job.top_p,
+                seed=job.seed,
+                stop=tuple(job.stops),
+                min_new_tokens=job.max_tokens if job.ignore_eos else 0,
+            )
             emit = job.on_event
             on_text = None if emit is None else (lambda delta: emit(("text", delta)))
             request = Request(ids, job.steering, params, on_text=on_text, cancel=job.cancel)
@@ -227,14 +247,18 @@ class ModelWorker:
             self.stats.last_cancelled_tokens = n
             future.set_exception(Cancelled())
         elif result.finish_reason == "error" and result.error_code == "nonfinite":
-            future.set_exception(ApiError(400, result.error or "the activations became non-finite", "nonfinite_activations", "steering"))
+            future.set_exception(
+                ApiError(400, result.error or "the activations became non-finite", "nonfinite_activations", "steering")
+            )
         elif result.finish_reason == "error":
             self.stats.failed += 1
             future.set_exception(self._failure or RuntimeError(result.error or "the generation failed"))
         else:
             self.stats.generations += 1
             self.stats.tokens_generated += n
-            future.set_result(GenerationResult(result.text, prompt_tokens, n, "stop" if result.finish_reason == "stop" else "length"))
+            future.set_result(
+                GenerationResult(result.text, prompt_tokens, n, "stop" if result.finish_reason == "stop" else "length")
+            )
 
     def _abort(self, err: BaseException) -> None:
         self._failure = err

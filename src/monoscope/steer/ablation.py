@@ -46,7 +46,9 @@ HOOKED_HINT = (
 def unit(direction: Tensor, width: int | None = None) -> Tensor:
     r = torch.as_tensor(direction).detach().float().flatten()
     if width is not None and r.numel() != width:
-        raise MonoscopeError(f"the direction has {r.numel()} numbers but the model's width is {width}; it was made for another model")
+        raise MonoscopeError(
+            f"the direction has {r.numel()} numbers but the model's width is {width}; it was made for another model"
+        )
     if not torch.isfinite(r).all() or r.norm() <= 1e-12:
         raise MonoscopeError("the direction to ablate is zero or has NaN/inf entries")
     return r / r.norm()
@@ -100,7 +102,9 @@ def _writer(parent: nn.Module, names: tuple[str, ...], what: str, layer: int) ->
         child = getattr(parent, name, None)
         if isinstance(child, nn.Module) and hasattr(child, "weight"):
             return child
-    raise MonoscopeError(f"layer {layer}: cannot find the {what} output projection among {', '.join(n for n, _ in parent.named_children())}; this architecture is not supported")
+    raise MonoscopeError(
+        f"layer {layer}: cannot find the {what} output projection among {', '.join(n for n, _ in parent.named_children())}; this architecture is not supported"
+    )
 
 
 def _child(block: nn.Module, names: tuple[str, ...], what: str, layer: int) -> nn.Module:
@@ -192,7 +196,9 @@ def _orthogonalize_experts(experts: nn.Module, r: Tensor, width: int, layer: int
     """Fused experts: a `down_proj` Parameter [experts, d_model, d_ff] (F.linear's layout) or [experts, d_ff, d_model]."""
     w = getattr(experts, "down_proj", None)
     if not isinstance(w, Tensor) or w.dim() != 3 or width not in w.shape[1:] or w.shape[1] == w.shape[2]:
-        raise MonoscopeError(f"layer {layer}: cannot tell how {type(experts).__name__} writes to the residual stream; baking is not supported for it (the hooked form is)")
+        raise MonoscopeError(
+            f"layer {layer}: cannot tell how {type(experts).__name__} writes to the residual stream; baking is not supported for it (the hooked form is)"
+        )
     rr = r.to(device=w.device, dtype=torch.float32)
     wf = w.float()
     if w.shape[1] == width:  # y = W_e x
@@ -205,7 +211,9 @@ def _orthogonalize_experts(experts: nn.Module, r: Tensor, width: int, layer: int
         bias.copy_((bf - (bf @ rr).unsqueeze(-1) * rr).to(bias.dtype))
 
 
-def save_orthogonalized(lm: LoadedModel, direction: Tensor, out: str | os.PathLike, *, note: dict | None = None) -> Path:
+def save_orthogonalized(
+    lm: LoadedModel, direction: Tensor, out: str | os.PathLike, *, note: dict | None = None
+) -> Path:
     """Write a copy of `lm`'s model with `direction` orthogonalised out of its weights, plus its tokenizer."""
     import copy
     import json
@@ -218,7 +226,17 @@ def save_orthogonalized(lm: LoadedModel, direction: Tensor, out: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
-    (out / "monoscope-ablation.json").write_text(json.dumps({"base_model": getattr(lm, "name", None), "method": "weight orthogonalisation (directional ablation)", **(note or {})}, indent=2) + "\n")
+    (out / "monoscope-ablation.json").write_text(
+        json.dumps(
+            {
+                "base_model": getattr(lm, "name", None),
+                "method": "weight orthogonalisation (directional ablation)",
+                **(note or {}),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return out
 
 

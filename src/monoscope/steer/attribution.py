@@ -19,8 +19,8 @@ import torch
 from ..errors import MonoscopeError
 from ..model import LoadedModel, edit, last_logits, token_logprobs
 from ..progress import progress_bar
-from .runtime import encode_prompt
 from ..sae.io import sae_hook_point
+from .runtime import encode_prompt
 from .steering import check_sae_fits
 
 if TYPE_CHECKING:
@@ -86,7 +86,9 @@ def target_token_ids(tokenizer: PreTrainedTokenizerBase, target: str | int | lis
     return ids
 
 
-def _prompt_and_target(lm: LoadedModel, prompt: str, target: str | int | list[int], raw: bool) -> tuple[torch.Tensor, list[int]]:
+def _prompt_and_target(
+    lm: LoadedModel, prompt: str, target: str | int | list[int], raw: bool
+) -> tuple[torch.Tensor, list[int]]:
     """Token ids [1, T] of the prompt followed by all but the target's last token, and the target's ids."""
     head = getattr(lm.model.get_output_embeddings(), "weight", None)
     if not isinstance(head, torch.Tensor):
@@ -98,7 +100,9 @@ def _prompt_and_target(lm: LoadedModel, prompt: str, target: str | int | list[in
     return torch.cat([ids, forced], 1), target_ids
 
 
-def _target_scores(model: torch.nn.Module, ids: torch.Tensor, target_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_scores(
+    model: torch.nn.Module, ids: torch.Tensor, target_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed logits and summed log-probs of the target's tokens after prompt + target[:-1] (`ids`); the LM head
     runs on the target's positions only."""
     rows = last_logits(model, ids, len(target_ids))[0]
@@ -160,16 +164,32 @@ def attribute(
         if float(scores[i]) != 0.0
     ]
     return Attribution(
-        prompt=prompt, target=str(target), target_id=target_ids[0], target_token=str(tokenizer.decode(target_ids)),
-        logit=float(logit.detach()), logprob=float(logprob.detach()), hook=str(hook), features=feats, total=float(scores.sum()),
-        error_attribution=error_attr, target_ids=target_ids,
+        prompt=prompt,
+        target=str(target),
+        target_id=target_ids[0],
+        target_token=str(tokenizer.decode(target_ids)),
+        logit=float(logit.detach()),
+        logprob=float(logprob.detach()),
+        hook=str(hook),
+        features=feats,
+        total=float(scores.sum()),
+        error_attribution=error_attr,
+        target_ids=target_ids,
     )
 
 
 @torch.inference_mode()
 def ablation_effect(
-    lm: LoadedModel, sae: SAE, prompt: str, target: str | int | list[int], features: list[int], *, hook: str | None = None, raw: bool = True,
-    metric: str = "logit", progress: bool = True,
+    lm: LoadedModel,
+    sae: SAE,
+    prompt: str,
+    target: str | int | list[int],
+    features: list[int],
+    *,
+    hook: str | None = None,
+    raw: bool = True,
+    metric: str = "logit",
+    progress: bool = True,
 ) -> dict[int, float]:
     """For each feature: the target's logit (or log-prob) clean minus with the feature ablated at every position.
 
@@ -192,6 +212,7 @@ def ablation_effect(
     out = {}
     with progress_bar(len(features), "ablating features", "feature", enabled=progress) as bar:
         for f in features:
+
             def ablate(x: torch.Tensor, f: int = f) -> torch.Tensor:
                 act = sae.encode(x[:, skip:])[..., f : f + 1]
                 return torch.cat([x[:, :skip], (x[:, skip:] - act * sae.W_dec[f]).to(x.dtype)], 1)
@@ -244,8 +265,16 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def map_by_ablation(
-    lm: LoadedModel, sae: SAE, prompt: str, target: str | int | list[int], *, hook: str | None = None, metric: str = "logit",
-    raw: bool = True, max_features: int = 256, labels: dict[int, str] | None = None,
+    lm: LoadedModel,
+    sae: SAE,
+    prompt: str,
+    target: str | int | list[int],
+    *,
+    hook: str | None = None,
+    metric: str = "logit",
+    raw: bool = True,
+    max_features: int = 256,
+    labels: dict[int, str] | None = None,
 ) -> AblationMap:
     """Ablate each active feature of the prompt (up to `max_features`, by |attribution|) and rank them by the
     exact effect on the target, with the attribution beside it: how far the one-pass estimate can be trusted."""
@@ -253,11 +282,23 @@ def map_by_ablation(
         raise MonoscopeError(f"max_features must be at least 1, got {max_features}")
     full = attribute(lm, sae, prompt, target, hook=hook, top=max_features, metric=metric, raw=raw)
     picked = [f for f in full.features if f.activation > 0]
-    exact = ablation_effect(lm, sae, prompt, target, [f.feature for f in picked], hook=full.hook, raw=raw, metric=metric)
-    effects = [FeatureEffect(f.feature, exact[f.feature], f.attribution, f.activation, (labels or {}).get(f.feature)) for f in picked]
+    exact = ablation_effect(
+        lm, sae, prompt, target, [f.feature for f in picked], hook=full.hook, raw=raw, metric=metric
+    )
+    effects = [
+        FeatureEffect(f.feature, exact[f.feature], f.attribution, f.activation, (labels or {}).get(f.feature))
+        for f in picked
+    ]
     effects.sort(key=lambda e: abs(e.ablation), reverse=True)
     by_attr = {e.feature for e in sorted(effects, key=lambda e: abs(e.attribution), reverse=True)[:10]}
     top = effects[:10]
     overlap = sum(e.feature in by_attr for e in top) / len(top) if top else float("nan")
-    return AblationMap(prompt, str(target), full.hook, metric, effects,
-                       spearman([e.ablation for e in effects], [e.attribution for e in effects]), overlap)
+    return AblationMap(
+        prompt,
+        str(target),
+        full.hook,
+        metric,
+        effects,
+        spearman([e.ablation for e in effects], [e.attribution for e in effects]),
+        overlap,
+    )

@@ -166,8 +166,14 @@ class TextAssembler:
 class Row:
     """A request inside the engine: its compiled steering, random generator, tokens and text so far."""
 
-    def __init__(self, request: Request, compiled: CompiledSteering | None, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-                 index: int):
+    def __init__(
+        self,
+        request: Request,
+        compiled: CompiledSteering | None,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        index: int,
+    ):
         self.request, self.compiled, self.index = request, compiled, index
         self.params = request.params
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
@@ -202,8 +208,14 @@ class Row:
         if self.callback_error is not None and reason != "cancelled":
             reason, code = "error", "callback"
             error = f"the text callback failed: {type(self.callback_error).__name__}: {self.callback_error}"
-        self.result = RowResult(text=text, ids=list(self.text.ids), prompt_ids=list(self.request.prompt_ids), finish_reason=reason,
-                                error=error, error_code=code if reason == "error" else None)
+        self.result = RowResult(
+            text=text,
+            ids=list(self.text.ids),
+            prompt_ids=list(self.request.prompt_ids),
+            finish_reason=reason,
+            error=error,
+            error_code=code if reason == "error" else None,
+        )
         if self.on_done is not None:
             self.on_done(self.result)
         return self.result
@@ -229,12 +241,16 @@ class _BatchEdits:
         for (hook, _), members in groups.items():
             where = [b for b, _ in members]
             self.tables.setdefault(hook, []).append(
-                FeatureTable.build([g for _, g in members], [skip[b] for b in where], None if where == list(range(n)) else where))
+                FeatureTable.build(
+                    [g for _, g in members], [skip[b] for b in where], None if where == list(range(n)) else where
+                )
+            )
         self.directions: dict[str, DirectionTable] = {}
         for hook, by_row in directions.items():
             where = sorted(by_row)
-            self.directions[hook] = DirectionTable.build([by_row[b] for b in where], [skip[b] for b in where],
-                                                         None if where == list(range(n)) else where)
+            self.directions[hook] = DirectionTable.build(
+                [by_row[b] for b in where], [skip[b] for b in where], None if where == list(range(n)) else where
+            )
         self.strength = torch.tensor([row.strength for row in rows], dtype=torch.float32, device=device)
 
     def hooks(self, roles: TokenRoles) -> dict[str | HookPoint, EditFn]:
@@ -354,8 +370,15 @@ class BatchEngine:
             self._waiting = keep
         return taken
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVCache | None, edits: _BatchEdits | None,
-                 roles: TokenRoles) -> tuple[Tensor, KVCache]:
+    def _forward(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        edits: _BatchEdits | None,
+        roles: TokenRoles,
+    ) -> tuple[Tensor, KVCache]:
         hooks = edits.hooks(roles) if edits is not None else {}
         kw: dict[str, object] = {"input_ids": ids, "position_ids": positions, "use_cache": True, self._cache_arg: cache}
         if not (mask.shape[0] == 1 and bool(mask.all())):
@@ -380,7 +403,9 @@ class BatchEngine:
             mask[b, longest - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        roles = TokenRoles(real=mask.bool(), prompt=torch.ones_like(mask, dtype=torch.bool), first=mask.bool() & (positions == 0))
+        roles = TokenRoles(
+            real=mask.bool(), prompt=torch.ones_like(mask, dtype=torch.bool), first=mask.bool() & (positions == 0)
+        )
         edits = _BatchEdits(joiners, self.device) if any(r.compiled is not None for r in joiners) else None
         logits, cache = self._forward(ids, mask, positions, None, edits, roles)
         for row in joiners:
@@ -427,8 +452,12 @@ class BatchEngine:
         done: list[Row] = []
         for b, row in enumerate(rows):
             if not finite[b]:
-                row.finish("error", f"the activations became non-finite (NaN or inf) after {len(row.text.ids)} generated tokens: "
-                                    "the steering is too strong for this model; use smaller values or a lower strength", "nonfinite")
+                row.finish(
+                    "error",
+                    f"the activations became non-finite (NaN or inf) after {len(row.text.ids)} generated tokens: "
+                    "the steering is too strong for this model; use smaller values or a lower strength",
+                    "nonfinite",
+                )
                 done.append(row)
                 continue
             token = greedy[b] if row.generator is None else _sample(logits[b], row.params, row.generator)
@@ -465,8 +494,11 @@ class BatchEngine:
             assert self._mask is not None and self._cache is not None
             width = max(self._mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                _assign(mine, torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], 0),
-                        torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], 0))
+                _assign(
+                    mine,
+                    torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], 0),
+                    torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], 0),
+                )
             self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], 0)
             self.rows = self.rows + list(rows)
         self._edits = _BatchEdits(self.rows, self.device) if any(r.compiled is not None for r in self.rows) else None
@@ -482,7 +514,9 @@ class BatchEngine:
             _select_cache(self._cache, index)
             self._cache, self._mask = _trim(self._cache, self._mask.index_select(0, index))
             self.rows = [self.rows[b] for b in keep]
-            self._edits = _BatchEdits(self.rows, self.device) if any(r.compiled is not None for r in self.rows) else None
+            self._edits = (
+                _BatchEdits(self.rows, self.device) if any(r.compiled is not None for r in self.rows) else None
+            )
 
 
 def _pad_left(t: Tensor, width: int, dim: int = -2) -> Tensor:
@@ -538,10 +572,14 @@ def _growing_layer(keys: Tensor, values: Tensor) -> KVLayer:
                 self.length, self.device, self.is_initialized = length, keys.device, True
                 self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
-            def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+            def update(
+                self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
+            ) -> tuple[Tensor, Tensor]:
                 n = key_states.shape[-2]
                 if self.length + n > self._k.shape[-2]:
-                    self.assign(self._k[:, :, : self.length], self._v[:, :, : self.length], room=max(64, self.length))  # double the room: amortised O(1)
+                    self.assign(
+                        self._k[:, :, : self.length], self._v[:, :, : self.length], room=max(64, self.length)
+                    )  # double the room: amortised O(1)
                 self._k[:, :, self.length : self.length + n] = key_states
                 self._v[:, :, self.length : self.length + n] = value_states
                 self.length += n
@@ -569,7 +607,10 @@ def _batchable_cache(model: PreTrainedModel) -> bool:
 
 def _eos_ids(lm: LoadedModel) -> set[int]:
     ids: set[int] = set()
-    for source in (getattr(lm.tokenizer, "eos_token_id", None), getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)):
+    for source in (
+        getattr(lm.tokenizer, "eos_token_id", None),
+        getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):
@@ -626,19 +667,31 @@ def generate_batch(
     specs: list[Steering | None] = list(steerings) if isinstance(steerings, (list, tuple)) else [steerings] * n  # type: ignore[list-item]
     seeds: list[int | None] = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n  # type: ignore[list-item]
     if len(specs) != n or len(seeds) != n:
-        raise MonoscopeError(f"got {n} prompts but {len(specs)} steerings and {len(seeds)} seeds; give one each, or one for all")
+        raise MonoscopeError(
+            f"got {n} prompts but {len(specs)} steerings and {len(seeds)} seeds; give one each, or one for all"
+        )
     engine = BatchEngine(lm, max_batch=max_batch)
     results: list[Generation | None] = [None] * n
     for i, (prompt, spec, row_seed) in enumerate(zip(prompts, specs, seeds)):
         ids = prompt_token_ids(lm.tokenizer, prompt, raw=raw)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=sampling_temperature(temperature, row_seed), top_p=top_p,
-                                seed=row_seed, stop=tuple(stop),
-                                min_new_tokens=max_new_tokens if ignore_eos else 0)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=sampling_temperature(temperature, row_seed),
+            top_p=top_p,
+            seed=row_seed,
+            stop=tuple(stop),
+            min_new_tokens=max_new_tokens if ignore_eos else 0,
+        )
         callback = None if on_text is None else (lambda delta, i=i: on_text(i, delta))
 
         def done(result: RowResult, i: int = i) -> None:
-            results[i] = Generation(text=result.text, ids=result.ids, prompt_ids=result.prompt_ids,
-                                    finish_reason=result.finish_reason, error=result.error)
+            results[i] = Generation(
+                text=result.text,
+                ids=result.ids,
+                prompt_ids=result.prompt_ids,
+                finish_reason=result.finish_reason,
+                error=result.error,
+            )
 
         engine.add(Request(ids, spec, params, on_text=callback), on_done=done)
     engine.run()

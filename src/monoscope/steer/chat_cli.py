@@ -46,8 +46,14 @@ CHAT_HELP = """commands (between turns):
 class ChatSession:
     """The state of `monoscope chat`: conversation, equalizer, and the command interpreter."""
 
-    def __init__(self, lm: "LoadedModel", sae: "SAE | None", db: "FeatureDB | None", args: argparse.Namespace,
-                 out: TextIO = sys.stdout):
+    def __init__(
+        self,
+        lm: "LoadedModel",
+        sae: "SAE | None",
+        db: "FeatureDB | None",
+        args: argparse.Namespace,
+        out: TextIO = sys.stdout,
+    ):
         from .steering import Steering
 
         self.lm, self.sae, self.db, self.args, self.out = lm, sae, db, args, out
@@ -114,7 +120,7 @@ class ChatSession:
     def _prompt_ids(self):
         import torch
 
-        from .generation import encode_prompt
+        from .runtime import encode_prompt
 
         limit = getattr(self.lm.config, "max_position_embeddings", None) or 4096
         while True:
@@ -131,15 +137,17 @@ class ChatSession:
         import torch
         from transformers import TextIteratorStreamer
 
-        from .generation import generation_kwargs
+        from .runtime import generation_kwargs
         from .steering import steer
 
-        # LoadedModel holds a transformers causal LM and its tokenizer
-        generate: Callable[..., object] = getattr(self.lm.model, "generate")
+        # transformers' decorators hide `generate`'s signature from the type checker
+        generate = cast("Callable[..., object]", self.lm.model.generate)
         tokenizer = cast("PreTrainedTokenizerBase", self.lm.tokenizer)
         self.history.append({"role": "user", "content": text})
         ids = self._prompt_ids()
-        kw = generation_kwargs(tokenizer, self.args.max_new_tokens, self.args.temperature, self.args.top_p, self.args.seed)
+        kw = generation_kwargs(
+            tokenizer, self.args.max_new_tokens, self.args.temperature, self.args.top_p, self.args.seed
+        )
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
@@ -187,8 +195,12 @@ def _chat_loop(session: "ChatSession", args: argparse.Namespace, lm: "LoadedMode
     for spec in args.feature or []:
         session.command(f"/set {spec.replace('=', ' ', 1)}")
     interactive = sys.stdin.isatty()
-    session.say(f"monoscope chat with {lm.name}" + (f" (SAE {args.sae})" if args.sae else "") + (f", {ablated} ablated" if ablated else "")
-                + "; /help for commands, /quit to leave")
+    session.say(
+        f"monoscope chat with {lm.name}"
+        + (f" (SAE {args.sae})" if args.sae else "")
+        + (f", {ablated} ablated" if ablated else "")
+        + "; /help for commands, /quit to leave"
+    )
     while True:
         if interactive:
             sys.stdout.write("you> ")
@@ -214,10 +226,13 @@ def _chat_loop(session: "ChatSession", args: argparse.Namespace, lm: "LoadedMode
 
 
 def add_chat(sub: Parsers) -> None:
-    p = sub.add_parser("chat", help="chat in the terminal with a steerable model (/set, /off, /list, /strength, /reset)",
-                       description="A terminal chat with the model (the embedded SmolLM2-135M-Instruct by default). Between turns, "
-                       "/set ID VALUE clamps a feature (or /set ID add:4), /off ID removes it, /list shows the equalizer, "
-                       "/strength S scales it, /reset flattens it, /quit leaves.")
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a steerable model (/set, /off, /list, /strength, /reset)",
+        description="A terminal chat with the model (the embedded SmolLM2-135M-Instruct by default). Between turns, "
+        "/set ID VALUE clamps a feature (or /set ID add:4), /off ID removes it, /list shows the equalizer, "
+        "/strength S scales it, /reset flattens it, /quit leaves.",
+    )
     p.add_argument("--sae", help="SAE folder whose features /set refers to")
     p.add_argument("--feature", action="append", metavar="ID=MODE:VALUE", help="start with this edit (repeatable)")
     add_positions_arg(p)

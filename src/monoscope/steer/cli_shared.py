@@ -15,7 +15,6 @@ from ..argtypes import positive_int
 from ..errors import MonoscopeError
 
 if TYPE_CHECKING:
-
     from ..model import LoadedModel
     from ..sae import SAE
     from .featuredb import FeatureDB
@@ -25,19 +24,30 @@ if TYPE_CHECKING:
 SAE_MODEL = "the SAE's model, else smollm2-135m-instruct"
 
 
-
-
 def loud_warnings() -> None:
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
-             line: str | None = None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         print(f"monoscope: warning: {message}", file=sys.stderr, flush=True)
 
     warnings.showwarning = show
 
 
 def add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 40) -> None:
-    p.add_argument("--max-new-tokens", type=positive_int, default=default_tokens, help=f"tokens to generate (default: {default_tokens})")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (alone it samples at temperature 1; default: greedy)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=default_tokens,
+        help=f"tokens to generate (default: {default_tokens})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="sampling seed (alone it samples at temperature 1; default: greedy)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--raw", action="store_true", help="do not apply the model's chat template to the prompt")
@@ -55,11 +65,15 @@ def open_model(args: argparse.Namespace, sae: "SAE | None" = None) -> "LoadedMod
     from ..sae.recorded import SAERecord
 
     record = SAERecord.of(sae) if sae is not None else SAERecord()
-    return load_model(record.model_name(args.model, fallback=EMBEDDED_MODEL), device=args.device, dtype=args.model_dtype)
+    return load_model(
+        record.model_name(args.model, fallback=EMBEDDED_MODEL), device=args.device, dtype=args.model_dtype
+    )
 
 
 def add_positions_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)")
+    p.add_argument(
+        "--positions", default="all", choices=["all", "prompt", "generated"], help="where edits apply (default: all)"
+    )
 
 
 def add_db_arg(p: argparse.ArgumentParser, what: str = "feature database") -> None:
@@ -67,9 +81,13 @@ def add_db_arg(p: argparse.ArgumentParser, what: str = "feature database") -> No
 
 
 def add_ablate_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ablate-direction", metavar="FILE[:HOOK]", default=None,
-                   help="project this direction (a vector from `monoscope vector make`) out of the residual stream at every layer "
-                   "and position while generating: hooked directional ablation, exact for every family incl. Gemma 2/3 and OLMo 2")
+    p.add_argument(
+        "--ablate-direction",
+        metavar="FILE[:HOOK]",
+        default=None,
+        help="project this direction (a vector from `monoscope vector make`) out of the residual stream at every layer "
+        "and position while generating: hooked directional ablation, exact for every family incl. Gemma 2/3 and OLMo 2",
+    )
 
 
 def ablation_from_args(args: argparse.Namespace, lm: "LoadedModel") -> tuple[str | None, ContextManager[object]]:
@@ -91,7 +109,11 @@ def feature_db(args: argparse.Namespace, sae: "SAE | None") -> "FeatureDB | None
     db = None
     if getattr(args, "db", None):
         db = FeatureDB(args.db)
-    elif sae is not None and isinstance(folder := getattr(sae, "folder", None), (str, Path)) and default_db_path(folder).is_file():
+    elif (
+        sae is not None
+        and isinstance(folder := getattr(sae, "folder", None), (str, Path))
+        and default_db_path(folder).is_file()
+    ):
         db = FeatureDB(default_db_path(folder))
     if db is not None and sae is not None:
         db.check_fits(sae)
@@ -113,7 +135,9 @@ def steering_from_args(args: argparse.Namespace, sae: "SAE | None", db: "Feature
         try:
             coefficient = float(coef) if coef else 1.0
         except ValueError:
-            raise MonoscopeError(f"cannot read --vector {spec!r}; write FILE.safetensors:COEFFICIENT, e.g. love.safetensors:4") from None
+            raise MonoscopeError(
+                f"cannot read --vector {spec!r}; write FILE.safetensors:COEFFICIENT, e.g. love.safetensors:4"
+            ) from None
         steering.add_vector(SteeringVector.load(path), coefficient, label=Path(path).stem)
     return steering
 
@@ -128,7 +152,10 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str) -> st
             out.extend(textwrap.wrap(para, col, replace_whitespace=False, drop_whitespace=True) or [""])
         return out
 
-    a, b = [left_title, "-" * min(col, len(left_title))] + wrap(left), [right_title, "-" * min(col, len(right_title))] + wrap(right)
+    a, b = (
+        [left_title, "-" * min(col, len(left_title))] + wrap(left),
+        [right_title, "-" * min(col, len(right_title))] + wrap(right),
+    )
     rows = max(len(a), len(b))
     a += [""] * (rows - len(a))
     b += [""] * (rows - len(b))

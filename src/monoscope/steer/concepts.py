@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import MonoscopeError
 from ..model import edit
-from .generation import Generation, encode_prompt
+from .runtime import Generation, encode_prompt
 
 MENTION_THRESHOLD = 0.35
 
@@ -51,17 +51,23 @@ def check_references(references: Sequence[str], *, allow_empty: bool = False) ->
     if not refs and not allow_empty:
         raise MonoscopeError("no reference text: give at least one short text about the concept (--reference TEXT)")
     if len(refs) > MAX_REFERENCES:
-        raise MonoscopeError(f"{len(refs)} reference texts is too many (at most {MAX_REFERENCES}); a handful of short sentences is enough")
+        raise MonoscopeError(
+            f"{len(refs)} reference texts is too many (at most {MAX_REFERENCES}); a handful of short sentences is enough"
+        )
     long = [r for r in refs if len(r) > MAX_REFERENCE_CHARS]
     if long:
-        raise MonoscopeError(f"a reference text has {len(long[0]):,} characters (at most {MAX_REFERENCE_CHARS:,}); give short sentences about the concept")
+        raise MonoscopeError(
+            f"a reference text has {len(long[0]):,} characters (at most {MAX_REFERENCE_CHARS:,}); give short sentences about the concept"
+        )
     return refs
 
 
 def check_strength(value: float, name: str = "strength") -> float:
     value = float(value)
     if not math.isfinite(value) or abs(value) > 1e3:
-        raise MonoscopeError(f"{name} {value!r} would make the activations NaN or inf; give a finite number (a few units at most)")
+        raise MonoscopeError(
+            f"{name} {value!r} would make the activations NaN or inf; give a finite number (a few units at most)"
+        )
     return value
 
 
@@ -73,8 +79,8 @@ def _pad_left(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, longest - len(r):] = r
-        mask[i, longest - len(r):] = 1
+        ids[i, longest - len(r) :] = r
+        mask[i, longest - len(r) :] = 1
     return ids, mask
 
 
@@ -210,7 +216,9 @@ class ReferenceObjective:
         eos = getattr(tok, "eos_token_id", None)
         answers = []
         for ref in references:
-            ids = tok(ref.strip() if chat else " " + ref.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0][:64]
+            ids = tok(
+                ref.strip() if chat else " " + ref.strip(), add_special_tokens=False, return_tensors="pt"
+            ).input_ids[0][:64]
             if chat and eos is not None:
                 ids = torch.cat([ids, torch.tensor([eos])])
             if len(ids) >= 2:
@@ -235,7 +243,9 @@ class ReferenceObjective:
         self.a_pos = p_mask.sum(1, keepdim=True) + torch.arange(longest, device=device).unsqueeze(0)
         self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch.no_grad():
-            prefix = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp_min(0), use_cache=True)
+            prefix = self.model(
+                input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp_min(0), use_cache=True
+            )
         self.cache = getattr(prefix, "cache", None) or prefix.past_key_values
         # the answer's first token is predicted at the prompt's last position, before any steering: a constant
         self.first_logp = torch.log_softmax(prefix.logits[:, -1].float(), -1).gather(-1, self.a_ids[:, :1]).squeeze(-1)
@@ -246,8 +256,17 @@ class ReferenceObjective:
     def __call__(self, vector: Tensor | None) -> Tensor:
         fns = {} if vector is None else {self.hook: lambda x: x + vector.to(x.dtype)}
         with edit(self.model, fns):
-            logits = self.model(input_ids=self.a_ids, attention_mask=self.full_mask, position_ids=self.a_pos, use_cache=True,
-                                **{self.cache_arg: copy.deepcopy(self.cache)}).logits[:, :-1].float()
+            logits = (
+                self.model(
+                    input_ids=self.a_ids,
+                    attention_mask=self.full_mask,
+                    position_ids=self.a_pos,
+                    use_cache=True,
+                    **{self.cache_arg: copy.deepcopy(self.cache)},
+                )
+                .logits[:, :-1]
+                .float()
+            )
         logp = torch.log_softmax(logits, -1).gather(-1, self.a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return -((logp * self.target_mask).sum() + self.first_logp.sum()) / self.n_tokens
 
@@ -322,7 +341,9 @@ def learn_steering_vector(
             p.requires_grad_(flag)
     if not torch.isfinite(final).all():
         raise MonoscopeError("learning the steering vector diverged (NaN); try a smaller norm bound")
-    return LearnedVector(final.cpu(), hook, bound, before, after, steps, param.detach().cpu() if basis is not None else None, history)
+    return LearnedVector(
+        final.cpu(), hook, bound, before, after, steps, param.detach().cpu() if basis is not None else None, history
+    )
 
 
 def explain_vector(vector: Tensor, sae: Any, top: int = 8) -> list[tuple[int, float]]:

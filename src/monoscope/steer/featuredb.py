@@ -30,7 +30,12 @@ if TYPE_CHECKING:  # the store opens lazily: `import monoscope.steer` stays ligh
     # Where max activations come from: {feature: max} (keys may be strings, as JSON has them), a features.db path,
     # an open database, or a callable (sae, [features]) -> {feature: max}.
     MaxActivationSource: TypeAlias = Union[
-        Mapping[int, float], Mapping[str, float], str, os.PathLike, "FeatureDB", FeatureStore,
+        Mapping[int, float],
+        Mapping[str, float],
+        str,
+        os.PathLike,
+        "FeatureDB",
+        FeatureStore,
         Callable[[SAE, list[int]], Mapping[int, float]],
     ]
 
@@ -56,14 +61,18 @@ class FeatureDB:
         else:
             path = Path(path_or_store)
             if not path.is_file():
-                raise MonoscopeError(f"feature database {path} does not exist; run `monoscope analyze --sae SAE_FOLDER` first, or leave --db out")
+                raise MonoscopeError(
+                    f"feature database {path} does not exist; run `monoscope analyze --sae SAE_FOLDER` first, or leave --db out"
+                )
             self.store = FeatureStore(path)
         self.path = self.store.path
 
     def check_fits(self, sae: SAE) -> None:
         if self.store.n_features != sae.cfg.d_sae:
-            raise MonoscopeError(f"the feature database {self.path} describes {self.store.n_features} features but the SAE has {sae.cfg.d_sae}; "
-                                 "it belongs to another SAE: re-run `monoscope analyze` for this one or pass the right --db")
+            raise MonoscopeError(
+                f"the feature database {self.path} describes {self.store.n_features} features but the SAE has {sae.cfg.d_sae}; "
+                "it belongs to another SAE: re-run `monoscope analyze` for this one or pass the right --db"
+            )
 
     def max_activations(self, features: Iterable[int]) -> dict[int, float]:
         ids = sorted({int(f) for f in features})
@@ -102,7 +111,9 @@ def lookup_max_activations(source: MaxActivationSource | None, sae: SAE, feature
         return {f: float(by_name[str(f)]) for f in features if str(f) in by_name}
     if callable(source):
         return {int(k): float(v) for k, v in dict(source(sae, features)).items()}
-    raise MonoscopeError(f"max_activations must be a dict, a features.db path or a callable, got {type(source).__name__}")
+    raise MonoscopeError(
+        f"max_activations must be a dict, a features.db path or a callable, got {type(source).__name__}"
+    )
 
 
 _ESTIMATES: "weakref.WeakKeyDictionary[SAE, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()

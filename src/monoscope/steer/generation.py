@@ -56,9 +56,15 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
-            out = cast(_Generates, model).generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, use_cache=use_cache, **kw)
-    new = out[0, ids.shape[-1]:].tolist()
-    eos = {t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(t, int)}
+            out = cast(_Generates, model).generate(
+                ids, attention_mask=torch.ones_like(ids), streamer=streamer, use_cache=use_cache, **kw
+            )
+    new = out[0, ids.shape[-1] :].tolist()
+    eos = {
+        t
+        for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
+        if isinstance(t, int)
+    }
     finish = "stop" if new and new[-1] in eos else "length"
     return Generation(text=decode_text(tokenizer, new), ids=new, prompt_ids=ids[0].tolist(), finish_reason=finish)
 

@@ -49,7 +49,9 @@ def builtin_prompts() -> tuple[list[str], list[str]]:
     import json
     from importlib import resources
 
-    data = json.loads(resources.files("monoscope.steer").joinpath("data/refusal_prompts.json").read_text(encoding="utf-8"))
+    data = json.loads(
+        resources.files("monoscope.steer").joinpath("data/refusal_prompts.json").read_text(encoding="utf-8")
+    )
     return list(data["harmful"]), list(data["harmless"])
 
 
@@ -81,14 +83,21 @@ class RefusalSearch:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "hook": self.vector.hooks[0], "chosen": self.chosen.to_dict(), "passed_filters": self.passed_filters,
-            "baseline_harmful": self.baseline_harmful, "baseline_harmless": self.baseline_harmless,
-            "refusal_tokens": self.refusal_tokens, "n_train": self.n_train, "n_val": self.n_val,
+            "hook": self.vector.hooks[0],
+            "chosen": self.chosen.to_dict(),
+            "passed_filters": self.passed_filters,
+            "baseline_harmful": self.baseline_harmful,
+            "baseline_harmless": self.baseline_harmless,
+            "refusal_tokens": self.refusal_tokens,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
 
-def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, openings: Sequence[str] = REFUSAL_OPENINGS) -> tuple[list[int], list[str]]:
+def refusal_token_ids(
+    tokenizer: PreTrainedTokenizerBase, openings: Sequence[str] = REFUSAL_OPENINGS
+) -> tuple[list[int], list[str]]:
     """First token of each opening, with and without a leading space (how a reply may start), deduplicated."""
     ids: list[int] = []
     for word in openings:
@@ -139,8 +148,12 @@ def _last_logits(lm: LoadedModel, rows: list[Tensor], batch_size: int) -> Tensor
     position only."""
     out = []
     for ids, mask, _ in _batches(rows, batch_size, left=True):
-        kw = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device),
-              "position_ids": (mask.cumsum(-1) - 1).clamp_min(0).to(lm.device), "use_cache": False}
+        kw = {
+            "input_ids": ids.to(lm.device),
+            "attention_mask": mask.to(lm.device),
+            "position_ids": (mask.cumsum(-1) - 1).clamp_min(0).to(lm.device),
+            "use_cache": False,
+        }
         try:
             logits = lm.model(**kw, logits_to_keep=1).logits
         except TypeError:  # a model without logits_to_keep
@@ -150,7 +163,9 @@ def _last_logits(lm: LoadedModel, rows: list[Tensor], batch_size: int) -> Tensor
 
 
 @torch.inference_mode()
-def _mean_resid_pre(lm: LoadedModel, rows: list[Tensor], layers: Sequence[int], positions: int, batch_size: int) -> Tensor:
+def _mean_resid_pre(
+    lm: LoadedModel, rows: list[Tensor], layers: Sequence[int], positions: int, batch_size: int
+) -> Tensor:
     """Mean resid_pre.L at each of the last `positions` tokens: [positions, layers, d] (index 0 = last token)."""
     hooks = [f"resid_pre.{layer}" for layer in layers]
     total = None
@@ -159,7 +174,9 @@ def _mean_resid_pre(lm: LoadedModel, rows: list[Tensor], layers: Sequence[int], 
         per_layer = []
         for h in hooks:
             x = acts[h].float().cpu()
-            picked = torch.stack([x[torch.arange(len(lengths)), (lengths - 1 - p).clamp_min(0)] for p in range(positions)])  # [P, B, d]
+            picked = torch.stack(
+                [x[torch.arange(len(lengths)), (lengths - 1 - p).clamp_min(0)] for p in range(positions)]
+            )  # [P, B, d]
             per_layer.append(picked.sum(1))
         s = torch.stack(per_layer, 1)  # [P, L, d]
         total = s if total is None else total + s
@@ -195,8 +212,10 @@ def find_refusal_direction(
     harmful = [p for p in harmful if isinstance(p, str) and p.strip()]
     harmless = [p for p in harmless if isinstance(p, str) and p.strip()]
     if len(harmful) < 2 or len(harmless) < 2:
-        raise MonoscopeError(f"need at least 2 harmful and 2 harmless prompts (got {len(harmful)} and {len(harmless)}): half make the "
-                             "candidate directions, the other half score them")
+        raise MonoscopeError(
+            f"need at least 2 harmful and 2 harmless prompts (got {len(harmful)} and {len(harmless)}): half make the "
+            "candidate directions, the other half score them"
+        )
     if not 0.0 < val_fraction < 1.0:
         raise MonoscopeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if positions < 1:
@@ -205,10 +224,16 @@ def find_refusal_direction(
         raise MonoscopeError(f"--kl-max must be a positive number, got {kl_max}")
     n_layers = len(find_blocks(lm.model))
     # by default only the layers the filter allows: a direction right before the unembedding is not chosen anyway
-    layers = list(range(max(1, math.ceil(max_layer_fraction * n_layers)))) if layers is None else sorted({int(layer) for layer in layers})
+    layers = (
+        list(range(max(1, math.ceil(max_layer_fraction * n_layers))))
+        if layers is None
+        else sorted({int(layer) for layer in layers})
+    )
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
-        raise MonoscopeError(f"layer(s) {bad or layers} do not exist: the model has {n_layers} layers (0-{n_layers - 1})")
+        raise MonoscopeError(
+            f"layer(s) {bad or layers} do not exist: the model has {n_layers} layers (0-{n_layers - 1})"
+        )
     if chat_template is None:
         chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
 
@@ -222,12 +247,21 @@ def find_refusal_direction(
     (harm_train, harm_val), (safe_train, safe_val) = split(harmful), split(harmless)
     ref_ids, ref_tokens = refusal_token_ids(lm.tokenizer, openings)
     ref = torch.tensor(ref_ids, dtype=torch.long)
-    rows = {k: _encode(lm, v, chat_template) for k, v in
-            {"harm_train": harm_train, "harm_val": harm_val, "safe_train": safe_train, "safe_val": safe_val}.items()}
+    rows = {
+        k: _encode(lm, v, chat_template)
+        for k, v in {
+            "harm_train": harm_train,
+            "harm_val": harm_val,
+            "safe_train": safe_train,
+            "safe_val": safe_val,
+        }.items()
+    }
     shortest = min(len(r) for k in ("harm_train", "safe_train") for r in rows[k])
     positions = min(positions, shortest)
 
-    diff = _mean_resid_pre(lm, rows["harm_train"], layers, positions, batch_size) - _mean_resid_pre(lm, rows["safe_train"], layers, positions, batch_size)
+    diff = _mean_resid_pre(lm, rows["harm_train"], layers, positions, batch_size) - _mean_resid_pre(
+        lm, rows["safe_train"], layers, positions, batch_size
+    )
     base_harm = refusal_log_odds(_last_logits(lm, rows["harm_val"], batch_size), ref)
     base_safe_logits = _last_logits(lm, rows["safe_val"], batch_size)
     base_safe = refusal_log_odds(base_safe_logits, ref)
@@ -250,7 +284,9 @@ def find_refusal_direction(
         bar.close()
 
     # stage 2: the candidates that leave harmless prompts alone (KL) get the induce score (added, harmless prompts)
-    gentle = [c for c in candidates if math.isfinite(c.bypass) and c.kl <= kl_max and c.layer < max_layer_fraction * n_layers]
+    gentle = [
+        c for c in candidates if math.isfinite(c.bypass) and c.kl <= kl_max and c.layer < max_layer_fraction * n_layers
+    ]
     bar = progress_bar(len(gentle), "refusal candidates: induce", "cand", enabled=progress)
     try:
         for c in gentle:
@@ -269,28 +305,57 @@ def find_refusal_direction(
     passing = [c for c in candidates if c.passed]
     finite = [c for c in candidates if math.isfinite(c.bypass)]
     if not finite:
-        raise MonoscopeError("every candidate direction is zero: the harmful and harmless prompts give the same activations")
+        raise MonoscopeError(
+            "every candidate direction is zero: the harmful and harmless prompts give the same activations"
+        )
     # without a passing candidate: the lowest bypass among those that leave harmless prompts alone, else the gentlest
-    chosen = (min(passing, key=lambda c: c.bypass) if passing else min(gentle, key=lambda c: c.bypass) if gentle
-              else min(finite, key=lambda c: c.kl))
+    chosen = (
+        min(passing, key=lambda c: c.bypass)
+        if passing
+        else min(gentle, key=lambda c: c.bypass)
+        if gentle
+        else min(finite, key=lambda c: c.kl)
+    )
     direction = diff[-chosen.position - 1, layers.index(chosen.layer)]
     hook = f"resid_pre.{chosen.layer}"
     model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
     meta = {
         "method": "refusal direction (Arditi et al. 2024): mean difference, chosen by bypass / induce / KL",
-        "position": chosen.position, "chat_template": chat_template, "model_type": model_type,
-        "n_positive": len(harm_train), "n_negative": len(safe_train), "passed_filters": bool(passing),
-        "bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl,
-        "baseline_harmful": float(base_harm.mean()), "baseline_harmless": float(base_safe.mean()),
+        "position": chosen.position,
+        "chat_template": chat_template,
+        "model_type": model_type,
+        "n_positive": len(harm_train),
+        "n_negative": len(safe_train),
+        "passed_filters": bool(passing),
+        "bypass": chosen.bypass,
+        "induce": chosen.induce,
+        "kl": chosen.kl,
+        "baseline_harmful": float(base_harm.mean()),
+        "baseline_harmless": float(base_safe.mean()),
         "refusal_tokens": ref_tokens,
     }
     vector = SteeringVector({hook: direction}, getattr(lm, "name", None), meta, name)
-    return RefusalSearch(vector, chosen, candidates, float(base_harm.mean()), float(base_safe.mean()), bool(passing), ref_tokens,
-                         len(harm_train) + len(safe_train), len(harm_val) + len(safe_val))
+    return RefusalSearch(
+        vector,
+        chosen,
+        candidates,
+        float(base_harm.mean()),
+        float(base_safe.mean()),
+        bool(passing),
+        ref_tokens,
+        len(harm_train) + len(safe_train),
+        len(harm_val) + len(safe_val),
+    )
 
 
-def bypass_score(lm: LoadedModel, direction: Tensor, prompts: Sequence[str], openings: Sequence[str] = REFUSAL_OPENINGS,
-                 chat_template: bool | None = None, batch_size: int = 8) -> float:
+def bypass_score(
+    lm: LoadedModel,
+    direction: Tensor,
+    prompts: Sequence[str],
+    openings: Sequence[str] = REFUSAL_OPENINGS,
+    chat_template: bool | None = None,
+    batch_size: int = 8,
+) -> float:
     """Mean refusal log-odds on `prompts` with `direction` ablated everywhere (an independent check of a search)."""
     if chat_template is None:
         chat_template = bool(getattr(lm.tokenizer, "chat_template", None))

@@ -42,8 +42,9 @@ def transcript(messages: ChatMessages) -> str:
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, raw: bool = False,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, raw: bool = False, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Token ids [1, T] of a prompt (a string, or chat messages [{role, content}, ...]).
 
     Through the model's chat template when it has one (unless `raw`); otherwise text is encoded exactly as
@@ -63,8 +64,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, raw: bo
     return ids.to(device)
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt | Sequence[int] | torch.Tensor, *,
-                     raw: bool = False) -> list[int]:
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt | Sequence[int] | torch.Tensor, *, raw: bool = False
+) -> list[int]:
     """The token ids of a prompt given as text, chat messages, token ids or a tensor of them."""
     if isinstance(prompt, torch.Tensor):
         return [int(t) for t in prompt.flatten().tolist()]
@@ -102,8 +104,10 @@ def fit_context(ids: list[int], max_new_tokens: int, limit: int | None, *, trunc
         return ids
     room = limit - max_new_tokens
     if not truncate or room < 1:
-        raise ContextLengthExceeded(f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} and "
-                                    f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens")
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} and "
+            f"max_tokens is {max_new_tokens}: shorten the prompt or lower max_tokens"
+        )
     return ids[-room:]
 
 
@@ -164,11 +168,18 @@ class SamplingParams:
         return kw
 
 
-def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, temperature: float = 0.0,
-                      top_p: float | None = None, seed: int | None = None) -> dict[str, object]:
+def generation_kwargs(
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> dict[str, object]:
     """Keyword arguments of transformers' `generate` for these settings (a seed alone samples at temperature 1)."""
     temperature = max(0.0, sampling_temperature(temperature, seed))
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).hf_kwargs(tokenizer)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed).hf_kwargs(
+        tokenizer
+    )
 
 
 # ---------------------------------------------------------------- the result

@@ -26,10 +26,20 @@ POSITIONS = ("all", "prompt", "generated")
 MAX_ABS_VALUE = 1e6
 
 _MODE_ALIASES = {
-    "clamp": "clamp", "set": "clamp", "=": "clamp",
-    "add": "add", "nudge": "add", "+": "add",
-    "multiply": "multiply", "mul": "multiply", "scale": "multiply", "*": "multiply", "x": "multiply",
-    "ablate": "ablate", "off": "ablate", "zero": "ablate",
+    "clamp": "clamp",
+    "set": "clamp",
+    "=": "clamp",
+    "add": "add",
+    "nudge": "add",
+    "+": "add",
+    "multiply": "multiply",
+    "mul": "multiply",
+    "scale": "multiply",
+    "*": "multiply",
+    "x": "multiply",
+    "ablate": "ablate",
+    "off": "ablate",
+    "zero": "ablate",
 }
 
 
@@ -42,7 +52,9 @@ def check_number(value: float | str, what: str) -> float:
     if math.isnan(number) or math.isinf(number):
         raise MonoscopeError(f"{what} is {number}; give a finite number such as 4 or 8x")
     if abs(number) > MAX_ABS_VALUE:
-        raise MonoscopeError(f"{what} is {number:g}, beyond +-{MAX_ABS_VALUE:g}; use a value in the range of the feature's activations (e.g. 4, or 8x its max)")
+        raise MonoscopeError(
+            f"{what} is {number:g}, beyond +-{MAX_ABS_VALUE:g}; use a value in the range of the feature's activations (e.g. 4, or 8x its max)"
+        )
     return number
 
 
@@ -67,7 +79,9 @@ class Value:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return cls(float(value.item()))
         text = str(value).strip().lower().replace(" ", "")
-        match = re.fullmatch(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)x", text) or re.fullmatch(r"x([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)", text)
+        match = re.fullmatch(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)x", text) or re.fullmatch(
+            r"x([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)", text
+        )
         if match:
             return cls(float(match[1]), relative=True)
         try:
@@ -82,7 +96,9 @@ class Value:
         if not self.relative:
             return self.number
         if max_activation is None:
-            raise MonoscopeError(f"{what} {self} is relative to the feature's max activation, which is unknown; give a plain number")
+            raise MonoscopeError(
+                f"{what} {self} is relative to the feature's max activation, which is unknown; give a plain number"
+            )
         return check_number(self.number * float(max_activation), f"{what} {self} (x max activation {max_activation:g})")
 
     def __str__(self) -> str:
@@ -205,7 +221,11 @@ class DirectionEdit:
 
     def describe(self) -> str:
         name = self.label or "direction"
-        what = {"orthogonal": f"component x{self.value:g}", "cap": f"component capped at {self.value:g}", "add": f"add x{self.value:g}"}[self.mode]
+        what = {
+            "orthogonal": f"component x{self.value:g}",
+            "cap": f"component capped at {self.value:g}",
+            "add": f"add x{self.value:g}",
+        }[self.mode]
         where = f" @{self.positions}" if self.positions and self.positions != "all" else ""
         return f"{name} at {self.hook}: {what}{where}"
 
@@ -215,14 +235,18 @@ def parse_feature_spec(text: str) -> tuple[int, str, Value]:
     raw = str(text).strip()
     match = re.fullmatch(r"(-?\d+)\s*=\s*(.+)", raw)
     if not match:
-        raise MonoscopeError(f"cannot read feature spec {text!r}; write ID=MODE:VALUE, e.g. 1234=clamp:8x or 56=add:4 or 7=ablate")
+        raise MonoscopeError(
+            f"cannot read feature spec {text!r}; write ID=MODE:VALUE, e.g. 1234=clamp:8x or 56=add:4 or 7=ablate"
+        )
     feature = check_feature_id(match[1])
     rest = match[2].strip()
     if ":" in rest:
         mode_text, value_text = rest.split(":", 1)
         mode = parse_mode(mode_text)
         if not value_text.strip():
-            raise MonoscopeError(f"feature spec {text!r} has no value after {mode_text}:; write e.g. {feature}={mode}:4")
+            raise MonoscopeError(
+                f"feature spec {text!r} has no value after {mode_text}:; write e.g. {feature}={mode}:4"
+            )
         value = Value.parse(value_text) if mode != "ablate" else Value(0.0)
         return feature, mode, value
     if rest.lower() in _MODE_ALIASES and _MODE_ALIASES[rest.lower()] == "ablate":

@@ -24,7 +24,6 @@ outsized norm that SAEs are not trained on) is left alone unless `skip_first=Fal
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ class Directions(Protocol):
 
     @property
     def directions(self) -> Mapping[str, Tensor]: ...  # read-only here, so a dict attribute matches
+
 
 # ---------------------------------------------------------------- helpers on models and SAEs
 
@@ -104,7 +104,9 @@ def check_sae_fits(sae: SAE, model: nn.Module, hook: str, loaded: LoadedModel | 
     hp = HookPoint.parse(hook)
     n_layers = len(find_blocks(model))
     if hp.layer >= n_layers:
-        raise MonoscopeError(f"the SAE reads hook point {hp}, but the model has only {n_layers} layers (0-{n_layers - 1}); use the model the SAE was trained on")
+        raise MonoscopeError(
+            f"the SAE reads hook point {hp}, but the model has only {n_layers} layers (0-{n_layers - 1}); use the model the SAE was trained on"
+        )
     check_model_match(sae, model_name_of(model, loaded), model_width(model), category=SteeringWarning)
 
 
@@ -224,8 +226,12 @@ class Steering:
         sae = self._sae(sae)
         condition = Condition.parse(when) if isinstance(when, str) else when
         value = Value(0.0) if parse_mode(mode) == "ablate" else Value.parse(value)
-        new = FeatureEdit(sae=sae, feature=feature, mode=mode, value=value, positions=positions, condition=condition, hook=hook)
-        self.feature_edits = [e for e in self.feature_edits if not (e.sae is sae and e.feature == new.feature and e.hook == new.hook)]
+        new = FeatureEdit(
+            sae=sae, feature=feature, mode=mode, value=value, positions=positions, condition=condition, hook=hook
+        )
+        self.feature_edits = [
+            e for e in self.feature_edits if not (e.sae is sae and e.feature == new.feature and e.hook == new.hook)
+        ]
         self.feature_edits.append(new)
         return self
 
@@ -245,7 +251,9 @@ class Steering:
         """Drop the edit(s) of `feature`; whether there was one."""
         sae = sae if sae is not None else self.sae
         before = len(self.feature_edits)
-        self.feature_edits = [e for e in self.feature_edits if not (e.feature == int(feature) and (sae is None or e.sae is sae))]
+        self.feature_edits = [
+            e for e in self.feature_edits if not (e.feature == int(feature) and (sae is None or e.sae is sae))
+        ]
         return len(self.feature_edits) < before
 
     def reset(self) -> "Steering":
@@ -254,7 +262,14 @@ class Steering:
         self.strength = 1.0
         return self
 
-    def parse(self, specs: "str | list[str]", *, sae: SAE | None = None, positions: str | None = None, when: "Condition | str | None" = None) -> "Steering":
+    def parse(
+        self,
+        specs: "str | list[str]",
+        *,
+        sae: SAE | None = None,
+        positions: str | None = None,
+        when: "Condition | str | None" = None,
+    ) -> "Steering":
         """Add CLI-style specs: `ID=clamp:VALUE`, `ID=add:VALUE`, `ID=multiply:M`, `ID=ablate`, `ID=VALUE` (clamp)."""
         for spec in [specs] if isinstance(specs, str) else list(specs):
             feature, mode, value = parse_feature_spec(spec)
@@ -263,27 +278,54 @@ class Steering:
 
     # ---- direction edits ---------------------------------------------------------------------------
 
-    def orthogonal(self, direction: Tensor, hook: str, c: float = 0.0, *, positions: str | None = None, label: str = "") -> "Steering":
+    def orthogonal(
+        self, direction: Tensor, hook: str, c: float = 0.0, *, positions: str | None = None, label: str = ""
+    ) -> "Steering":
         """Set the component of the activation along `direction` (made unit) to `c` times itself."""
-        self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), direction, "orthogonal", c, positions, label))
+        self.direction_edits.append(
+            DirectionEdit(str(HookPoint.parse(hook)), direction, "orthogonal", c, positions, label)
+        )
         return self
 
-    def cap(self, direction: Tensor, hook: str, value: float, *, positions: str | None = None, label: str = "") -> "Steering":
+    def cap(
+        self, direction: Tensor, hook: str, value: float, *, positions: str | None = None, label: str = ""
+    ) -> "Steering":
         """Cap the component of the activation along `direction` (made unit) at `value`."""
-        self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), direction, "cap", value, positions, label))
+        self.direction_edits.append(
+            DirectionEdit(str(HookPoint.parse(hook)), direction, "cap", value, positions, label)
+        )
         return self
 
-    def add_vector(self, vector: Tensor | Directions, coefficient: float = 1.0, *, hook: str | None = None, positions: str | None = None, label: str = "") -> "Steering":
+    def add_vector(
+        self,
+        vector: Tensor | Directions,
+        coefficient: float = 1.0,
+        *,
+        hook: str | None = None,
+        positions: str | None = None,
+        label: str = "",
+    ) -> "Steering":
         """Add `coefficient` x a vector: a raw tensor at `hook`, or a `SteeringVector` (each of its hook points)."""
         if isinstance(vector, Directions):
             for point, tensor in vector.directions.items():
                 if hook is None or str(HookPoint.parse(hook)) == point:
-                    self.direction_edits.append(DirectionEdit(point, tensor, "add", coefficient, positions, label or getattr(vector, "name", "") or "vector"))
+                    self.direction_edits.append(
+                        DirectionEdit(
+                            point,
+                            tensor,
+                            "add",
+                            coefficient,
+                            positions,
+                            label or getattr(vector, "name", "") or "vector",
+                        )
+                    )
             return self
         if hook is None:
             raise MonoscopeError("add_vector with a plain tensor needs hook= (e.g. resid_post.12)")
         direction = torch.as_tensor(vector)
-        self.direction_edits.append(DirectionEdit(str(HookPoint.parse(hook)), direction, "add", coefficient, positions, label or "vector"))
+        self.direction_edits.append(
+            DirectionEdit(str(HookPoint.parse(hook)), direction, "add", coefficient, positions, label or "vector")
+        )
         return self
 
     # ---- text -----------------------------------------------------------------------------------------
@@ -324,10 +366,14 @@ class TokenRoles:
         return torch.stack([editable, editable & self.prompt, editable & ~self.prompt], -1)
 
     def select(self, rows: Tensor) -> "TokenRoles":
-        return TokenRoles(self.real.index_select(0, rows), self.prompt.index_select(0, rows), self.first.index_select(0, rows))
+        return TokenRoles(
+            self.real.index_select(0, rows), self.prompt.index_select(0, rows), self.first.index_select(0, rows)
+        )
 
     @classmethod
-    def whole(cls, batch: int, length: int, device: torch.device | str, start: int = 0, prompt_len: int | None = None) -> "TokenRoles":
+    def whole(
+        cls, batch: int, length: int, device: torch.device | str, start: int = 0, prompt_len: int | None = None
+    ) -> "TokenRoles":
         """Unpadded rows whose tokens sit at `start`... of their sequence; the first `prompt_len` are prompt."""
         where = torch.arange(start, start + length, device=device).expand(batch, length)
         prompt = where < (prompt_len if prompt_len is not None else start + length)
@@ -379,8 +425,15 @@ class PositionTracker:
         if past == 0:
             prev = self._prev
             continuation = (
-                prev is not None and prev[0] == 0 and length == prev[1] + 1 and self.prompt_len is not None
-                and (ids is None or prev[2] is None or (prev[2].shape[0] == batch and torch.equal(ids[:, : prev[1]], prev[2])))
+                prev is not None
+                and prev[0] == 0
+                and length == prev[1] + 1
+                and self.prompt_len is not None
+                and (
+                    ids is None
+                    or prev[2] is None
+                    or (prev[2].shape[0] == batch and torch.equal(ids[:, : prev[1]], prev[2]))
+                )
             )
             if not continuation:
                 self.prompt_len = self._forced if self._forced is not None else length
@@ -423,8 +476,10 @@ def _past_length(cache: Any) -> int:  # a transformers Cache, a legacy tuple of 
         return int(cache.get_seq_length())
     if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples cache: [layer][key/value] with shape [B, H, T, D]
         return int(cache[0][0].shape[-2]) if len(cache) and len(cache[0]) else 0
-    raise MonoscopeError(f"cannot read how many tokens a {type(cache).__name__} KV cache holds; "
-                         "position-scoped steering needs it (pass use_cache=False or a transformers Cache)")
+    raise MonoscopeError(
+        f"cannot read how many tokens a {type(cache).__name__} KV cache holds; "
+        "position-scoped steering needs it (pass use_cache=False or a transformers Cache)"
+    )
 
 
 # ---------------------------------------------------------------- the compiled form
@@ -506,7 +561,9 @@ class FeatureTable:
     skip_first: Tensor  # [R] bool
 
     @classmethod
-    def build(cls, groups: "list[_FeatureGroup]", skip_first: "list[bool]", rows: "list[int] | None" = None) -> "FeatureTable":
+    def build(
+        cls, groups: "list[_FeatureGroup]", skip_first: "list[bool]", rows: "list[int] | None" = None
+    ) -> "FeatureTable":
         """One table from the groups of several rows (all on the same SAE); `rows` their places in the batch."""
         sae = groups[0].sae
         device, width = groups[0].decoder.device, groups[0].decoder.shape[-1]
@@ -524,14 +581,25 @@ class FeatureTable:
         decoder = torch.zeros(n_rows, n_edits, width, dtype=torch.float32, device=device)
         for r, g in enumerate(groups):
             n = len(g.kind)
-            remap = torch.tensor([union[int(f)] for f in g.needed] + [-1], dtype=torch.long, device=device)  # [-1] -> -1
+            remap = torch.tensor(
+                [union[int(f)] for f in g.needed] + [-1], dtype=torch.long, device=device
+            )  # [-1] -> -1
             kind[r, :n], values[r, :n], where[r, :n], threshold[r, :n] = g.kind, g.values, g.where, g.cond_threshold
             edit_slot[r, :n], cond_slot[r, :n] = remap[g.edit_slot], remap[g.cond_slot]
             decoder[r, :n] = g.decoder
-        return cls(sae=sae, needed=torch.tensor(list(union), dtype=torch.long, device=device),
-                   rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
-                   decoder=decoder, kind=kind, values=values, where=where, edit_slot=edit_slot, cond_slot=cond_slot,
-                   cond_threshold=threshold, skip_first=torch.tensor(skip_first, dtype=torch.bool, device=device))
+        return cls(
+            sae=sae,
+            needed=torch.tensor(list(union), dtype=torch.long, device=device),
+            rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
+            decoder=decoder,
+            kind=kind,
+            values=values,
+            where=where,
+            edit_slot=edit_slot,
+            cond_slot=cond_slot,
+            cond_threshold=threshold,
+            skip_first=torch.tensor(skip_first, dtype=torch.bool, device=device),
+        )
 
     def delta(self, x: Tensor, masks: Tensor, strength: Tensor) -> Tensor:
         """The change [R, T, d] (float32) to x [R, T, d] (this table's rows), masks [R, T, 3], strength [R] or [1]."""
@@ -543,7 +611,11 @@ class FeatureTable:
         else:
             own = torch.zeros(batch, length, self.kind.shape[-1], dtype=torch.float32, device=x.device)
         values, kind = self.values.unsqueeze(1), self.kind.unsqueeze(1)
-        coef = torch.where(kind == 0, values - own, torch.where(kind == 1, values.expand_as(own), torch.where(kind == 2, (values - 1) * own, -own)))
+        coef = torch.where(
+            kind == 0,
+            values - own,
+            torch.where(kind == 1, values.expand_as(own), torch.where(kind == 2, (values - 1) * own, -own)),
+        )
         keep = masks.gather(2, self.where.unsqueeze(1).expand(batch, length, self.where.shape[-1]))
         if codes is not None and bool((self.cond_slot >= 0).any()):
             active = _gather(codes, self.cond_slot) > self.cond_threshold.unsqueeze(1)
@@ -567,7 +639,9 @@ class DirectionTable:
     skip_first: Tensor  # [R]
 
     @classmethod
-    def build(cls, plans: "list[list[_DirectionPlan]]", skip_first: "list[bool]", rows: "list[int] | None" = None) -> "DirectionTable":
+    def build(
+        cls, plans: "list[list[_DirectionPlan]]", skip_first: "list[bool]", rows: "list[int] | None" = None
+    ) -> "DirectionTable":
         first = next(p for row in plans for p in row)
         device, width = first.direction.device, first.direction.numel()
         n_rows, k = len(plans), max(len(row) for row in plans)
@@ -578,8 +652,14 @@ class DirectionTable:
             for j, p in enumerate(row):
                 mode[r, j], value[r, j], where[r, j] = _DIRECTION_MODES[p.mode], p.value, _CODES[p.positions]
                 direction[r, j] = p.direction.to(device=device, dtype=torch.float32)
-        return cls(rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device), mode=mode,
-                   direction=direction, value=value, where=where, skip_first=torch.tensor(skip_first, dtype=torch.bool, device=device))
+        return cls(
+            rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
+            mode=mode,
+            direction=direction,
+            value=value,
+            where=where,
+            skip_first=torch.tensor(skip_first, dtype=torch.bool, device=device),
+        )
 
     def apply(self, x: Tensor, masks: Tensor, strength: Tensor) -> Tensor:
         """x [R, T, d] with each row's directions applied one after the other (differentiable)."""
@@ -590,15 +670,22 @@ class DirectionTable:
             r = self.direction[:, j]  # [R, d]
             xf = out.float()
             comp = torch.matmul(xf, r.unsqueeze(-1)).squeeze(-1)  # [R or B, T]
-            amount = torch.where(mode == 0, value.expand_as(comp),
-                                 torch.where(mode == 1, (value - 1.0) * comp, -(comp - value).clamp_min(0)))
-            keep = masks.gather(2, self.where[:, j].view(-1, 1, 1).expand(masks.shape[0], masks.shape[1], 1)).squeeze(-1)
+            amount = torch.where(
+                mode == 0,
+                value.expand_as(comp),
+                torch.where(mode == 1, (value - 1.0) * comp, -(comp - value).clamp_min(0)),
+            )
+            keep = masks.gather(2, self.where[:, j].view(-1, 1, 1).expand(masks.shape[0], masks.shape[1], 1)).squeeze(
+                -1
+            )
             amount = strength * amount * (keep & (mode >= 0)).to(amount.dtype)
             out = (xf + amount.unsqueeze(-1) * r.unsqueeze(1)).to(x.dtype)
         return out
 
 
-def apply_edits(x: Tensor, roles: TokenRoles, tables: "list[FeatureTable]", directions: "DirectionTable | None", strength: Tensor) -> Tensor:
+def apply_edits(
+    x: Tensor, roles: TokenRoles, tables: "list[FeatureTable]", directions: "DirectionTable | None", strength: Tensor
+) -> Tensor:
     """x [B, T, d] with feature edits (all read from x, summed) and then direction edits applied; each table
     touches its own rows only. `strength` is [B] (or [1] for every row)."""
     out = x
@@ -619,7 +706,9 @@ def apply_edits(x: Tensor, roles: TokenRoles, tables: "list[FeatureTable]", dire
         if rows is None:
             out = directions.apply(out, _masks_for(roles, directions.skip_first, None), strength)
         else:
-            changed = directions.apply(out.index_select(0, rows), _masks_for(roles, directions.skip_first, rows), _rows_of(strength, rows))
+            changed = directions.apply(
+                out.index_select(0, rows), _masks_for(roles, directions.skip_first, rows), _rows_of(strength, rows)
+            )
             out = out.index_copy(0, rows, changed)
     return out
 
@@ -652,25 +741,33 @@ class CompiledSteering:
         for e in steering.feature_edits:
             hook = str(HookPoint.parse(e.hook)) if e.hook else sae_hook_point(e.sae)
             if hook is None:
-                raise MonoscopeError("the SAE does not say which hook point it reads (no hook_point in monoscope.json); pass hook=")
+                raise MonoscopeError(
+                    "the SAE does not say which hook point it reads (no hook_point in monoscope.json); pass hook="
+                )
             if (id(e.sae), hook) not in checked:
                 resolve(model, hook)
                 check_sae_fits(e.sae, model, hook, loaded)
                 checked.add((id(e.sae), hook))
             if e.feature >= e.sae.cfg.d_sae:
-                raise MonoscopeError(f"feature id {e.feature} does not exist: this SAE has {e.sae.cfg.d_sae} features (0-{e.sae.cfg.d_sae - 1})")
+                raise MonoscopeError(
+                    f"feature id {e.feature} does not exist: this SAE has {e.sae.cfg.d_sae} features (0-{e.sae.cfg.d_sae - 1})"
+                )
             if e.condition is not None:
                 cond_sae = e.condition.sae if e.condition.sae is not None else e.sae
                 if cond_sae is not e.sae:
                     raise MonoscopeError("a condition must be a feature of the same SAE as the edit it gates")
                 if e.condition.feature >= e.sae.cfg.d_sae:
-                    raise MonoscopeError(f"condition feature id {e.condition.feature} does not exist: this SAE has {e.sae.cfg.d_sae} features")
+                    raise MonoscopeError(
+                        f"condition feature id {e.condition.feature} does not exist: this SAE has {e.sae.cfg.d_sae} features"
+                    )
             saes[id(e.sae)] = e.sae
             by_hook[hook].setdefault(id(e.sae), []).append(e)
         for d in steering.direction_edits:
             resolve(model, d.hook)
             if width is not None and d.direction.numel() != width:
-                raise MonoscopeError(f"a direction at {d.hook} has {d.direction.numel()} numbers but the model's width is {width}; it was made for another model")
+                raise MonoscopeError(
+                    f"a direction at {d.hook} has {d.direction.numel()} numbers but the model's width is {width}; it was made for another model"
+                )
         maxima = _resolve_maxima(steering, model, loaded, by_hook, saes)
 
         plans: dict[str, _HookPlan] = {}
@@ -679,7 +776,9 @@ class CompiledSteering:
             for sae_id, edits in groups.items():
                 sae = saes[sae_id]
                 if sae.W_dec.device != device:
-                    raise MonoscopeError(f"the SAE is on {sae.W_dec.device} but the model is on {device}; load both on the same device")
+                    raise MonoscopeError(
+                        f"the SAE is on {sae.W_dec.device} but the model is on {device}; load both on the same device"
+                    )
                 needed: list[int] = []
                 values, edit_slot, cond_slot, cond_thr = [], [], [], []
                 for e in edits:
@@ -689,7 +788,11 @@ class CompiledSteering:
                     if e.condition is not None:
                         cond_slot.append(_slot(needed, e.condition.feature))
                         mc = maxima.get((sae_id, e.condition.feature))
-                        cond_thr.append(e.condition.threshold.resolve(mc, f"the threshold of condition feature {e.condition.feature}"))
+                        cond_thr.append(
+                            e.condition.threshold.resolve(
+                                mc, f"the threshold of condition feature {e.condition.feature}"
+                            )
+                        )
                     else:
                         cond_slot.append(-1)
                         cond_thr.append(0.0)
@@ -702,7 +805,9 @@ class CompiledSteering:
                         decoder=sae.W_dec.detach().index_select(0, idx).float(),
                         kind=torch.tensor([_KIND[e.mode] for e in edits], device=dev),
                         values=torch.tensor(values, dtype=torch.float32, device=dev),
-                        where=torch.tensor([_CODES[e.positions or steering.positions] for e in edits], dtype=torch.long, device=dev),
+                        where=torch.tensor(
+                            [_CODES[e.positions or steering.positions] for e in edits], dtype=torch.long, device=dev
+                        ),
                         edit_slot=torch.tensor(edit_slot, dtype=torch.long, device=dev),
                         cond_slot=torch.tensor(cond_slot, dtype=torch.long, device=dev),
                         cond_threshold=torch.tensor(cond_thr, dtype=torch.float32, device=dev),
@@ -710,7 +815,9 @@ class CompiledSteering:
                 )
         for d in steering.direction_edits:
             plan = plans.setdefault(d.hook, _HookPlan(d.hook, [], []))
-            plan.directions.append(_DirectionPlan(d.mode, d.direction.to(device), d.value, d.positions or steering.positions))
+            plan.directions.append(
+                _DirectionPlan(d.mode, d.direction.to(device), d.value, d.positions or steering.positions)
+            )
         return cls(plans=plans, steering=steering)
 
 
@@ -758,7 +865,9 @@ def _resolve_maxima(
         for f in feats:
             value = found[f]
             if not (value == value) or value <= 0:
-                raise MonoscopeError(f"feature {f} never fired where its max activation was measured (max {value:g}), so a multiple like 8x means nothing; give a plain number")
+                raise MonoscopeError(
+                    f"feature {f} never fired where its max activation was measured (max {value:g}), so a multiple like 8x means nothing; give a plain number"
+                )
             out[(sae_id, f)] = float(value)
     return out
 
@@ -807,7 +916,9 @@ def load_steering_sae(folder: str | Path, device: str | torch.device | None = "c
 
     path = Path(folder)
     if not path.exists():
-        raise MonoscopeError(f"SAE folder {path} does not exist; pass the folder `monoscope train` wrote (with cfg.json)")
+        raise MonoscopeError(
+            f"SAE folder {path} does not exist; pass the folder `monoscope train` wrote (with cfg.json)"
+        )
     sae = load_sae(path, device=resolve_device(device))
     sae.requires_grad_(False)
     object.__setattr__(sae, "folder", path)

@@ -83,8 +83,16 @@ def _reference_logprob(lm: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
     return token_logprobs(logits, ids[:, start:]).sum(1)
 
 
-def output_effect(lm: Any, sae: Any, hook: str, values: dict[int, float], references: Sequence[str], *, context: str = DEFAULT_CONTEXT,
-                  chunk: int = 16) -> dict[int, float]:
+def output_effect(
+    lm: Any,
+    sae: Any,
+    hook: str,
+    values: dict[int, float],
+    references: Sequence[str],
+    *,
+    context: str = DEFAULT_CONTEXT,
+    chunk: int = 16,
+) -> dict[int, float]:
     """For each feature f: mean over `references` of the log-prob gain per token of the reference (read after
     `context`) when values[f] * W_dec[f] is added at `hook` at every position."""
     tok = lm.tokenizer
@@ -100,7 +108,9 @@ def output_effect(lm: Any, sae: Any, hook: str, values: dict[int, float], refere
     start = max(1, len(ctx_ids))
     n_tokens = torch.tensor([r.shape[1] - start for r in rows], dtype=torch.float32).clamp_min(1)
 
-    base = torch.stack([_reference_logprob(lm, r, start) for r in rows]).flatten().cpu()  # each reference on its own: no padding
+    base = (
+        torch.stack([_reference_logprob(lm, r, start) for r in rows]).flatten().cpu()
+    )  # each reference on its own: no padding
     feats = list(values)
     out: dict[int, float] = {}
     for lo in range(0, len(feats), chunk):  # one forward per reference for a chunk of candidates, one per row
@@ -111,14 +121,25 @@ def output_effect(lm: Any, sae: Any, hook: str, values: dict[int, float], refere
             return x + push.to(device=x.device, dtype=x.dtype).unsqueeze(1)
 
         with edit(lm.model, {hook: add}):
-            gains = torch.stack([_reference_logprob(lm, r.expand(len(group), -1), start) for r in rows], 1).cpu()  # [n, refs]
+            gains = torch.stack(
+                [_reference_logprob(lm, r.expand(len(group), -1), start) for r in rows], 1
+            ).cpu()  # [n, refs]
         for f, gain in zip(group, gains):
             out[int(f)] = float(((gain - base) / n_tokens).mean())
     return out
 
 
-def candidate_features(lm: Any, sae: Any, phrase: str, texts: Sequence[str], *, db: Any = None, candidates: int = 24, hook: str,
-                       search_mode: str = "hybrid") -> dict[int, Suggestion]:
+def candidate_features(
+    lm: Any,
+    sae: Any,
+    phrase: str,
+    texts: Sequence[str],
+    *,
+    db: Any = None,
+    candidates: int = 24,
+    hook: str,
+    search_mode: str = "hybrid",
+) -> dict[int, Suggestion]:
     """Candidate features for `phrase` (score 0): with a database, its search for the phrase and the features most
     specific to `texts` (the phrase, references, ...); without one, the features more active on `texts` than
     on neutral sentences. `db` is a `FeatureDB` (already checked against the SAE) or None."""

@@ -47,8 +47,20 @@ from torch import Tensor
 from ..config import JsonConfig, require
 from ..errors import MonoscopeError
 from ..sae.io import sae_hook_point
-from .concepts import (ConceptJudge, Contrast, LearnedVector, NEUTRAL_PROMPTS, check_references, check_strength, completion_nll,
-                       contrast, explain_vector, geometric_mean, hook_norm, learn_steering_vector, repetition)
+from .concepts import (
+    NEUTRAL_PROMPTS,
+    ConceptJudge,
+    Contrast,
+    check_references,
+    check_strength,
+    completion_nll,
+    contrast,
+    explain_vector,
+    geometric_mean,
+    hook_norm,
+    learn_steering_vector,
+    repetition,
+)
 
 #: Prompts on which options are compared (not those the targets and learned weights come from).
 TEST_PROMPTS = ("Can you help me with something?", "Tell me about your day.", "Share a thought with me.")
@@ -86,14 +98,23 @@ class TowardConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        require(self.candidates >= 1 and self.shortlist >= 0 and self.basis >= 0, "candidates must be >= 1; shortlist and basis >= 0")
+        require(
+            self.candidates >= 1 and self.shortlist >= 0 and self.basis >= 0,
+            "candidates must be >= 1; shortlist and basis >= 0",
+        )
         require(self.contrast_features >= 1 and self.refine >= 0, "contrast_features must be >= 1 and refine >= 0")
         self.strengths = tuple(check_strength(s) for s in self.strengths)
         require(len(self.strengths) > 0 and all(s > 0 for s in self.strengths), "give at least one positive strength")
-        require(self.test_tokens >= 1 and self.target_tokens >= 1 and self.learn_steps >= 1, "token counts and steps must be positive")
+        require(
+            self.test_tokens >= 1 and self.target_tokens >= 1 and self.learn_steps >= 1,
+            "token counts and steps must be positive",
+        )
         require(self.max_perplexity_ratio > 1, "max_perplexity_ratio must be above 1")
         self.positions = tuple(self.positions) if not isinstance(self.positions, str) else (self.positions,)
-        require(len(self.positions) > 0 and all(p in ("generated", "all", "prompt") for p in self.positions), "positions must be generated, all and/or prompt")
+        require(
+            len(self.positions) > 0 and all(p in ("generated", "all", "prompt") for p in self.positions),
+            "positions must be generated, all and/or prompt",
+        )
 
 
 @dataclass
@@ -139,7 +160,9 @@ class SteeringPlan:
     unsteered_similarity: float
     unsteered_perplexity: float
     unit: float  # the hook's mean activation norm: strength 1 adds a vector this long
-    candidates: list[Any] = field(default_factory=list)  # Suggestions; score = the candidate's share of the learned group
+    candidates: list[Any] = field(
+        default_factory=list
+    )  # Suggestions; score = the candidate's share of the learned group
     explanation: list[tuple[int, float]] = field(default_factory=list)  # (feature, cosine) of a chosen vector
     labels: dict[int, str] = field(default_factory=dict)
     learned: dict[str, Any] = field(default_factory=dict)  # loss before/after of learned weights/vectors
@@ -177,17 +200,27 @@ class SteeringPlan:
             for f in chosen["features"]:
                 f["label"] = self.labels.get(f["feature"])
         return {
-            "concept": self.concept, "hook": self.hook, "positions": self.positions, "works": self.works,
+            "concept": self.concept,
+            "hook": self.hook,
+            "positions": self.positions,
+            "works": self.works,
             "chosen": chosen,
-            "explanation": [{"feature": f, "cosine": round(c, 4), "label": self.labels.get(f)} for f, c in self.explanation],
-            "unsteered_similarity": num(self.unsteered_similarity), "unsteered_perplexity": num(self.unsteered_perplexity),
-            "unit": num(self.unit), "options": [o.to_dict() for o in self.options], "learned": self.learned,
-            "notes": self.notes, "seconds": round(self.seconds, 1),
+            "explanation": [
+                {"feature": f, "cosine": round(c, 4), "label": self.labels.get(f)} for f, c in self.explanation
+            ],
+            "unsteered_similarity": num(self.unsteered_similarity),
+            "unsteered_perplexity": num(self.unsteered_perplexity),
+            "unit": num(self.unit),
+            "options": [o.to_dict() for o in self.options],
+            "learned": self.learned,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 1),
         }
 
 
-def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts: Sequence[str], hook: str, sae: Any,
-                   tokens: int) -> tuple[float, float]:
+def _score_options(
+    lm: Any, judge: ConceptJudge, options: list[Option], prompts: Sequence[str], hook: str, sae: Any, tokens: int
+) -> tuple[float, float]:
     """Generate every option (and the unsteered model) on `prompts` in one batch; fill in each option's effect.
     Returns the unsteered (similarity, perplexity)."""
     from .batch import generate_batch
@@ -202,8 +235,13 @@ def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts:
             s.add_vector(o.vector, 1.0, hook=hook)
         specs.append(s)
     rows = [(i, p) for i in range(len(specs)) for p in prompts]
-    gens = generate_batch(lm, [p for _, p in rows], steerings=[specs[i] for i, _ in rows], max_new_tokens=tokens,
-                          max_batch=max(16, len(rows)))
+    gens = generate_batch(
+        lm,
+        [p for _, p in rows],
+        steerings=[specs[i] for i, _ in rows],
+        max_new_tokens=tokens,
+        max_batch=max(16, len(rows)),
+    )
     texts = [g.text for g in gens]
     sims = judge.similarity(texts)
     nll = np.asarray(completion_nll(lm, gens), dtype=np.float64)
@@ -223,7 +261,11 @@ def _score_options(lm: Any, judge: ConceptJudge, options: list[Option], prompts:
 
 
 def _best(options: Sequence[Option], max_ratio: float) -> Option | None:
-    fluent = [o for o in options if math.isfinite(o.perplexity_ratio) and o.perplexity_ratio <= max_ratio and math.isfinite(o.similarity)]
+    fluent = [
+        o
+        for o in options
+        if math.isfinite(o.perplexity_ratio) and o.perplexity_ratio <= max_ratio and math.isfinite(o.similarity)
+    ]
     return max(fluent, key=lambda o: (o.similarity, -len(o.features))) if fluent else None
 
 
@@ -254,13 +296,22 @@ def _refinements(options: Sequence[Option], max_ratio: float, top: int) -> list[
             continue
         template = min(fam, key=lambda o: o.strength)
         scale = strength / template.strength
-        out.append(Option(template.kind, strength, [(f, v * scale) for f, v in template.features], template.positions,
-                          None if template.vector is None else template.vector * scale, base=template.base))
+        out.append(
+            Option(
+                template.kind,
+                strength,
+                [(f, v * scale) for f, v in template.features],
+                template.positions,
+                None if template.vector is None else template.vector * scale,
+                base=template.base,
+            )
+        )
     return out
 
 
-def _direction_options(kind: str, features: list[tuple[int, float]], vector: Tensor | None, length: float, unit: float,
-                       cfg: TowardConfig) -> list[Option]:
+def _direction_options(
+    kind: str, features: list[tuple[int, float]], vector: Tensor | None, length: float, unit: float, cfg: TowardConfig
+) -> list[Option]:
     """`features` (add values) or `vector`, of norm `length`, at each strength (x `unit`) and position set."""
     if not length > 0:
         return []
@@ -269,28 +320,54 @@ def _direction_options(kind: str, features: list[tuple[int, float]], vector: Ten
     for strength in cfg.strengths:
         scale = strength * unit / length
         for where in cfg.positions:
-            out.append(Option(kind, strength, [(f, v * scale) for f, v in features], where,
-                              None if vector is None else vector * scale, base=base))
+            out.append(
+                Option(
+                    kind,
+                    strength,
+                    [(f, v * scale) for f, v in features],
+                    where,
+                    None if vector is None else vector * scale,
+                    base=base,
+                )
+            )
     return out
 
 
-def _group_options(lm: Any, sae: Any, hook: str, candidates: list[Any], learn_refs: list[str], norms: Tensor, unit: float,
-                   cfg: TowardConfig, learned: dict[str, Any]) -> list[Option]:
+def _group_options(
+    lm: Any,
+    sae: Any,
+    hook: str,
+    candidates: list[Any],
+    learn_refs: list[str],
+    norms: Tensor,
+    unit: float,
+    cfg: TowardConfig,
+    learned: dict[str, Any],
+) -> list[Option]:
     """The candidates as one group: non-negative weights over their decoder rows that make the targets likely.
     Ranks the candidates in place (score: share of the group)."""
     ids = [c.feature for c in candidates]
     decoder = sae.W_dec.detach().float().cpu()
-    fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, basis=decoder[ids], steps=cfg.learn_steps)
-    learned["group"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps,
-                        "candidates": len(ids)}
+    fit = learn_steering_vector(
+        lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, basis=decoder[ids], steps=cfg.learn_steps
+    )
+    learned["group"] = {
+        "loss_before": round(fit.loss_before, 4),
+        "loss_after": round(fit.loss_after, 4),
+        "steps": fit.steps,
+        "candidates": len(ids),
+    }
     weights = fit.weights if fit.weights is not None else torch.zeros(len(ids))
     share = weights * norms[ids]
     total = float(share.sum())
     for c, w in zip(candidates, share.tolist()):
         c.score = w / total if total > 0 else 0.0
     candidates.sort(key=lambda c: -c.score)
-    keep = [(ids[i], float(weights[i])) for i in torch.argsort(share, descending=True).tolist()
-            if share[i] >= cfg.min_weight_share * float(share.max()) and share[i] > 0]
+    keep = [
+        (ids[i], float(weights[i]))
+        for i in torch.argsort(share, descending=True).tolist()
+        if share[i] >= cfg.min_weight_share * float(share.max()) and share[i] > 0
+    ]
     if not keep:
         return []
     length = float((torch.tensor([w for _, w in keep]) @ decoder[[f for f, _ in keep]]).norm())
@@ -346,9 +423,11 @@ def plan_steering(
 
     # the model's own answers to neutral prompts, asked to talk about the concept (targets) and not (contrast)
     asked = [prompted(concept, p) for p in NEUTRAL_PROMPTS] + list(NEUTRAL_PROMPTS)
-    answers = [g.text.strip() for g in generate_batch(lm, asked, max_new_tokens=cfg.target_tokens, max_batch=len(asked))]
+    answers = [
+        g.text.strip() for g in generate_batch(lm, asked, max_new_tokens=cfg.target_tokens, max_batch=len(asked))
+    ]
     targets = [t for t in answers[: len(NEUTRAL_PROMPTS)] if t]
-    plain_answers = [t for t in answers[len(NEUTRAL_PROMPTS):] if t]
+    plain_answers = [t for t in answers[len(NEUTRAL_PROMPTS) :] if t]
     learn_refs = refs[1:] + targets or refs
 
     candidates: list[Any] = []
@@ -367,14 +446,22 @@ def plan_steering(
     for c in candidates[: cfg.shortlist]:
         options += _direction_options("feature", [(c.feature, 1.0)], None, float(norms[c.feature]), unit, cfg)
     if cfg.contrast:
-        options += _contrast_options(sae, contrast(lm, sae, hook, learn_refs, plain_answers + list(NEUTRAL_TEXTS)), unit, cfg)
+        options += _contrast_options(
+            sae, contrast(lm, sae, hook, learn_refs, plain_answers + list(NEUTRAL_TEXTS)), unit, cfg
+        )
     if not candidates and cfg.method == "features":
-        notes.append(f"no SAE feature is a candidate for {concept!r}: nothing in the feature database or the references points to one; "
-                     "try the learned vector (--method vector)")
+        notes.append(
+            f"no SAE feature is a candidate for {concept!r}: nothing in the feature database or the references points to one; "
+            "try the learned vector (--method vector)"
+        )
 
     def add_vector_options() -> list[Option]:
         fit = learn_steering_vector(lm, hook, learn_refs, max_norm=max(cfg.strengths) * unit, steps=cfg.learn_steps)
-        learned["vector"] = {"loss_before": round(fit.loss_before, 4), "loss_after": round(fit.loss_after, 4), "steps": fit.steps}
+        learned["vector"] = {
+            "loss_before": round(fit.loss_before, 4),
+            "loss_after": round(fit.loss_after, 4),
+            "steps": fit.steps,
+        }
         return _direction_options("vector", [], fit.vector, float(fit.vector.norm()), unit, cfg)
 
     if cfg.method == "vector":
@@ -387,8 +474,10 @@ def plan_steering(
         if not candidates:
             notes.append(f"no SAE feature is a candidate for {concept!r}; a learned steering vector was used instead")
         else:
-            notes.append(f"no feature option moved the text toward {concept!r} (mean cosine +{cfg.min_gain:g} at perplexity <= "
-                         f"{cfg.max_perplexity_ratio:g}x); a learned steering vector was tried too")
+            notes.append(
+                f"no feature option moved the text toward {concept!r} (mean cosine +{cfg.min_gain:g} at perplexity <= "
+                f"{cfg.max_perplexity_ratio:g}x); a learned steering vector was tried too"
+            )
         extra = add_vector_options()
         if extra:
             sim, ppl = _score_options(lm, judge, extra, TEST_PROMPTS, hook, sae, cfg.test_tokens)
@@ -407,9 +496,25 @@ def plan_steering(
     explanation = explain_vector(chosen.vector, sae) if chosen is not None and chosen.vector is not None else []
     labels: dict[int, str] = {}
     if db is not None:
-        wanted = {f for o in options for f, _ in o.features} | {f for f, _ in explanation} | {c.feature for c in candidates}
+        wanted = (
+            {f for o in options for f, _ in o.features} | {f for f, _ in explanation} | {c.feature for c in candidates}
+        )
         labels = db.labels(wanted)
         for c in candidates:
             c.label = labels.get(c.feature)
-    return SteeringPlan(concept, hook, chosen, options, base_sim, base_ppl, unit, candidates, explanation, labels, learned,
-                        notes, time.perf_counter() - started, cfg.max_perplexity_ratio)
+    return SteeringPlan(
+        concept,
+        hook,
+        chosen,
+        options,
+        base_sim,
+        base_ppl,
+        unit,
+        candidates,
+        explanation,
+        labels,
+        learned,
+        notes,
+        time.perf_counter() - started,
+        cfg.max_perplexity_ratio,
+    )

@@ -71,7 +71,9 @@ class SteeringVector:
         """(hook, vector) for `hook`, or the only one when the vector has a single hook point."""
         if hook is None:
             if len(self.directions) != 1:
-                raise MonoscopeError(f"the vector has several hook points ({', '.join(self.hooks)}); say which one (--hook)")
+                raise MonoscopeError(
+                    f"the vector has several hook points ({', '.join(self.hooks)}); say which one (--hook)"
+                )
             return next(iter(self.directions.items()))
         key = str(HookPoint.parse(hook))
         if key not in self.directions:
@@ -79,19 +81,27 @@ class SteeringVector:
         return key, self.directions[key]
 
     def scaled(self, coefficient: float) -> "SteeringVector":
-        return SteeringVector({h: v * coefficient for h, v in self.directions.items()}, self.model, {**self.meta, "scaled_by": coefficient}, self.name)
+        return SteeringVector(
+            {h: v * coefficient for h, v in self.directions.items()},
+            self.model,
+            {**self.meta, "scaled_by": coefficient},
+            self.name,
+        )
 
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write `NAME.safetensors` (one tensor per hook point) and `NAME.json`; returns both paths."""
         tensors_path, json_path = _paths(path)
         atomic_save_safetensors(tensors_path, self.directions, metadata={"format": FORMAT})
-        atomic_write_json(json_path, {
-            "format": FORMAT,
-            "model": self.model,
-            "hooks": self.hooks,
-            "norms": {h: round(float(v.norm()), 6) for h, v in self.directions.items()},
-            **{k: v for k, v in self.meta.items() if k not in ("format", "model", "hooks", "norms")},
-        })
+        atomic_write_json(
+            json_path,
+            {
+                "format": FORMAT,
+                "model": self.model,
+                "hooks": self.hooks,
+                "norms": {h: round(float(v.norm()), 6) for h, v in self.directions.items()},
+                **{k: v for k, v in self.meta.items() if k not in ("format", "model", "hooks", "norms")},
+            },
+        )
         return tensors_path, json_path
 
     @classmethod
@@ -187,7 +197,9 @@ def contrastive_vector(
     positive, negative = [p for p in positive], [p for p in negative]
     if not positive or not negative:
         which = "positive" if not positive else "negative"
-        raise MonoscopeError(f"the {which} prompt set is empty; a contrastive vector needs at least one prompt on each side")
+        raise MonoscopeError(
+            f"the {which} prompt set is empty; a contrastive vector needs at least one prompt on each side"
+        )
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     if not hooks:
         raise MonoscopeError("no hook point given; pass e.g. resid_post.12")
@@ -199,8 +211,14 @@ def contrastive_vector(
     pos = mean_activations(lm, positive, hooks, position=position, chat_template=chat_template, batch_size=batch_size)
     neg = mean_activations(lm, negative, hooks, position=position, chat_template=chat_template, batch_size=batch_size)
     model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
-    meta = {"method": "contrastive-mean-difference", "position": position, "chat_template": chat_template,
-            "n_positive": len(positive), "n_negative": len(negative), "model_type": model_type}
+    meta = {
+        "method": "contrastive-mean-difference",
+        "position": position,
+        "chat_template": chat_template,
+        "n_positive": len(positive),
+        "n_negative": len(negative),
+        "model_type": model_type,
+    }
     return SteeringVector({h: pos[h] - neg[h] for h in hooks}, getattr(lm, "name", None), meta, name)
 
 
@@ -215,13 +233,19 @@ def gguf_layer(hook: str) -> int:
     elif hp.kind == "resid_pre":
         n = hp.layer - 1
     else:
-        raise MonoscopeError(f"llama.cpp adds control vectors to block outputs only; {hp} is not one: make the vector at resid_post.L")
+        raise MonoscopeError(
+            f"llama.cpp adds control vectors to block outputs only; {hp} is not one: make the vector at resid_post.L"
+        )
     if n < 1:
-        raise MonoscopeError(f"llama.cpp cannot steer the output of block 0 ({hp}); make the vector at resid_post.1 or later")
+        raise MonoscopeError(
+            f"llama.cpp cannot steer the output of block 0 ({hp}); make the vector at resid_post.1 or later"
+        )
     return n
 
 
-def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: str | None = None, coefficient: float = 1.0) -> Path:
+def export_gguf(
+    vector: SteeringVector, path: str | os.PathLike, *, model_hint: str | None = None, coefficient: float = 1.0
+) -> Path:
     """Write `vector` (times `coefficient`) as a llama.cpp control vector: `llama-cli --control-vector PATH`."""
     import gguf
     import numpy as np
@@ -283,7 +307,12 @@ def vector_from_gguf(path: str | os.PathLike, model: str | None = None) -> Steer
     meta, directions = read_gguf(path)
     if not directions:
         raise MonoscopeError(f"{path} has no direction.N tensors; it is not a control vector")
-    return SteeringVector({f"resid_post.{n}": v for n, v in directions.items()}, model, {"model_type": meta.get("controlvector.model_hint")}, Path(path).stem)
+    return SteeringVector(
+        {f"resid_post.{n}": v for n, v in directions.items()},
+        model,
+        {"model_type": meta.get("controlvector.model_hint")},
+        Path(path).stem,
+    )
 
 
 def load_prompts(items: Iterable[str] | None, files: Iterable[str] | None) -> list[str]:
@@ -293,5 +322,7 @@ def load_prompts(items: Iterable[str] | None, files: Iterable[str] | None) -> li
         path = Path(f)
         if not path.is_file():
             raise MonoscopeError(f"prompt file {path} does not exist")
-        prompts.extend(line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#"))
+        prompts.extend(
+            line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+        )
     return prompts

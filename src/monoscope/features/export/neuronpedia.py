@@ -109,64 +109,135 @@ class _Release:
         return {"modelId": self.model_id, "layer": self.source_id}
 
 
-def _release(store: FeatureStore, model_id: str | None, source_id: str | None, release_id: str | None,
-             creator_name: str, creator_id: str) -> _Release:
+def _release(
+    store: FeatureStore,
+    model_id: str | None,
+    source_id: str | None,
+    release_id: str | None,
+    creator_name: str,
+    creator_id: str,
+) -> _Release:
     meta = store.meta
     model_id = model_id or _model_id(meta.get("model"))
     source_id = source_id or default_source_id(store)
     match = re.fullmatch(r"(\d+)-(.+)", source_id)
     if not match:
-        raise MonoscopeError(f"source id {source_id!r} must look like LAYER-SET (e.g. 15-monoscope-res-4k), "
-                             "as Neuronpedia's do")
+        raise MonoscopeError(
+            f"source id {source_id!r} must look like LAYER-SET (e.g. 15-monoscope-res-4k), as Neuronpedia's do"
+        )
     hook = str(meta.get("hook_point") or "")
     kind, _, layer = hook.partition(".")
     corpus = meta.get("corpus")
     return _Release(
-        model_id=model_id, source_id=source_id, set_name=match[2], hook=hook,
+        model_id=model_id,
+        source_id=source_id,
+        set_name=match[2],
+        hook=hook,
         tl_hook=f"blocks.{layer}.hook_{kind}" if layer else None,
-        created=str(meta.get("created") or datetime.now(timezone.utc).isoformat()), release=release_id or match[2],
-        dataset=corpus.get("spec") if isinstance(corpus, dict) else corpus, creator_name=creator_name,
+        created=str(meta.get("created") or datetime.now(timezone.utc).isoformat()),
+        release=release_id or match[2],
+        dataset=corpus.get("spec") if isinstance(corpus, dict) else corpus,
+        creator_name=creator_name,
         creator_id=creator_id,
     )
 
 
-def _write_headers(folder: Path, r: _Release, store: FeatureStore, url: str | None, hf_repo_id: str | None,
-                   hf_folder_id: str | None) -> None:
+def _write_headers(
+    folder: Path, r: _Release, store: FeatureStore, url: str | None, hf_repo_id: str | None, hf_folder_id: str | None
+) -> None:
     """release.jsonl, model.jsonl, sourceset.jsonl and source.jsonl."""
     meta = store.meta
-    _write_jsonl(folder / "release.jsonl", {
-        "name": r.release, "description": f"monoscope SAE {r.source_id} on {r.model_id}", "creatorName": r.creator_name,
-        "creatorId": r.creator_id, "visibility": "PUBLIC", "isNewUi": False, "featured": False,
-        "descriptionShort": f"monoscope {r.set_name}", "urls": [url] if url else [], "creatorEmail": None,
-        "creatorNameShort": r.creator_name, "defaultSourceSetName": r.set_name, "defaultSourceId": r.source_id,
-        "defaultUmapSourceIds": [], "createdAt": r.created})
-    _write_jsonl(folder / "model.jsonl", {
-        "id": r.model_id, "instruct": bool(re.search(r"(-it|instruct|chat)$", r.model_id)), "creatorId": r.creator_id,
-        "displayNameShort": r.model_id, "displayName": str(meta.get("model") or r.model_id), "tlensId": None,
-        "dimension": meta.get("d_in"), "visibility": "PUBLIC", "defaultSourceSetName": r.set_name,
-        "defaultSourceId": r.source_id, "inferenceEnabled": False, "layers": 0, "neuronsPerLayer": 0,
-        "createdAt": r.created, "owner": r.creator_name, "updatedAt": r.created, "website": None})
-    _write_jsonl(folder / "sourceset.jsonl", {
-        "modelId": r.model_id, "name": r.set_name, "creatorId": r.creator_id, "createdAt": r.created,
-        "creatorName": r.creator_name, "releaseName": r.release,
-        "description": f"{r.hook or 'unknown hook'} - {_width_text(store.n_features)} (monoscope)",
-        "visibility": "PUBLIC"})
-    _write_jsonl(folder / "source.jsonl", {
-        "id": r.source_id, "modelId": r.model_id, "setName": r.set_name, "creatorId": r.creator_id,
-        "hasDashboards": True, "inferenceEnabled": False, "inferenceHosts": [], "saelensConfig": None,
-        "saelensRelease": None, "saelensSaeId": None, "hfRepoId": hf_repo_id, "hfFolderId": hf_folder_id,
-        "visibility": "PUBLIC", "defaultOfModelId": None, "hasUmap": False, "hasUmapLogSparsity": False,
-        "hasUmapClusters": False, "num_prompts": meta.get("contexts_analysed"),
-        "num_tokens_in_prompt": meta.get("context_size"), "dataset": r.dataset, "notes": "exported by monoscope",
-        "createdAt": r.created})
+    _write_jsonl(
+        folder / "release.jsonl",
+        {
+            "name": r.release,
+            "description": f"monoscope SAE {r.source_id} on {r.model_id}",
+            "creatorName": r.creator_name,
+            "creatorId": r.creator_id,
+            "visibility": "PUBLIC",
+            "isNewUi": False,
+            "featured": False,
+            "descriptionShort": f"monoscope {r.set_name}",
+            "urls": [url] if url else [],
+            "creatorEmail": None,
+            "creatorNameShort": r.creator_name,
+            "defaultSourceSetName": r.set_name,
+            "defaultSourceId": r.source_id,
+            "defaultUmapSourceIds": [],
+            "createdAt": r.created,
+        },
+    )
+    _write_jsonl(
+        folder / "model.jsonl",
+        {
+            "id": r.model_id,
+            "instruct": bool(re.search(r"(-it|instruct|chat)$", r.model_id)),
+            "creatorId": r.creator_id,
+            "displayNameShort": r.model_id,
+            "displayName": str(meta.get("model") or r.model_id),
+            "tlensId": None,
+            "dimension": meta.get("d_in"),
+            "visibility": "PUBLIC",
+            "defaultSourceSetName": r.set_name,
+            "defaultSourceId": r.source_id,
+            "inferenceEnabled": False,
+            "layers": 0,
+            "neuronsPerLayer": 0,
+            "createdAt": r.created,
+            "owner": r.creator_name,
+            "updatedAt": r.created,
+            "website": None,
+        },
+    )
+    _write_jsonl(
+        folder / "sourceset.jsonl",
+        {
+            "modelId": r.model_id,
+            "name": r.set_name,
+            "creatorId": r.creator_id,
+            "createdAt": r.created,
+            "creatorName": r.creator_name,
+            "releaseName": r.release,
+            "description": f"{r.hook or 'unknown hook'} - {_width_text(store.n_features)} (monoscope)",
+            "visibility": "PUBLIC",
+        },
+    )
+    _write_jsonl(
+        folder / "source.jsonl",
+        {
+            "id": r.source_id,
+            "modelId": r.model_id,
+            "setName": r.set_name,
+            "creatorId": r.creator_id,
+            "hasDashboards": True,
+            "inferenceEnabled": False,
+            "inferenceHosts": [],
+            "saelensConfig": None,
+            "saelensRelease": None,
+            "saelensSaeId": None,
+            "hfRepoId": hf_repo_id,
+            "hfFolderId": hf_folder_id,
+            "visibility": "PUBLIC",
+            "defaultOfModelId": None,
+            "hasUmap": False,
+            "hasUmapLogSparsity": False,
+            "hasUmapClusters": False,
+            "num_prompts": meta.get("contexts_analysed"),
+            "num_tokens_in_prompt": meta.get("context_size"),
+            "dataset": r.dataset,
+            "notes": "exported by monoscope",
+            "createdAt": r.created,
+        },
+    )
 
 
 def _decoder_vectors(sae: SAE | None, store: FeatureStore) -> np.ndarray | None:
     if sae is None:
         return None
     if sae.cfg.d_sae != store.n_features:
-        raise MonoscopeError(f"the SAE has {sae.cfg.d_sae} features but the database {store.n_features}; "
-                             "pass the SAE it was built from")
+        raise MonoscopeError(
+            f"the SAE has {sae.cfg.d_sae} features but the database {store.n_features}; pass the SAE it was built from"
+        )
     return sae.W_dec.detach().float().cpu().numpy()
 
 
@@ -176,24 +247,41 @@ def _feature_json(r: _Release, store: FeatureStore, record: FeatureRecord, vecto
     effects = store.logit_effects(fid)
     neighbours = store.neighbours(fid)
     edges, counts = store.histogram(fid)
-    centres = [float(np.sqrt(edges[i] * edges[i + 1])) if edges[i] > 0 else float(edges[i + 1]) / 2
-               for i in range(len(counts))]
+    centres = [
+        float(np.sqrt(edges[i] * edges[i + 1])) if edges[i] > 0 else float(edges[i + 1]) / 2 for i in range(len(counts))
+    ]
     return {
-        **r.common, "index": str(fid), "creatorId": r.creator_id, "createdAt": r.created,
+        **r.common,
+        "index": str(fid),
+        "creatorId": r.creator_id,
+        "createdAt": r.created,
         "maxActApprox": _finite(float(record.max_activation)),
-        "hasVector": vectors is not None, "vector": _clean(vectors[fid].tolist()) if vectors is not None else [],
+        "hasVector": vectors is not None,
+        "vector": _clean(vectors[fid].tolist()) if vectors is not None else [],
         "vectorLabel": None,
         "vectorDefaultSteerStrength": _finite(float(record.max_activation)) if vectors is not None else 10,
         "hookName": r.tl_hook if vectors is not None else None,
-        "topkCosSimIndices": [n.id for n in neighbours], "topkCosSimValues": _clean([n.cosine for n in neighbours]),
-        "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
-        "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
-        "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
-        "neg_str": [e.token for e in effects["down"]], "neg_values": _clean([e.value for e in effects["down"]]),
-        "pos_str": [e.token for e in effects["up"]], "pos_values": _clean([e.value for e in effects["up"]]),
+        "topkCosSimIndices": [n.id for n in neighbours],
+        "topkCosSimValues": _clean([n.cosine for n in neighbours]),
+        "neuron_alignment_indices": [],
+        "neuron_alignment_values": [],
+        "neuron_alignment_l1": [],
+        "correlated_neurons_indices": [],
+        "correlated_neurons_pearson": [],
+        "correlated_neurons_l1": [],
+        "correlated_features_indices": [],
+        "correlated_features_pearson": [],
+        "correlated_features_l1": [],
+        "neg_str": [e.token for e in effects["down"]],
+        "neg_values": _clean([e.value for e in effects["down"]]),
+        "pos_str": [e.token for e in effects["up"]],
+        "pos_values": _clean([e.value for e in effects["up"]]),
         "frac_nonzero": _finite(float(record.density)),
-        "freq_hist_data_bar_heights": [int(c) for c in counts], "freq_hist_data_bar_values": _clean(centres),
-        "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [], "decoder_weights_dist": [],
+        "freq_hist_data_bar_heights": [int(c) for c in counts],
+        "freq_hist_data_bar_values": _clean(centres),
+        "logits_hist_data_bar_heights": [],
+        "logits_hist_data_bar_values": [],
+        "decoder_weights_dist": [],
     }
 
 
@@ -215,28 +303,53 @@ def _activation_jsons(r: _Release, record: FeatureRecord, examples: list[Example
         else:
             acts = by_bin.get(e.bin if e.bin is not None else -1, [e.max_activation])
             bin_min, bin_max = float(min(acts)), float(max(acts))
-        out.append({
-            "id": _cuid(r.model_id, r.source_id, fid, e.kind, e.rank), "tokens": e.tokens, **r.common,
-            "index": str(fid), "maxValue": max(values) if values else 0.0, "maxValueTokenIndex": peak,
-            "minValue": min(values) if values else 0.0, "values": values, "creatorId": r.creator_id,
-            "dataSource": r.dataset, "dataIndex": str(e.context), "dfaValues": [], "dfaTargetIndex": None,
-            "dfaMaxValue": None, "createdAt": r.created, "lossValues": [], "logitContributions": None,
-            "binMin": _finite(bin_min), "binMax": _finite(bin_max), "binContains": None,
-            "qualifyingTokenIndex": peak,
-        })
+        out.append(
+            {
+                "id": _cuid(r.model_id, r.source_id, fid, e.kind, e.rank),
+                "tokens": e.tokens,
+                **r.common,
+                "index": str(fid),
+                "maxValue": max(values) if values else 0.0,
+                "maxValueTokenIndex": peak,
+                "minValue": min(values) if values else 0.0,
+                "values": values,
+                "creatorId": r.creator_id,
+                "dataSource": r.dataset,
+                "dataIndex": str(e.context),
+                "dfaValues": [],
+                "dfaTargetIndex": None,
+                "dfaMaxValue": None,
+                "createdAt": r.created,
+                "lossValues": [],
+                "logitContributions": None,
+                "binMin": _finite(bin_min),
+                "binMax": _finite(bin_max),
+                "binContains": None,
+                "qualifyingTokenIndex": peak,
+            }
+        )
     return out
 
 
 def _explanation_json(r: _Release, label: Label) -> Json:
     """One Explanation: a label, typed by its source ('heuristic', 'llm:MODEL', 'human'), its scores as notes."""
-    scores = {k: v for k, v in (("detection", label.detection), ("fuzzing", label.fuzzing),
-                                ("embedding", label.embedding_score)) if v is not None}
+    scores = {
+        k: v
+        for k, v in (("detection", label.detection), ("fuzzing", label.fuzzing), ("embedding", label.embedding_score))
+        if v is not None
+    }
     return {
-        "id": _cuid(r.model_id, r.source_id, label.feature_id, "label", label.id), **r.common,
-        "index": str(label.feature_id), "description": label.text, "authorId": r.creator_id, "embedding": None,
-        "triggeredById": None, "typeName": label.source.split(":", 1)[0],
+        "id": _cuid(r.model_id, r.source_id, label.feature_id, "label", label.id),
+        **r.common,
+        "index": str(label.feature_id),
+        "description": label.text,
+        "authorId": r.creator_id,
+        "embedding": None,
+        "triggeredById": None,
+        "typeName": label.source.split(":", 1)[0],
         "explanationModelName": label.source.split(":", 1)[1] if ":" in label.source else label.source,
-        "notes": json.dumps(scores) if scores else None, "createdAt": label.created,
+        "notes": json.dumps(scores) if scores else None,
+        "createdAt": label.created,
     }
 
 

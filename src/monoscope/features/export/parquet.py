@@ -27,19 +27,45 @@ def _batched(n: int, size: int) -> Iterator[list[int]]:
 
 def _rows(store: FeatureStore, ids: list[int]) -> dict[str, list[Row]]:
     """The rows of every table for the features `ids`."""
-    rows: dict[str, list[Row]] = {name: [] for name in ("features", "examples", "labels", "logit_effects", "neighbours")}
+    rows: dict[str, list[Row]] = {
+        name: [] for name in ("features", "examples", "labels", "logit_effects", "neighbours")
+    }
     for r in store.features(ids):
         rows["features"].append({**r.to_dict()})
         for e in store.examples(r.id, None):
-            rows["examples"].append({"feature_id": r.id, "kind": e.kind, "rank": e.rank, "bin": e.bin, "context": e.context,
-                                     "start": e.start, "peak": e.peak, "max_activation": e.max_activation, "text": e.text,
-                                     "tokens": e.tokens, "token_ids": e.token_ids, "activations": e.activations})
+            rows["examples"].append(
+                {
+                    "feature_id": r.id,
+                    "kind": e.kind,
+                    "rank": e.rank,
+                    "bin": e.bin,
+                    "context": e.context,
+                    "start": e.start,
+                    "peak": e.peak,
+                    "max_activation": e.max_activation,
+                    "text": e.text,
+                    "tokens": e.tokens,
+                    "token_ids": e.token_ids,
+                    "activations": e.activations,
+                }
+            )
         rows["labels"].extend(label.to_dict() for label in store.labels(r.id))
         for direction, effects in store.logit_effects(r.id).items():
-            rows["logit_effects"].extend({"feature_id": r.id, "direction": direction, "rank": i, "token_id": t.token_id,
-                                          "token": t.token, "value": t.value} for i, t in enumerate(effects))
-        rows["neighbours"].extend({"feature_id": r.id, "rank": i, "neighbour_id": n.id, "cosine": n.cosine}
-                                  for i, n in enumerate(store.neighbours(r.id)))
+            rows["logit_effects"].extend(
+                {
+                    "feature_id": r.id,
+                    "direction": direction,
+                    "rank": i,
+                    "token_id": t.token_id,
+                    "token": t.token,
+                    "value": t.value,
+                }
+                for i, t in enumerate(effects)
+            )
+        rows["neighbours"].extend(
+            {"feature_id": r.id, "rank": i, "neighbour_id": n.id, "cosine": n.cosine}
+            for i, n in enumerate(store.neighbours(r.id))
+        )
     return rows
 
 
@@ -53,19 +79,62 @@ def export_parquet(store: FeatureStore, out_dir: str | os.PathLike, *, batch_siz
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     schemas = {
-        "features": pa.schema([("id", pa.int64()), ("n_active", pa.int64()), ("n_contexts", pa.int64()), ("density", pa.float64()),
-                               ("mean_activation", pa.float64()), ("max_activation", pa.float64()), ("std_activation", pa.float64()),
-                               ("label", pa.string()), ("label_source", pa.string()), ("x", pa.float64()), ("y", pa.float64())]),
-        "examples": pa.schema([("feature_id", pa.int64()), ("kind", pa.string()), ("rank", pa.int32()), ("bin", pa.int32()),
-                               ("context", pa.int64()), ("start", pa.int32()), ("peak", pa.int32()), ("max_activation", pa.float32()),
-                               ("text", pa.string()), ("tokens", pa.list_(pa.string())), ("token_ids", pa.list_(pa.int32())),
-                               ("activations", pa.list_(pa.float32()))]),
-        "labels": pa.schema([("id", pa.int64()), ("feature_id", pa.int64()), ("source", pa.string()), ("text", pa.string()),
-                             ("detection", pa.float64()), ("fuzzing", pa.float64()), ("embedding_score", pa.float64()),
-                             ("created", pa.string())]),
-        "logit_effects": pa.schema([("feature_id", pa.int64()), ("direction", pa.string()), ("rank", pa.int32()),
-                                    ("token_id", pa.int64()), ("token", pa.string()), ("value", pa.float32())]),
-        "neighbours": pa.schema([("feature_id", pa.int64()), ("rank", pa.int32()), ("neighbour_id", pa.int64()), ("cosine", pa.float32())]),
+        "features": pa.schema(
+            [
+                ("id", pa.int64()),
+                ("n_active", pa.int64()),
+                ("n_contexts", pa.int64()),
+                ("density", pa.float64()),
+                ("mean_activation", pa.float64()),
+                ("max_activation", pa.float64()),
+                ("std_activation", pa.float64()),
+                ("label", pa.string()),
+                ("label_source", pa.string()),
+                ("x", pa.float64()),
+                ("y", pa.float64()),
+            ]
+        ),
+        "examples": pa.schema(
+            [
+                ("feature_id", pa.int64()),
+                ("kind", pa.string()),
+                ("rank", pa.int32()),
+                ("bin", pa.int32()),
+                ("context", pa.int64()),
+                ("start", pa.int32()),
+                ("peak", pa.int32()),
+                ("max_activation", pa.float32()),
+                ("text", pa.string()),
+                ("tokens", pa.list_(pa.string())),
+                ("token_ids", pa.list_(pa.int32())),
+                ("activations", pa.list_(pa.float32())),
+            ]
+        ),
+        "labels": pa.schema(
+            [
+                ("id", pa.int64()),
+                ("feature_id", pa.int64()),
+                ("source", pa.string()),
+                ("text", pa.string()),
+                ("detection", pa.float64()),
+                ("fuzzing", pa.float64()),
+                ("embedding_score", pa.float64()),
+                ("created", pa.string()),
+            ]
+        ),
+        "logit_effects": pa.schema(
+            [
+                ("feature_id", pa.int64()),
+                ("direction", pa.string()),
+                ("rank", pa.int32()),
+                ("token_id", pa.int64()),
+                ("token", pa.string()),
+                ("value", pa.float32()),
+            ]
+        ),
+        "neighbours": pa.schema(
+            [("feature_id", pa.int64()), ("rank", pa.int32()), ("neighbour_id", pa.int64()), ("cosine", pa.float32())]
+        ),
     }
     tmp = {name: folder / f".{name}.parquet.{os.getpid()}.tmp" for name in schemas}
     writers = {name: pq.ParquetWriter(str(tmp[name]), schema, compression="zstd") for name, schema in schemas.items()}

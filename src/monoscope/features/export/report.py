@@ -15,5 +15,10 @@ class ExportReport:
     files: int
 
     def to_dict(self) -> dict[str, str | int]:
-        return {"folder": str(self.folder), "features": self.features, "activations": self.activations,
-                "explanations": self.explanations, "files": self.files}
+        return {
+            "folder": str(self.folder),
+            "features": self.features,
+            "activations": self.activations,
+            "explanations": self.explanations,
+            "files": self.files,
+        }

@@ -35,11 +35,35 @@ from .builder import ExampleRow, FeatureRow, StoreBuilder, StoredLabel, carried_
 from .reader import FeatureStore
 from .records import Example, FeatureRecord, Label, Neighbour, TokenEffect
 from .schema import (
-    DB_FILENAME, EXAMPLE_KINDS, SCHEMA, SCHEMA_VERSION, TOKEN_LABEL_SOURCE, default_db_path, now_iso, refresh_shown_labels,
+    DB_FILENAME,
+    EXAMPLE_KINDS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TOKEN_LABEL_SOURCE,
+    default_db_path,
+    now_iso,
+    refresh_shown_labels,
 )
 
 __all__ = [
-    "DB_FILENAME", "EXAMPLE_KINDS", "Example", "ExampleRow", "FeatureRecord", "FeatureRow", "FeatureStore", "Label",
-    "Neighbour", "SCHEMA", "SCHEMA_VERSION", "StoreBuilder", "StoredLabel", "TOKEN_LABEL_SOURCE", "TokenEffect",
-    "carried_labels", "default_db_path", "now_iso", "refresh_shown_labels", "remove_stale_temporaries",
+    "DB_FILENAME",
+    "EXAMPLE_KINDS",
+    "Example",
+    "ExampleRow",
+    "FeatureRecord",
+    "FeatureRow",
+    "FeatureStore",
+    "Label",
+    "Neighbour",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "StoreBuilder",
+    "StoredLabel",
+    "TOKEN_LABEL_SOURCE",
+    "TokenEffect",
+    "carried_labels",
+    "default_db_path",
+    "now_iso",
+    "refresh_shown_labels",
+    "remove_stale_temporaries",
 ]

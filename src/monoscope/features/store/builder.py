@@ -14,7 +14,18 @@ from .schema import SCHEMA, connect_read_only, refresh_shown_labels
 #: The columns the analysis writes, per table (in the order of the row tuples `StoreBuilder.add_*` take).
 _COLUMNS: dict[str, tuple[str, ...]] = {
     "features": ("id", "n_active", "n_contexts", "density", "mean_activation", "max_activation", "std_activation"),
-    "examples": ("feature_id", "kind", "rank", "bin", "context", "start", "length", "peak", "activation", "activations"),
+    "examples": (
+        "feature_id",
+        "kind",
+        "rank",
+        "bin",
+        "context",
+        "start",
+        "length",
+        "peak",
+        "activation",
+        "activations",
+    ),
     "contexts": ("id", "token_ids"),
     "tokens": ("id", "text"),
     "histograms": ("feature_id", "first_bin", "counts"),
@@ -95,8 +106,9 @@ class StoreBuilder:
             self.abort()
 
     def set_meta(self, values: dict[str, Any]) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                              [(k, json.dumps(v)) for k, v in values.items()])
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
+        )
 
     def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """Insert rows of `columns` into `table` (any table and columns of the schema: tests build databases so)."""
@@ -161,12 +173,21 @@ class StoreBuilder:
             cur = self.conn.execute(
                 "INSERT INTO labels (feature_id, source, text, detection, fuzzing, embedding_score, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (label.feature_id, label.source, label.text, label.detection, label.fuzzing, label.embedding_score,
-                 label.created),
+                (
+                    label.feature_id,
+                    label.source,
+                    label.text,
+                    label.detection,
+                    label.fuzzing,
+                    label.embedding_score,
+                    label.created,
+                ),
             )
             if label.vector is not None:
-                self.conn.execute("INSERT INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
-                                  (cur.lastrowid, label.model, label.vector))
+                self.conn.execute(
+                    "INSERT INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
+                    (cur.lastrowid, label.model, label.vector),
+                )
             n += 1
         return n
 

@@ -37,7 +37,9 @@ class FeatureStore:
             self.conn.execute("PRAGMA busy_timeout = 5000")
             meta_rows = self.conn.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.DatabaseError as err:
-            raise MonoscopeError(f"{self.path} is not a monoscope feature database ({err}); re-run `monoscope analyze`") from err
+            raise MonoscopeError(
+                f"{self.path} is not a monoscope feature database ({err}); re-run `monoscope analyze`"
+            ) from err
         self.meta: dict[str, Any] = {k: json.loads(v) for k, v in meta_rows}
         version = self.meta.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -95,7 +97,9 @@ class FeatureStore:
     def check_id(self, feature_id: int) -> int:
         fid = int(feature_id)
         if not 0 <= fid < self.n_features:
-            raise MonoscopeError(f"feature {fid} does not exist: this SAE has {self.n_features} features (0-{self.n_features - 1})")
+            raise MonoscopeError(
+                f"feature {fid} does not exist: this SAE has {self.n_features} features (0-{self.n_features - 1})"
+            )
         return fid
 
     def token_strings(self) -> dict[int, str]:
@@ -111,7 +115,9 @@ class FeatureStore:
         if ids is None:
             row = self._query("SELECT token_ids FROM contexts WHERE id = ?", (int(context),))
             if not row:
-                raise MonoscopeError(f"{self.path} lacks context {context}; the database is damaged: re-run `monoscope analyze`")
+                raise MonoscopeError(
+                    f"{self.path} lacks context {context}; the database is damaged: re-run `monoscope analyze`"
+                )
             ids = np.frombuffer(row[0][0], dtype=self.token_dtype).astype(np.int64)
             if len(self._contexts) > 4096:
                 self._contexts.clear()
@@ -123,12 +129,17 @@ class FeatureStore:
     def _record(self, row: tuple) -> FeatureRecord:
         return FeatureRecord(*row)
 
-    _FEATURE_COLUMNS = ("f.id, f.n_active, f.n_contexts, f.density, f.mean_activation, f.max_activation, f.std_activation, f.label, "
-                        "f.label_source, m.x, m.y")
+    _FEATURE_COLUMNS = (
+        "f.id, f.n_active, f.n_contexts, f.density, f.mean_activation, f.max_activation, f.std_activation, f.label, "
+        "f.label_source, m.x, m.y"
+    )
 
     def feature(self, feature_id: int) -> FeatureRecord:
         fid = self.check_id(feature_id)
-        rows = self._query(f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id WHERE f.id = ?", (fid,))
+        rows = self._query(
+            f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id WHERE f.id = ?",
+            (fid,),
+        )
         if not rows:
             raise MonoscopeError(f"{self.path} has no row for feature {fid}; re-run `monoscope analyze`")
         return self._record(rows[0])
@@ -136,14 +147,19 @@ class FeatureStore:
     def features(self, feature_ids: Iterable[int] | None = None) -> list[FeatureRecord]:
         """Records of the given features (all, in id order, when None)."""
         if feature_ids is None:
-            rows = self._query(f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id ORDER BY f.id")
+            rows = self._query(
+                f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id ORDER BY f.id"
+            )
             return [self._record(r) for r in rows]
         ids = [int(i) for i in feature_ids]
         found: dict[int, FeatureRecord] = {}
         for lo in range(0, len(ids), 500):
             chunk = ids[lo : lo + 500]
             marks = ",".join("?" for _ in chunk)
-            for r in self._query(f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id WHERE f.id IN ({marks})", chunk):
+            for r in self._query(
+                f"SELECT {self._FEATURE_COLUMNS} FROM features f LEFT JOIN map m ON m.feature_id = f.id WHERE f.id IN ({marks})",
+                chunk,
+            ):
                 found[r[0]] = self._record(r)
         return [found[i] for i in ids if i in found]
 
@@ -179,7 +195,8 @@ class FeatureStore:
         fid = self.check_id(feature_id)
         rows = self._query(
             "SELECT n.neighbour_id, n.cosine, f.label FROM neighbours n LEFT JOIN features f ON f.id = n.neighbour_id "
-            "WHERE n.feature_id = ? ORDER BY n.rank", (fid,)
+            "WHERE n.feature_id = ? ORDER BY n.rank",
+            (fid,),
         )
         return [Neighbour(int(i), float(c), label) for i, c, label in rows]
 
@@ -211,10 +228,28 @@ class FeatureStore:
         out = []
         for kind_, rank, bin_, context, start, length, peak, activation, blob in self._query(sql, args):
             ids = self.context_tokens(context)[start : start + length]
-            acts = np.zeros(length, dtype=np.float32) if blob is None else np.frombuffer(blob, dtype=self.acts_dtype).astype(np.float32)
+            acts = (
+                np.zeros(length, dtype=np.float32)
+                if blob is None
+                else np.frombuffer(blob, dtype=self.acts_dtype).astype(np.float32)
+            )
             tokens = [strings.get(int(t), f"<{int(t)}>") for t in ids]
-            out.append(Example(fid, kind_, rank, tokens, acts.tolist(), "".join(tokens), ids.tolist(), context, start,
-                               peak - start, float(activation), bin_))
+            out.append(
+                Example(
+                    fid,
+                    kind_,
+                    rank,
+                    tokens,
+                    acts.tolist(),
+                    "".join(tokens),
+                    ids.tolist(),
+                    context,
+                    start,
+                    peak - start,
+                    float(activation),
+                    bin_,
+                )
+            )
         return out
 
     # ---- labels
@@ -223,7 +258,8 @@ class FeatureStore:
         fid = self.check_id(feature_id)
         rows = self._query(
             "SELECT id, feature_id, source, text, detection, fuzzing, embedding_score, created FROM labels "
-            "WHERE feature_id = ? ORDER BY id", (fid,)
+            "WHERE feature_id = ? ORDER BY id",
+            (fid,),
         )
         return [Label(*r) for r in rows]
 
@@ -237,7 +273,9 @@ class FeatureStore:
             marks = ",".join("?" for _ in chunk)
             for fid, score in self._query(
                 f"SELECT f.id, l.embedding_score FROM features f JOIN labels l ON l.feature_id = f.id AND l.text = f.label "
-                f"AND l.source = f.label_source WHERE f.id IN ({marks}) AND l.embedding_score IS NOT NULL", chunk):
+                f"AND l.source = f.label_source WHERE f.id IN ({marks}) AND l.embedding_score IS NOT NULL",
+                chunk,
+            ):
                 out[int(fid)] = float(score)
         return out
 
@@ -286,14 +324,24 @@ class FeatureStore:
                     cur = conn.execute(
                         "INSERT INTO labels (feature_id, source, text, detection, fuzzing, embedding_score, created) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (fid, str(source), text, _finite(detection), _finite(fuzzing), _finite(embedding_score), now_iso()),
+                        (
+                            fid,
+                            str(source),
+                            text,
+                            _finite(detection),
+                            _finite(fuzzing),
+                            _finite(embedding_score),
+                            now_iso(),
+                        ),
                     )
                     label_id = cur.lastrowid
                     if label_id is None:  # pragma: no cover - sqlite3 always sets it after an INSERT
                         raise sqlite3.OperationalError("no id for the new label")
                     if vector is not None:
-                        conn.execute("INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
-                                     (label_id, EMBEDDING_MODEL, vector))
+                        conn.execute(
+                            "INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
+                            (label_id, EMBEDDING_MODEL, vector),
+                        )
                     refresh_shown_labels(conn, [fid])
             except sqlite3.Error as err:
                 raise MonoscopeError(f"could not add a label to {self.path}: {err}") from err
@@ -305,7 +353,8 @@ class FeatureStore:
         words among a heuristic label's promoted tokens count `promoted_weight` times a word of its main part."""
         return self._query(
             f"SELECT l.feature_id, bm25(labels_fts, 1.0, {float(promoted_weight)}) AS s FROM labels_fts "
-            "JOIN labels l ON l.id = labels_fts.rowid WHERE labels_fts MATCH ? ORDER BY s LIMIT ?", (match, int(limit))
+            "JOIN labels l ON l.id = labels_fts.rowid WHERE labels_fts MATCH ? ORDER BY s LIMIT ?",
+            (match, int(limit)),
         )
 
     def has_label_embeddings(self) -> bool:
@@ -318,8 +367,12 @@ class FeatureStore:
 
     def missing_label_vectors(self) -> int:
         """How many labels have no cached embedding (e.g. after `analyze --no-embeddings`)."""
-        return int(self._query("SELECT COUNT(*) FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id "
-                               "WHERE e.label_id IS NULL")[0][0])
+        return int(
+            self._query(
+                "SELECT COUNT(*) FROM labels l LEFT JOIN label_embeddings e ON e.label_id = l.id "
+                "WHERE e.label_id IS NULL"
+            )[0][0]
+        )
 
     def label_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(label ids, feature ids, unit vectors [n, 384]) of every label. Labels stored without a vector are
@@ -350,8 +403,10 @@ class FeatureStore:
                 with self._lock:
                     conn = self._writer()
                     with conn:
-                        conn.executemany("INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
-                                         [(int(ids[i]), EMBEDDING_MODEL, matrix[i].astype("<f4").tobytes()) for i in missing])
+                        conn.executemany(
+                            "INSERT OR REPLACE INTO label_embeddings (label_id, model, vector) VALUES (?, ?, ?)",
+                            [(int(ids[i]), EMBEDDING_MODEL, matrix[i].astype("<f4").tobytes()) for i in missing],
+                        )
             except (sqlite3.Error, MonoscopeError):
                 pass  # a read-only file: keep them in memory only
         with self._lock:
@@ -368,7 +423,11 @@ class FeatureStore:
                 except sqlite3.OperationalError:  # a database from before the table existed
                     rows = []
                 fids = np.array([r[0] for r in rows], dtype=np.int64)
-                matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1) if rows else np.zeros((0, 384), np.float32)
+                matrix = (
+                    np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+                    if rows
+                    else np.zeros((0, 384), np.float32)
+                )
                 self._example_vectors = (fids, matrix)
             return self._example_vectors
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+
 @dataclass
 class Example:
     """One stored excerpt: a window of a context around the feature's strongest activation in it."""

@@ -144,5 +144,7 @@ def refresh_shown_labels(conn: sqlite3.Connection, feature_ids: Iterable[int] | 
         return
     for fid in feature_ids:
         row = conn.execute(_BEST_LABEL, (int(fid),)).fetchone()
-        conn.execute("UPDATE features SET label = ?, label_source = ? WHERE id = ?",
-                     (row[0] if row else None, row[1] if row else None, int(fid)))
+        conn.execute(
+            "UPDATE features SET label = ?, label_source = ? WHERE id = ?",
+            (row[0] if row else None, row[1] if row else None, int(fid)),
+        )

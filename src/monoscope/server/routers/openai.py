@@ -32,22 +32,33 @@ def list_models(service: ServiceDep) -> S.ModelList:
     return S.ModelList(data=[S.ModelCard(id=service.served_name, created=service.created)])
 
 
-@router.post("/v1/chat/completions", response_model=S.ChatCompletion, responses=error_responses(400, 401, 404, 413, 503),
-             summary="Chat completion (streaming with stream=true), optionally steered")
-async def chat_completions(body: S.ChatCompletionRequest, request: Request,
-                           service: ServiceDep) -> Union[S.ChatCompletion, S.Completion, Response]:
+@router.post(
+    "/v1/chat/completions",
+    response_model=S.ChatCompletion,
+    responses=error_responses(400, 401, 404, 413, 503),
+    summary="Chat completion (streaming with stream=true), optionally steered",
+)
+async def chat_completions(
+    body: S.ChatCompletionRequest, request: Request, service: ServiceDep
+) -> Union[S.ChatCompletion, S.Completion, Response]:
     return await complete(service, body, request, "chat")
 
 
-@router.post("/v1/completions", response_model=S.Completion, responses=error_responses(400, 401, 404, 413, 503),
-             summary="Text completion of a raw prompt (streaming with stream=true), optionally steered")
-async def completions(body: S.CompletionRequest, request: Request,
-                      service: ServiceDep) -> Union[S.ChatCompletion, S.Completion, Response]:
+@router.post(
+    "/v1/completions",
+    response_model=S.Completion,
+    responses=error_responses(400, 401, 404, 413, 503),
+    summary="Text completion of a raw prompt (streaming with stream=true), optionally steered",
+)
+async def completions(
+    body: S.CompletionRequest, request: Request, service: ServiceDep
+) -> Union[S.ChatCompletion, S.Completion, Response]:
     return await complete(service, body, request, "completion")
 
 
-async def complete(service: Service, body: CompletionBody, request: Request,
-                   kind: Kind) -> Union[S.ChatCompletion, S.Completion, Response]:
+async def complete(
+    service: Service, body: CompletionBody, request: Request, kind: Kind
+) -> Union[S.ChatCompletion, S.Completion, Response]:
     """Validate a completion request, queue it for the batch, and answer whole or as a stream."""
     service.check_model(body.model)
     steering, applied = service.steering(body.steering, body.steering_strength, body.steering_positions)
@@ -56,11 +67,24 @@ async def complete(service: Service, body: CompletionBody, request: Request,
         max_tokens = body.max_completion_tokens or body.max_tokens
     else:
         messages, prompt, max_tokens = None, body.text(), body.max_tokens
-    job = GenerationJob(messages=messages, prompt=prompt, max_tokens=service.max_tokens(max_tokens, kind),
-                        temperature=1.0 if body.temperature is None else float(body.temperature), top_p=body.top_p, seed=body.seed,
-                        stops=body.stops(), steering=steering, ignore_eos=body.ignore_eos)
-    answer = Answer(kind, new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time()), service.served_name,
-                    include_usage=bool(body.stream_options and body.stream_options.include_usage))
+    job = GenerationJob(
+        messages=messages,
+        prompt=prompt,
+        max_tokens=service.max_tokens(max_tokens, kind),
+        temperature=1.0 if body.temperature is None else float(body.temperature),
+        top_p=body.top_p,
+        seed=body.seed,
+        stops=body.stops(),
+        steering=steering,
+        ignore_eos=body.ignore_eos,
+    )
+    answer = Answer(
+        kind,
+        new_id("chatcmpl" if kind == "chat" else "cmpl"),
+        int(time.time()),
+        service.served_name,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
     if body.stream:
         return await stream_completion(service.worker, job, request, answer)
     result = await wait_for(service.generate(job), request, job.cancel)
@@ -77,13 +101,29 @@ class Answer:
     model: str
     include_usage: bool = False
 
-    def whole(self, result: GenerationResult, applied: S.SteeringApplied | None) -> Union[S.ChatCompletion, S.Completion]:
+    def whole(
+        self, result: GenerationResult, applied: S.SteeringApplied | None
+    ) -> Union[S.ChatCompletion, S.Completion]:
         usage = _usage(result)
         if self.kind == "chat":
-            return S.ChatCompletion(id=self.id, created=self.created, model=self.model, steering=applied, usage=usage,
-                                    choices=[S.ChatChoice(message=S.AssistantMessage(content=result.text), finish_reason=result.finish_reason)])
-        return S.Completion(id=self.id, created=self.created, model=self.model, steering=applied, usage=usage,
-                            choices=[S.CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
+            return S.ChatCompletion(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                steering=applied,
+                usage=usage,
+                choices=[
+                    S.ChatChoice(message=S.AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+                ],
+            )
+        return S.Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            steering=applied,
+            usage=usage,
+            choices=[S.CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+        )
 
     def opening(self) -> list[str]:
         return [self._chunk("", role=True)] if self.kind == "chat" else []
@@ -97,16 +137,36 @@ class Answer:
             events.append(self._chunk(usage=_usage(result), empty=True))
         return events
 
-    def _chunk(self, delta: str | None = None, finish: Literal["stop", "length"] | None = None, role: bool = False,
-               usage: S.Usage | None = None, empty: bool = False) -> str:
+    def _chunk(
+        self,
+        delta: str | None = None,
+        finish: Literal["stop", "length"] | None = None,
+        role: bool = False,
+        usage: S.Usage | None = None,
+        empty: bool = False,
+    ) -> str:
         if self.kind == "chat":
-            chat_choices = [] if empty else [S.ChatChunkChoice(delta=S.ChatDelta(role="assistant" if role else None, content=delta),
-                                                                finish_reason=finish)]
-            return sse(S.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=chat_choices, usage=usage))
+            chat_choices = (
+                []
+                if empty
+                else [
+                    S.ChatChunkChoice(
+                        delta=S.ChatDelta(role="assistant" if role else None, content=delta), finish_reason=finish
+                    )
+                ]
+            )
+            return sse(
+                S.ChatCompletionChunk(
+                    id=self.id, created=self.created, model=self.model, choices=chat_choices, usage=usage
+                )
+            )
         text_choices = [] if empty else [S.CompletionChoice(text=delta or "", finish_reason=finish)]
         return sse(S.Completion(id=self.id, created=self.created, model=self.model, choices=text_choices, usage=usage))
 
 
 def _usage(result: GenerationResult) -> S.Usage:
-    return S.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                   total_tokens=result.prompt_tokens + result.completion_tokens)
+    return S.Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
