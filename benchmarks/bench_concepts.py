@@ -29,7 +29,12 @@ Side by side in one run on the embedded model and an SAE with its feature databa
 
 Prints a table, writes JSON and a plot (matplotlib: `pip install -e '.[bench]'`).
 
-Usage: python benchmarks/bench_concepts.py [--sae DIR] [--concepts 14] [--tokens 32] [--quick] [--out docs/img/concepts.png]
+The 14 concepts of `CONCEPTS` were used while developing the methods. `--concept-set held-out` runs the same benchmark on
+14 others (music, cooking, money, cars, railways, elections, disease, ships, dogs, forests, fire, books, schools,
+computers) that nothing was tuned on, for the figures a change is reported with.
+
+Usage: python benchmarks/bench_concepts.py [--sae DIR] [--concept-set held-out] [--concepts 14] [--tokens 32] [--quick]
+       [--out docs/img/concepts.png]
 """
 
 from __future__ import annotations
@@ -129,6 +134,94 @@ CONCEPTS = {
         "The actor starred in a new action movie.",
         "We watched the movie at the cinema with popcorn.",
         "The director shot the scene again.",
+    ],
+}
+# A second list, used for nothing but reports (findability and steering samples after a change): run with
+# --concept-set held-out.
+HELD_OUT_CONCEPTS = {
+    "music": [
+        "The band played a loud song on their guitars and drums.",
+        "She sang the melody while he played the piano.",
+        "The orchestra performed a symphony by Beethoven.",
+        "He listens to jazz records every evening.",
+    ],
+    "cooking": [
+        "Fry the onions in butter, then add the garlic.",
+        "She baked bread in the oven for forty minutes.",
+        "Stir the soup and season it with salt and pepper.",
+        "The chef chopped vegetables for the stew.",
+    ],
+    "money": [
+        "He saved a hundred dollars from his salary every month.",
+        "The bank charges interest on the loan.",
+        "She paid for the groceries in cash.",
+        "Prices rose and the coins in his pocket bought less.",
+    ],
+    "cars": [
+        "He drove his car down the highway at night.",
+        "The mechanic changed the engine oil and the tires.",
+        "She parked the car and locked the doors.",
+        "The new sedan has a powerful engine and leather seats.",
+    ],
+    "railways": [
+        "The train left the station at nine o'clock.",
+        "The locomotive pulled forty freight wagons along the track.",
+        "Passengers waited on the platform for the express.",
+        "The railway line crosses the river on a steel bridge.",
+    ],
+    "elections": [
+        "Voters went to the polls to choose a new president.",
+        "The candidate won the election by a wide margin.",
+        "Ballots were counted late into the night.",
+        "The party campaigned for votes across the country.",
+    ],
+    "disease": [
+        "The virus spread quickly and many people fell ill.",
+        "Symptoms of the infection include fever and a cough.",
+        "The epidemic killed thousands in the city.",
+        "Doctors searched for a cure for the illness.",
+    ],
+    "ships": [
+        "The ship sailed out of the harbour at dawn.",
+        "The captain ordered the crew to raise the anchor.",
+        "A large cargo vessel crossed the ocean.",
+        "The sailors steered the boat through the storm.",
+    ],
+    "dogs": [
+        "The dog wagged its tail and barked at the mailman.",
+        "She took her puppy for a walk in the park.",
+        "The dog fetched the ball and dropped it at my feet.",
+        "Our old hound sleeps by the fireplace.",
+    ],
+    "forests": [
+        "Tall pine trees covered the hills of the forest.",
+        "They walked among the oaks and beeches in the woods.",
+        "Deer live deep in the forest.",
+        "Loggers cut down trees in the rainforest.",
+    ],
+    "fire": [
+        "The flames spread through the dry grass.",
+        "Firefighters put out the blaze in the building.",
+        "Smoke rose from the burning house.",
+        "We lit a campfire and sat around it.",
+    ],
+    "books": [
+        "She read the novel from the first page to the last.",
+        "The library lends books to everyone in town.",
+        "The author wrote three chapters this week.",
+        "He bought a paperback at the bookshop.",
+    ],
+    "schools": [
+        "The teacher wrote the lesson on the blackboard.",
+        "Pupils sat at their desks in the classroom.",
+        "The students took an exam at the end of term.",
+        "The school bell rang and the children ran outside.",
+    ],
+    "computers": [
+        "The computer's processor and memory were upgraded.",
+        "She typed on the keyboard and clicked the mouse.",
+        "The laptop crashed and had to be restarted.",
+        "He installed new software on his PC.",
     ],
 }
 TUNING_PROMPTS = ["What did you do yesterday?", "Give me some advice.", "Write a short paragraph."]
@@ -239,8 +332,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sae", default=None, help="SAE folder with features.db (default: runs/quickstart/sae)")
     parser.add_argument(
-        "--concepts", type=int, default=len(CONCEPTS), help=f"how many of the {len(CONCEPTS)} concepts (default: all)"
+        "--concept-set",
+        choices=("tuning", "held-out"),
+        default="tuning",
+        help="the concepts methods were developed on, or the held-out list used for reports only (default: tuning)",
     )
+    parser.add_argument("--concepts", type=int, default=None, help="how many of the set's 14 concepts (default: all)")
     parser.add_argument(
         "--steer-concepts", type=int, default=None, help="steer toward only the first N of them (findability uses all)"
     )
@@ -276,7 +373,8 @@ def main() -> int:
     if not default_db_path(folder).is_file():
         print(f"no SAE with a feature database at {folder}: run `monoscope quickstart` or pass --sae", file=sys.stderr)
         return 2
-    concepts = list(CONCEPTS)[: args.concepts]
+    references = CONCEPTS if args.concept_set == "tuning" else HELD_OUT_CONCEPTS
+    concepts = list(references)[: args.concepts]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.quick:
         methods = ["none", "prompt", "suggest"]
@@ -292,6 +390,7 @@ def main() -> int:
     result: dict = {
         "sae": str(folder),
         "hook": hook,
+        "concept_set": args.concept_set,
         "concepts": concepts,
         "tuning_prompts": TUNING_PROMPTS,
         "report_prompts": report_prompts,
@@ -376,7 +475,7 @@ def main() -> int:
     if "sae-clamp" in methods:
         old = {}
         for c in concepts:
-            found_old = suggest_features(lm, sae, c, references=CONCEPTS[c][:2], db=db, top=1)
+            found_old = suggest_features(lm, sae, c, references=references[c][:2], db=db, top=1)
             old[c] = found_old[0].feature if found_old else None
         result["sae_clamp_features"] = old
 
@@ -391,7 +490,7 @@ def main() -> int:
         plans, timing = {}, {}
         for c in concepts:
             t0 = time.perf_counter()
-            plan = plan_steering(lm, sae, c, references=CONCEPTS[c][:3], db=db, config=TowardConfig(method="auto"))
+            plan = plan_steering(lm, sae, c, references=references[c][:3], db=db, config=TowardConfig(method="auto"))
             feature_only = _best([o for o in plan.options if o.vector is None], plan.max_perplexity_ratio)
             plans[c] = (plan, feature_only)
             steered = runner.run([(c, report_prompts[0], plan.steering(sae, db) if plan.works else None)])
@@ -428,10 +527,10 @@ def main() -> int:
     if "diffmean" in methods:
         from monoscope.steer.vectors import mean_activations
 
-        means = {c: mean_activations(lm, CONCEPTS[c], [hook], position="mean")[hook] for c in CONCEPTS}
+        means = {c: mean_activations(lm, references[c], [hook], position="mean")[hook] for c in references}
         direction = {}
         for c in concepts:
-            others = torch.stack([means[o] for o in CONCEPTS if o != c]).mean(0)
+            others = torch.stack([means[o] for o in references if o != c]).mean(0)
             d = means[c] - others
             direction[c] = d / d.norm()
 
@@ -450,7 +549,7 @@ def main() -> int:
         vectors = {}
         for c in concepts:
             targets = [g.text for (cc, _), g in zip(asked, answers) if cc == c and g.text.strip()]
-            fit = learn_steering_vector(lm, hook, CONCEPTS[c][:3] + targets, max_norm=unit)
+            fit = learn_steering_vector(lm, hook, references[c][:3] + targets, max_norm=unit)
             vectors[c] = fit.vector / fit.vector.norm().clamp_min(1e-12)
             print(f"  learned {c!r}: loss {fit.loss_before:.3f} -> {fit.loss_after:.3f}", flush=True)
 

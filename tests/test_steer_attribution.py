@@ -104,7 +104,10 @@ def test_suggestions_rank_by_output_effect(lm):
 
     def mean_activation(texts):
         return torch.stack(
-            [run_to(lm.model, [hook], lm.tokenizer(t, return_tensors="pt").input_ids)[hook][0].mean(0) for t in texts]
+            [  # the first position (an attention sink) left out, as the candidates' means do
+                run_to(lm.model, [hook], lm.tokenizer(t, return_tensors="pt").input_ids)[hook][0, 1:].mean(0)
+                for t in texts
+            ]
         ).mean(0)
 
     reads_reference = mean_activation([reference]) - mean_activation(NEUTRAL_TEXTS)

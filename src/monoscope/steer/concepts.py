@@ -367,25 +367,28 @@ class Contrast:
 
 
 @torch.inference_mode()
-def contrast(lm: Any, sae: Any, hook: str, positive: Sequence[str], negative: Sequence[str]) -> Contrast:
-    """DiffMean at `hook` between `positive` and `negative` texts, in activations and in SAE features. Each text
-    weighs the same; the first position (an attention sink many times the others' norm) is left out."""
+def mean_activations_and_codes(lm: Any, sae: Any, hook: str, texts: Sequence[str]) -> tuple[Tensor, Tensor, int]:
+    """The mean activation at `hook` and the mean SAE code per token over `texts` (each text weighs the same), and
+    how many texts counted. The first position is left out, BOS or not: it is an attention sink many times the
+    others' norm (SmolLM2 adds no BOS, so its first word is the sink) and would decide both means."""
     from ..model import run_to
 
-    def means(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        acts, codes, n = torch.zeros(sae.W_dec.shape[1]), torch.zeros(sae.W_dec.shape[0]), 0
-        for text in texts:
-            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
-            if ids.shape[1] < 2:
-                continue
-            x = run_to(lm.model, [hook], ids)[hook][0, 1:]
-            acts += x.float().mean(0).cpu()
-            codes += sae.encode(x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).float().mean(0).cpu()
-            n += 1
-        if n == 0:
-            raise MonoscopeError("no text of two or more tokens to contrast")
-        return acts / n, codes / n
+    acts, codes, n = torch.zeros(sae.W_dec.shape[1]), torch.zeros(sae.W_dec.shape[0]), 0
+    for text in texts:
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+        if ids.shape[1] < 2:
+            continue
+        x = run_to(lm.model, [hook], ids)[hook][0, 1:]
+        acts += x.float().mean(0).cpu()
+        codes += sae.encode(x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).float().mean(0).cpu()
+        n += 1
+    return acts / max(n, 1), codes / max(n, 1), n
 
-    pos_acts, pos_codes = means([t for t in positive if t.strip()])
-    neg_acts, neg_codes = means([t for t in negative if t.strip()])
+
+def contrast(lm: Any, sae: Any, hook: str, positive: Sequence[str], negative: Sequence[str]) -> Contrast:
+    """DiffMean at `hook` between `positive` and `negative` texts, in activations and in SAE features."""
+    pos_acts, pos_codes, n_pos = mean_activations_and_codes(lm, sae, hook, [t for t in positive if t.strip()])
+    neg_acts, neg_codes, n_neg = mean_activations_and_codes(lm, sae, hook, [t for t in negative if t.strip()])
+    if n_pos == 0 or n_neg == 0:
+        raise MonoscopeError("no text of two or more tokens to contrast")
     return Contrast(pos_acts - neg_acts, pos_codes - neg_codes)

@@ -23,8 +23,9 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import MonoscopeError
-from ..model import edit, last_logits, run_to, token_logprobs
+from ..model import edit, last_logits, token_logprobs
 from ..sae.io import sae_hook_point
+from .concepts import mean_activations_and_codes
 from .steering import check_sae_fits
 
 DEFAULT_CONTEXT = "Here is what I have to say:\n"
@@ -55,22 +56,12 @@ NEUTRAL_TEXTS = (
 
 
 @torch.inference_mode()
-def _mean_codes(lm: Any, sae: Any, hook: str, texts: Sequence[str]) -> torch.Tensor:
-    """Mean activation per token of every feature over `texts` (each text weighs the same), BOS left out."""
-    means = torch.zeros(sae.cfg.d_sae)
-    bos = getattr(lm.tokenizer, "bos_token_id", None)
-    for text in texts:
-        ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
-        x = run_to(lm.model, [hook], ids)[hook][0]
-        if bos is not None and ids[0, 0] == bos and x.shape[0] > 1:
-            x = x[1:]
-        means += sae.encode(x.to(sae.W_dec.device)).float().mean(0).cpu()
-    return means / max(1, len(texts))
-
-
 def _activation_candidates(lm: Any, sae: Any, hook: str, texts: Sequence[str], n: int) -> list[tuple[int, float]]:
     """Features more active on `texts` than on neutral text (mean activation per token, difference)."""
-    gap = _mean_codes(lm, sae, hook, texts) - _mean_codes(lm, sae, hook, NEUTRAL_TEXTS)
+    gap = (
+        mean_activations_and_codes(lm, sae, hook, texts)[1]
+        - mean_activations_and_codes(lm, sae, hook, NEUTRAL_TEXTS)[1]
+    )
     order = torch.argsort(gap, descending=True)[:n]
     return [(int(i), float(gap[i])) for i in order if gap[i] > 0]
 
