@@ -29,9 +29,9 @@ Side by side in one run on the embedded model and an SAE with its feature databa
 
 Prints a table, writes JSON and a plot (matplotlib: `pip install -e '.[bench]'`).
 
-The 14 concepts of `CONCEPTS` were used while developing the methods. `--concept-set held-out` runs the same benchmark on
-14 others (music, cooking, money, cars, railways, elections, disease, ships, dogs, forests, fire, books, schools,
-computers) that nothing was tuned on, for the figures a change is reported with.
+The 14 concepts of `CONCEPTS` were used while developing the methods. `--concept-set held-out` runs the same
+benchmark on 14 others (music, cooking, money, cars, railways, elections, disease, ships, dogs, forests, fire,
+books, schools, computers) that nothing was tuned on, for the figures a change is reported with.
 
 Usage: python benchmarks/bench_concepts.py [--sae DIR] [--concept-set held-out] [--concepts 14] [--tokens 32] [--quick]
        [--out docs/img/concepts.png]
