@@ -213,11 +213,14 @@ def test_suggest_steering_toward_a_concept(server):
     )
     assert reply.status == 200, reply.body
     r = reply.json()
-    assert r["concept"] == "fox" and r["positions"] in ("generated", "all") and r["hook_point"] == "resid_post.0"
+    assert (
+        r["concept"] == "fox" and r["positions"] in ("generated", "all", "prompt") and r["hook_point"] == "resid_post.0"
+    )
     if r[
         "works"
     ]:  # features to put in the equalizer as `add` edits, with their value as a multiple of the max activation
-        assert r["kind"] in ("feature", "group") and r["features"] and r["similarity"] > r["unsteered_similarity"]
+        assert r["kind"] in ("feature", "group", "contrast") and r["features"]
+        assert r["similarity"] > r["unsteered_similarity"]
         assert (
             all(f["multiple"] is not None and f["multiple"] > 0 for f in r["features"]) and r["perplexity_ratio"] <= 3.0
         )

@@ -89,6 +89,7 @@ def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae)
     kinds = {o.kind for o in plan.options}
     cfg = TowardConfig(**SMALL)
     assert {"feature", "contrast", "diffmean"} <= kinds
+    assert "vector" not in kinds  # DiffMean's vector was tried: no learned-vector fallback
     first_round = [o for o in plan.options if o.kind == "feature" and o.strength in cfg.strengths]
     assert len(first_round) == cfg.shortlist * len(cfg.strengths) * len(cfg.positions)
     for o in plan.options:
@@ -108,6 +109,13 @@ def test_plan_measures_every_option_and_returns_a_steering_it_can_apply(lm, sae)
         plan.steering(sae).compile(lm)
     else:
         assert plan.notes
+
+
+def test_without_diffmean_auto_falls_back_to_a_learned_vector_when_nothing_moves_the_text(lm, sae):
+    cfg = TowardConfig(method="auto", contrast=False, min_gain=10.0, refine=0, **SMALL)  # no gain can reach 10
+    plan = plan_steering(lm, sae, "fox", references=REFS, config=cfg)
+    assert "vector" in {o.kind for o in plan.options} and "diffmean" not in {o.kind for o in plan.options}
+    assert any("learned steering vector" in n for n in plan.notes)
 
 
 @pytest.mark.parametrize(

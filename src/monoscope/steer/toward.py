@@ -23,7 +23,7 @@
      difference (`diffmean`, explained by the SAE features whose decoder rows point the same way) unless the
      method is `features`. DiffMean on the prompt positions beat the feature options on the benchmark;
    - a learned vector (`learn_steering_vector`, free direction) when the method is `vector`, or under `auto`
-     when nothing else moves the text; it is explained like DiffMean.
+     when nothing else moves the text and no vector was tried (DiffMean off); it is explained like DiffMean.
    Then the `refine` most promising directions get one more strength, between the strongest that stayed fluent
    and the weakest that did not.
 4. Measured effect: every option generates `test_tokens` tokens from each of `TEST_PROMPTS` (other prompts than
@@ -470,7 +470,15 @@ def plan_steering(
     if options:
         base_sim, base_ppl = _score_options(lm, judge, options, TEST_PROMPTS, hook, sae, cfg.test_tokens)
     chosen = _best(options, cfg.max_perplexity_ratio)
-    if cfg.method == "auto" and (chosen is None or chosen.similarity < base_sim + cfg.min_gain):
+    # A learned vector only when no vector was tried yet: with DiffMean's vector in the first round it won none of
+    # the 3 benchmark concepts (of 16) that reached this fallback, and cost each plan 25-30 s.
+    vector_tried = any(o.vector is not None for o in options)
+    if cfg.method == "auto" and not candidates and vector_tried:
+        notes.append(
+            f"no SAE feature is a candidate for {concept!r}: only the DiffMean vector was tried "
+            "(--method vector learns a free steering vector)"
+        )
+    if cfg.method == "auto" and not vector_tried and (chosen is None or chosen.similarity < base_sim + cfg.min_gain):
         if not candidates:
             notes.append(f"no SAE feature is a candidate for {concept!r}; a learned steering vector was used instead")
         else:
