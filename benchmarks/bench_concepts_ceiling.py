@@ -8,6 +8,8 @@ average:
 - plan: the option the plan chose;
 - re-measured: the 4 options the plan ranked highest (perplexity within 1.5x its bound) generated again on the 6
   more prompts, chosen on all 9 (a second measurement against the winner's luck of ~20 noisy estimates);
+- more prompts alone: every option chosen on the 6 more prompts only (mean cosine, perplexity there within 2.5x,
+  3x or 4.2x), a choice made on completions independent of the report's;
 - hindsight: the option with the most mentions on the report prompts themselves at perplexity <= 3x. No rule
   can know this; it is the ceiling of the option set, and an optimistic one (chosen on the set it is scored on).
 
@@ -112,7 +114,10 @@ def measure(args) -> dict:
 
 
 def summarise(data: dict) -> None:
-    picks: dict[str, list[tuple[float, float]]] = {"plan": [], "re-measured": [], "hindsight": []}
+    alone_bounds = (2.5, 3.0, 4.2)
+    picks: dict[str, list[tuple[float, float]]] = {"plan": [], "re-measured": []}
+    picks.update({f"more prompts alone, <= {b:g}x": [] for b in alone_bounds})
+    picks["hindsight"] = []
     length_bias = []
     print(f"  {'concept':<20} {'plan':>12} {'re-measured':>12} {'hindsight':>12}   (mentions / perplexity ratio)")
     for c, entry in data["concepts"].items():
@@ -125,6 +130,7 @@ def summarise(data: dict) -> None:
             o["ratio"] = geometric_mean([p for _, p in o["report"]]) / base_r
             more_ratio = geometric_mean([p for _, p in o["more"]]) / base_m
             n_plan, n_more = 3, len(o["more"])  # the plan's own estimate is over its 3 TEST_PROMPTS
+            o["more_similarity"], o["more_ratio"] = float(np.mean([s for s, _ in o["more"]])), more_ratio
             o["pooled_similarity"] = (n_plan * o["plan_similarity"] + sum(s for s, _ in o["more"])) / (n_plan + n_more)
             o["pooled_ratio"] = (
                 math.exp((n_plan * math.log(o["plan_ratio"]) + n_more * math.log(more_ratio)) / (n_plan + n_more))
@@ -140,6 +146,10 @@ def summarise(data: dict) -> None:
         )[:4]
         fluent = [o for o in finalists if o["pooled_ratio"] <= bound]
         second = max(fluent, key=lambda o: o["pooled_similarity"]) if fluent else None
+        for b in alone_bounds:
+            fluent_there = [o for o in options if o["more_ratio"] <= b]
+            o = max(fluent_there, key=lambda o: o["more_similarity"]) if fluent_there else None
+            picks[f"more prompts alone, <= {b:g}x"].append((o["mentions"], o["ratio"]) if o else (0.0, 1.0))
         within = [o for o in options if o["ratio"] <= 3]
         best = max(within, key=lambda o: (o["mentions"], -o["ratio"])) if within else None
         cells = []
@@ -151,7 +161,7 @@ def summarise(data: dict) -> None:
     for name, values in picks.items():
         m = np.array([v[0] for v in values])
         print(
-            f"  {name:<12} mentions {m.mean():.2f} over {len(m)} concepts x {len(data['report_prompts'])} prompts, "
+            f"  {name:<28} mentions {m.mean():.2f} over {len(m)} concepts x {len(data['report_prompts'])} prompts, "
             f"perplexity <= 3x for {np.mean([v[1] <= 3 for v in values]):.0%}"
         )
     if length_bias:
