@@ -308,14 +308,20 @@ class Runner:
         return out
 
 
+def perplexity_mean(values) -> float:
+    """Geometric mean of completions' perplexities; inf when any is not finite (a failed or empty completion
+    counts as unreadable, not as missing)."""
+    ppl = np.asarray(values, dtype=np.float64)
+    finite = ppl[np.isfinite(ppl) & (ppl > 0)]
+    if finite.size < ppl.size:
+        return math.inf
+    return float(np.exp(np.log(finite).mean())) if finite.size else math.nan
+
+
 def summarise(rows: list[dict], base_ppl: float) -> dict:
     sims = np.array([r["similarity"] for r in rows])
     mention = np.array([float(r["mention"]) for r in rows])
-    ppl = np.array([r["perplexity"] for r in rows], dtype=np.float64)
-    finite = ppl[np.isfinite(ppl) & (ppl > 0)]
-    gm = float(np.exp(np.log(finite).mean())) if finite.size else math.nan
-    if finite.size < ppl.size:
-        gm = math.inf
+    gm = perplexity_mean([r["perplexity"] for r in rows])
     return {
         "mention_rate": float(mention.mean()),
         "mention_ci": bootstrap(mention),
@@ -504,21 +510,15 @@ def main() -> int:
         result["suggest_seconds"] = timing
         result["suggest_plans"] = {c: p.to_dict() for c, (p, _) in plans.items()}
 
-        def from_option(option, c):
-            if option is None:
-                return None
-            s = Steering(sae, positions=option.positions, max_activations=db)
-            for f, v in option.features:
-                s.add(int(f), float(v))
-            if option.vector is not None:
-                s.add_vector(option.vector, 1.0, hook=hook)
-            return s
-
         for name, pick in (
             ("suggest (auto)", lambda c: plans[c][0].chosen),
             ("suggest (features)", lambda c: plans[c][1]),
         ):
-            rows = runner.run(rows_for(report_prompts, lambda c, pick=pick: (from_option(pick(c), c), plain)))
+            rows = runner.run(
+                rows_for(
+                    report_prompts, lambda c, pick=pick: (pick(c).steering(sae, hook, db) if pick(c) else None, plain)
+                )
+            )
             result["methods"][name] = {
                 "report": summarise(rows, base_ppl),
                 "rows": rows,

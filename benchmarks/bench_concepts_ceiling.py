@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_concepts import CONCEPTS, HELD_OUT_CONCEPTS, QUICKSTART_SAE, REPORT_PROMPTS, Runner  # noqa: E402
+from bench_concepts import (  # noqa: E402
+    CONCEPTS,
+    HELD_OUT_CONCEPTS,
+    QUICKSTART_SAE,
+    REPORT_PROMPTS,
+    Runner,
+    perplexity_mean,
+)
 
 MORE_PROMPTS = [
     "What would you like to talk about?",
@@ -46,17 +53,12 @@ SAMPLES_2_AND_3 = "weddings,the weather,sports,farming,birds,mathematics,the law
 MENTION = 0.35
 
 
-def geometric_mean(values) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    return float(np.exp(np.log(v).mean())) if np.all(np.isfinite(v) & (v > 0)) else math.inf
-
-
 def measure(args) -> dict:
     import torch
 
     from monoscope.model import EMBEDDED_MODEL, load_model
     from monoscope.sae.io import sae_hook_point
-    from monoscope.steer import Steering, load_steering_sae
+    from monoscope.steer import load_steering_sae
     from monoscope.steer.concepts import ConceptJudge
     from monoscope.steer.featuredb import FeatureDB, default_db_path
     from monoscope.steer.toward import TowardConfig, plan_steering
@@ -77,14 +79,7 @@ def measure(args) -> dict:
         started = time.perf_counter()
         plan = plan_steering(lm, sae, c, references=references[c][:3], db=db, config=TowardConfig(method="auto"))
         planned = time.perf_counter() - started
-        specs = [None]
-        for o in plan.options:
-            s = Steering(sae, positions=o.positions, max_activations=db)
-            for f, v in o.features:
-                s.add(int(f), float(v))
-            if o.vector is not None:
-                s.add_vector(o.vector, 1.0, hook=hook)
-            specs.append(s)
+        specs = [None] + [o.steering(sae, hook, db) for o in plan.options]
         on_report = report.run([(c, p, s) for s in specs for p in REPORT_PROMPTS])
         on_more = more.run([(c, p, s) for s in specs for p in MORE_PROMPTS])
         n_r, n_m = len(REPORT_PROMPTS), len(MORE_PROMPTS)
@@ -122,13 +117,13 @@ def summarise(data: dict) -> None:
     print(f"  {'concept':<20} {'plan':>12} {'re-measured':>12} {'hindsight':>12}   (mentions / perplexity ratio)")
     for c, entry in data["concepts"].items():
         rows, bound = entry["rows"], entry["bound"]
-        base_r = geometric_mean([p for _, p in rows[0]["report"]])
-        base_m = geometric_mean([p for _, p in rows[0]["more"]])
+        base_r = perplexity_mean([p for _, p in rows[0]["report"]])
+        base_m = perplexity_mean([p for _, p in rows[0]["more"]])
         options = rows[1:]
         for o in options:
             o["mentions"] = float(np.mean([s >= MENTION for s, _ in o["report"]]))
-            o["ratio"] = geometric_mean([p for _, p in o["report"]]) / base_r
-            more_ratio = geometric_mean([p for _, p in o["more"]]) / base_m
+            o["ratio"] = perplexity_mean([p for _, p in o["report"]]) / base_r
+            more_ratio = perplexity_mean([p for _, p in o["more"]]) / base_m
             n_plan, n_more = 3, len(o["more"])  # the plan's own estimate is over its 3 TEST_PROMPTS
             o["more_similarity"], o["more_ratio"] = float(np.mean([s for s, _ in o["more"]])), more_ratio
             o["pooled_similarity"] = (n_plan * o["plan_similarity"] + sum(s for s, _ in o["more"])) / (n_plan + n_more)

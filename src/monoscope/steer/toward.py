@@ -134,6 +134,17 @@ class Option:
     texts: list[str] = field(default_factory=list)
     base: Any = field(default=None, repr=False, compare=False)  # shared by the options that differ only in strength
 
+    def steering(self, sae: Any, hook: str, db: Any = None, label: str = "") -> Any:
+        """This option as a `Steering` spec: its feature `add` edits, or its vector at `hook`, at its positions."""
+        from .steering import Steering
+
+        steering = Steering(sae, positions=self.positions, max_activations=db)
+        for feature, value in self.features:
+            steering.add(int(feature), float(value))
+        if self.vector is not None:
+            steering.add_vector(self.vector, 1.0, hook=hook, label=label)
+        return steering
+
     def describe(self) -> str:
         if self.vector is not None:
             name = "DiffMean vector" if self.kind == "diffmean" else "learned vector"
@@ -180,16 +191,9 @@ class SteeringPlan:
 
     def steering(self, sae: Any, db: Any = None) -> Any:
         """The chosen option as a `Steering` spec (feature `add` edits, or the vector), at `positions`."""
-        from .steering import Steering
-
         if self.chosen is None:
             raise MonoscopeError(f"nothing was found that steers toward {self.concept!r}")
-        steering = Steering(sae, positions=self.positions, max_activations=db)
-        for feature, value in self.chosen.features:
-            steering.add(int(feature), float(value))
-        if self.chosen.vector is not None:
-            steering.add_vector(self.chosen.vector, 1.0, hook=self.hook, label=f"toward {self.concept}")
-        return steering
+        return self.chosen.steering(sae, self.hook, db, label=f"toward {self.concept}")
 
     def to_dict(self) -> dict[str, Any]:
         def num(x: float) -> float | None:
@@ -224,16 +228,8 @@ def _score_options(
     """Generate every option (and the unsteered model) on `prompts` in one batch; fill in each option's effect.
     Returns the unsteered (similarity, perplexity)."""
     from .batch import generate_batch
-    from .steering import Steering
 
-    specs: list[Any] = [None]
-    for o in options:
-        s = Steering(sae, positions=o.positions)
-        for f, v in o.features:
-            s.add(int(f), float(v))
-        if o.vector is not None:
-            s.add_vector(o.vector, 1.0, hook=hook)
-        specs.append(s)
+    specs: list[Any] = [None] + [o.steering(sae, hook) for o in options]
     rows = [(i, p) for i in range(len(specs)) for p in prompts]
     gens = generate_batch(
         lm,
